@@ -1,0 +1,154 @@
+"""The base training config and its validation.
+
+The files in `configs/` start from `base_config()` and change what their recipe needs. Every run goes
+through `validate_config` first, so a typo or an impossible value stops the run with one clear
+message before any data is loaded or anything is compiled.
+"""
+
+from typing import Any
+
+import ml_collections
+
+from se_resnet_jax import augment
+from se_resnet_jax.models import MODELS, BottleneckBlock, se_hidden_width, stage_reductions
+
+DATASETS = {'cifar10': 10, 'cifar100': 100, 'synthetic': None}
+SCHEDULES = ('cosine', 'multistep', 'onecycle', 'constant')
+MONITORS = ('val_accuracy', 'val_loss')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message says which and what to do."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a run reads, with defaults for SE-ResNet18 on CIFAR-10."""
+  c = ml_collections.ConfigDict()
+  c.dataset = 'cifar10'  # cifar10 | cifar100 | synthetic (generated offline)
+  c.label_key = 'label'  # CIFAR-100: 'label' (fine, 100) or 'coarse_label' (20)
+  c.data_dir = ''  # tfds data_dir; '' means $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.npz_path = ''  # optional x_train/y_train/x_test/y_test arrays instead of tfds (no TensorFlow)
+  c.download = True  # let tfds download a missing dataset
+  c.validation_size = 5000  # carved from the training split; 0 disables validation
+  c.validation_seed = 0
+  c.stratified_validation = True
+  c.synthetic = ml_collections.ConfigDict(dict(
+      num_classes=10, num_train=2000, num_test=500, noise=0.35, seed=0))
+
+  c.model = ml_collections.ConfigDict(dict(
+      name='SEResNet18', num_filters=64, se_reduction=16, se_reductions=(), dropout_rate=0.5))
+  c.augment = augment.default_augment_config()
+
+  c.num_epochs = 100
+  c.max_steps = -1  # stop early after this many steps (smoke tests); -1 runs all epochs
+  c.batch_size = 128  # global, over all devices and hosts
+  c.eval_batch_size = 1000
+  c.learning_rate = 0.1
+  c.momentum = 0.9
+  c.nesterov = True
+  c.weight_decay = 5e-4  # L2 on conv and dense kernels only (not BatchNorm, not biases)
+  c.schedule = 'cosine'
+  c.warmup_epochs = 1.0
+  c.lr_decay_epochs = (50, 75)  # multistep boundaries
+  c.lr_decay_factor = 0.1
+  c.label_smoothing = 0.0
+  c.ema_decay = 0.0  # 0 disables the EMA of weights; else e.g. 0.999
+  c.half_precision = False  # bf16 compute, fp32 parameters and optimizer state
+  c.seed = 0
+
+  c.log_every_steps = 100
+  c.eval_every_epochs = 1
+  c.checkpoint_every_epochs = 1
+  c.keep_checkpoints = 3
+  c.early_stopping = ml_collections.ConfigDict(dict(
+      enabled=False, monitor='val_accuracy', patience=10, min_delta=0.0))
+  c.evaluate_test = True  # the test set is used once, at the end, on the best-validation weights
+  c.tta_flip = False
+  c.measure_inference = True
+  return c
+
+
+def _check_keys_and_types(config: Any, reference: Any, path: str = '') -> None:
+  for key in config.keys():
+    name = f'{path}{key}'
+    if key not in reference:
+      raise ConfigError(f'Unknown config key {name!r}. Known keys here: '
+                        f'{", ".join(sorted(reference.keys()))}.')
+    value, ref = config[key], reference[key]
+    if isinstance(ref, ml_collections.ConfigDict):
+      if not isinstance(value, (dict, ml_collections.ConfigDict)):
+        raise ConfigError(f'Config {name!r} must be a group of fields, got {value!r}.')
+      _check_keys_and_types(value, ref, name + '.')
+    elif isinstance(ref, bool) != isinstance(value, bool) or not _same_kind(value, ref):
+      raise ConfigError(f'Config {name!r} should be a {type(ref).__name__} (like {ref!r}), '
+                        f'got {value!r} ({type(value).__name__}).')
+
+
+def _same_kind(value: Any, ref: Any) -> bool:
+  if isinstance(ref, float):
+    return isinstance(value, (int, float))
+  if isinstance(ref, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(ref))
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate_config(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
+  """Raises ConfigError naming the first impossible value and how to fix it."""
+  _check_keys_and_types(config, base_config())
+  _require(config.dataset in DATASETS, f'Unknown dataset {config.dataset!r}; choose one of '
+           f'{", ".join(DATASETS)}.')
+  m = config.model
+  _require(m.name in MODELS, f'Unknown model.name {m.name!r}; choose one of {", ".join(MODELS)}.')
+  _require(0.0 <= m.dropout_rate < 1.0,
+           f'model.dropout_rate must be in [0, 1), got {m.dropout_rate}.')
+  _require(m.num_filters >= 1, f'model.num_filters must be positive, got {m.num_filters}.')
+  stages = MODELS[m.name].keywords['stage_sizes']
+  expansion = 4 if MODELS[m.name].keywords['block_cls'] is BottleneckBlock else 1
+  try:
+    for i, r in enumerate(stage_reductions(model_se_reduction(config), len(stages))):
+      if r is not None:
+        se_hidden_width(m.num_filters * 2**i * expansion, r)
+  except ValueError as e:
+    raise ConfigError(f'model.se_reduction: {e}') from None
+  try:
+    augment.validate_augment_config(config.augment)
+  except ValueError as e:
+    raise ConfigError(f'augment: {e}') from None
+  for key in ('learning_rate', 'weight_decay', 'label_smoothing', 'warmup_epochs'):
+    _require(config[key] >= 0, f'{key} must be >= 0, got {config[key]}.')
+  _require(0.0 <= config.momentum < 1.0, f'momentum must be in [0, 1), got {config.momentum}.')
+  _require(0.0 <= config.ema_decay < 1.0, f'ema_decay must be in [0, 1), got {config.ema_decay}.')
+  _require(config.label_smoothing < 1.0, 'label_smoothing must be below 1.')
+  _require(config.schedule in SCHEDULES,
+           f'Unknown schedule {config.schedule!r}; choose one of {", ".join(SCHEDULES)}.')
+  _require(config.num_epochs >= 1, f'num_epochs must be >= 1, got {config.num_epochs}.')
+  _require(config.batch_size >= 1 and config.eval_batch_size >= 1, 'batch sizes must be positive.')
+  for key in ('batch_size', 'eval_batch_size'):
+    _require(config[key] % device_count == 0,
+             f'{key}={config[key]} is not divisible by the {device_count} devices; use a multiple '
+             f'of {device_count} (e.g. {max(1, config[key] // device_count) * device_count}).')
+  _require(config.validation_size >= 0, 'validation_size must be >= 0.')
+  _require(config.log_every_steps >= 1 and config.eval_every_epochs >= 1
+           and config.checkpoint_every_epochs >= 1 and config.keep_checkpoints >= 1,
+           'log_every_steps, eval_every_epochs, checkpoint_every_epochs and keep_checkpoints '
+           'must be >= 1.')
+  es = config.early_stopping
+  _require(es.monitor in MONITORS, f'early_stopping.monitor must be one of {", ".join(MONITORS)}.')
+  _require(es.patience >= 1 and es.min_delta >= 0,
+           'early_stopping.patience must be >= 1 and min_delta >= 0.')
+  _require(not es.enabled or config.validation_size > 0,
+           'early_stopping needs a validation split: set validation_size > 0.')
+
+
+def model_se_reduction(config: ml_collections.ConfigDict):
+  """The model's SE setting: per-stage ratios when given, else the global one (0 means no SE)."""
+  if 'se_reduction' in MODELS[config.model.name].keywords:  # ResNet*: the no-SE baselines
+    return None
+  if config.model.se_reductions:
+    return [r or None for r in config.model.se_reductions]
+  return config.model.se_reduction or None

@@ -1,0 +1,53 @@
+"""Command line: `python -m se_resnet_jax.main --config=configs/cifar10.py --workdir=runs/cifar10`.
+
+Any config field can be overridden, e.g. `--config.num_epochs=10 --config.model.num_filters=32`.
+Rerunning with the same --workdir resumes from its latest checkpoint.
+"""
+
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from se_resnet_jax import train
+from se_resnet_jax.checkpoints import CheckpointError
+from se_resnet_jax.config import ConfigError
+from se_resnet_jax.input_pipeline import DatasetUnavailableError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries and the report.')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host GPU, TPU '
+                  'pod slices); coordinator flags below, or auto-detection on TPU/SLURM.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, with --distributed.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes, with --distributed.')
+flags.DEFINE_integer('process_id', None, 'This process index, with --distributed.')
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+USER_ERRORS = (ConfigError, CheckpointError, DatasetUnavailableError, PermissionError,
+               FloatingPointError, ValueError)
+
+
+def _quiet_libraries(record) -> bool:
+  """Keeps orbax's per-save INFO chatter out of the progress log (warnings still show)."""
+  return record.levelno >= 30 or '/orbax/' not in record.pathname
+
+
+def main(argv):
+  logging.get_absl_handler().addFilter(_quiet_libraries)
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  if FLAGS.distributed:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
+               jax.devices())
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except USER_ERRORS as e:
+    logging.error('%s: %s', type(e).__name__, e)
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)
