@@ -32,6 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.validation_size = 5000  # carved from the training split; 0 disables validation
   c.validation_seed = 0
   c.stratified_validation = True
+  # k-fold cross-validation: with num_folds > 0 the validation split is fold `fold` of the training
+  # split (stratified, seeded by validation_seed) instead of validation_size held-out examples.
+  c.kfold = ml_collections.ConfigDict(dict(num_folds=0, fold=0))
   c.synthetic = ml_collections.ConfigDict(dict(
       num_classes=10, num_train=2000, num_test=500, noise=0.35, seed=0))
 
@@ -133,6 +136,10 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int = 1) ->
              f'{key}={config[key]} is not divisible by the {device_count} devices; use a multiple '
              f'of {device_count} (e.g. {max(1, config[key] // device_count) * device_count}).')
   _require(config.validation_size >= 0, 'validation_size must be >= 0.')
+  _require(config.kfold.num_folds == 0 or (config.kfold.num_folds >= 2
+                                           and 0 <= config.kfold.fold < config.kfold.num_folds),
+           f'kfold needs num_folds >= 2 and 0 <= fold < num_folds (or num_folds=0 to disable), got '
+           f'{config.kfold.num_folds} and {config.kfold.fold}.')
   _require(config.log_every_steps >= 1 and config.eval_every_epochs >= 1
            and config.checkpoint_every_epochs >= 1 and config.keep_checkpoints >= 1,
            'log_every_steps, eval_every_epochs, checkpoint_every_epochs and keep_checkpoints '
@@ -141,7 +148,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int = 1) ->
   _require(es.monitor in MONITORS, f'early_stopping.monitor must be one of {", ".join(MONITORS)}.')
   _require(es.patience >= 1 and es.min_delta >= 0,
            'early_stopping.patience must be >= 1 and min_delta >= 0.')
-  _require(not es.enabled or config.validation_size > 0,
+  _require(not es.enabled or config.validation_size > 0 or config.kfold.num_folds,
            'early_stopping needs a validation split: set validation_size > 0.')
 
 

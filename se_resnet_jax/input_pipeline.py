@@ -118,7 +118,12 @@ def _tfds_splits(config: ml_collections.ConfigDict):
   label_names = builder.info.features[config.label_key].names
   splits = []
   for split in ('train', 'test'):
-    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    # One batch of the whole split, sized by the dataset's own cardinality: batch_size=-1 sizes it
+    # from the split metadata, which tfds' mock data (tests) lacks, and then asks for sys.maxsize.
+    ds = builder.as_dataset(split=split)
+    count = int(ds.cardinality())
+    count = count if count > 0 else builder.info.splits[split].num_examples
+    data = next(iter(tfds.as_numpy(ds.batch(count))))
     splits.append(Split(data['image'].astype(np.uint8), data[config.label_key].astype(np.int32)))
   return splits[0], splits[1], tuple(label_names)
 
@@ -147,7 +152,11 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   else:
     train, test, names = _tfds_splits(config)
   validation = None
-  if config.validation_size:
+  if config.kfold.num_folds:
+    folds = stratified_folds(train.labels, config.kfold.num_folds, config.validation_seed)
+    held = folds[config.kfold.fold]
+    train, validation = train.take(np.setdiff1d(np.arange(len(train)), held)), train.take(held)
+  elif config.validation_size:
     if config.validation_size >= len(train):
       raise ValueError(f'validation_size={config.validation_size} leaves no training data '
                        f'(the training split has {len(train)} examples).')

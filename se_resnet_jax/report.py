@@ -194,6 +194,13 @@ def _atomic_open(path: str, mode: str = 'w') -> Iterator[IO[Any]]:
     raise
 
 
+def write_json_atomic(path: str, value: Any) -> None:
+  """Strict JSON, replacing `path` only once fully written."""
+  with _atomic_open(path) as f:
+    json.dump(_to_jsonable(value), f, indent=2)
+    f.write('\n')
+
+
 def _pyplot() -> Any:
   """Imports pyplot lazily on the headless Agg backend.
 
@@ -473,9 +480,7 @@ def write_report(workdir: str, report: Mapping[str, Any],
                             title=f'Per-class accuracy ({split_name})')
 
   paths['json'] = os.path.join(workdir, 'report.json')
-  with _atomic_open(paths['json']) as f:
-    json.dump(_to_jsonable({**report, 'history': list(history)}), f, indent=2)
-    f.write('\n')
+  write_json_atomic(paths['json'], {**report, 'history': list(history)})
 
   captions = {'curves': 'Learning curves', 'confusion_matrix': 'Confusion matrix',
               'per_class_accuracy': 'Per-class accuracy'}

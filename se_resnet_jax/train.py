@@ -12,7 +12,7 @@ import os
 import signal
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax
 import jax
@@ -315,6 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints), then writes the full report."""
   validate_config(config, jax.device_count())
   prepare_workdir(workdir)
+  if jax.process_index() == 0:
+    report.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
   data = input_pipeline.load_dataset(config)
   mesh = jax.make_mesh((jax.device_count(),), ('data',))
   replicated = NamedSharding(mesh, P())
@@ -451,7 +453,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if val_chunks is not None and ckpts.latest_step('best') is not None:
     final, _ = ckpts.restore(state, which='best', architecture=arch)
   ckpts.close()
-  result = final_report(config, data, model, final, meta, eval_step, mesh, compile_s, image_shape)
+  result = final_report(config, data, model, final, meta, eval_step, mesh, compile_s, image_shape,
+                        ('validation', 'test') if config.evaluate_test else ('validation',))
   if jax.process_index() == 0:
     report.write_report(workdir, result, history)
   writer.write_scalars(int(state.step), {f'final_{split}_{k}': result[split][k]
@@ -473,12 +476,11 @@ def _check_finite(loss: float, step: int, ckpts: RunCheckpoints, workdir: str) -
 
 def final_report(config: ml_collections.ConfigDict, data: input_pipeline.Dataset, model: SEResNet,
                  state: TrainState, meta: dict, eval_step, mesh: jax.sharding.Mesh,
-                 compile_s: float, image_shape: tuple) -> dict:
-  """Validation and test metrics of the chosen (best-validation) weights, with timings."""
+                 compile_s: Optional[float], image_shape: tuple,
+                 splits: Sequence[str] = ('validation', 'test')) -> dict:
+  """Metrics of the given weights on `splits`, with timings: the report's content."""
   variables = eval_variables(state)
-  splits = {'validation': data.validation}
-  if config.evaluate_test:
-    splits['test'] = data.test
+  splits = {name: getattr(data, name) for name in splits}
   result = {'config': config.to_dict(), 'dataset': data.name, 'class_names': list(data.class_names),
             'device': {'platform': jax.devices()[0].platform,
                        'kind': jax.devices()[0].device_kind, 'count': jax.device_count()},
@@ -491,7 +493,9 @@ def final_report(config: ml_collections.ConfigDict, data: input_pipeline.Dataset
     _, (pred, in_top5, loss) = evaluate(eval_step, variables, chunks)
     result[name] = report.split_report(split.labels, pred, loss, in_top5, data.class_names)
   rows = meta['history']
-  timing = {'compile_s': compile_s, 'device_kind': jax.devices()[0].device_kind}
+  timing = {'device_kind': jax.devices()[0].device_kind}
+  if compile_s is not None:
+    timing['compile_s'] = compile_s
   if rows:
     timed = rows[1:] or rows  # the first epoch includes warm-up
     timing['train_time_per_epoch_s'] = float(np.mean([r['epoch_time_s'] for r in timed]))
