@@ -1,0 +1,157 @@
+"""Ablation: the full model against the same model without SE, without dropout and without
+augmentation (optionally with all three off), over several seeds.
+
+  python -m se_resnet_jax.experiments.ablation --config=configs/cifar10.py --workdir=runs/ablation \
+      --seeds=3 [--all_off]
+
+Every variant trains on the same data (the validation split depends on validation_seed, never on
+the seed) with the same seeds, so each seed gives a paired difference against the full model; the
+deltas are the mean and std of those differences. Writes ablation.json, ablation.md and
+ablation.png into the workdir; run `<variant>/seed_<seed>` keeps its own checkpoints and report.
+"""
+
+import os
+from typing import Optional, Sequence
+
+import ml_collections
+from absl import app, flags
+
+from se_resnet_jax import report
+from se_resnet_jax.config import ConfigError
+from se_resnet_jax.experiments import common
+from se_resnet_jax.models import MODELS
+
+VARIANTS = ('full', 'no_se', 'no_dropout', 'no_augmentation')
+ALL_OFF = 'all_off'
+DESCRIPTIONS = {
+    'full': 'the config as given',
+    'no_se': 'the same network without SE blocks (model.name SE... -> ResNet...)',
+    'no_dropout': 'model.dropout_rate = 0',
+    'no_augmentation': 'augment.enabled = False (no crop, flip, colour jitter or cutout)',
+    ALL_OFF: 'no SE, no dropout and no augmentation',
+}
+
+
+def _without_se(name: str) -> str:
+  if not name.startswith('SE') or name[2:] not in MODELS:
+    raise ConfigError(f'model.name={name!r} has no SE blocks to remove; the ablation needs an SE '
+                      'model such as SEResNet18.')
+  return name[2:]
+
+
+def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+  """The config of one ablation variant: the given config with one (or every) part switched off."""
+  if variant not in DESCRIPTIONS:
+    raise ValueError(f'Unknown ablation variant {variant!r}; choose from '
+                     f'{", ".join(DESCRIPTIONS)}.')
+  values = {}
+  if variant in ('no_se', ALL_OFF):
+    values['model.name'] = _without_se(config.model.name)
+  if variant in ('no_dropout', ALL_OFF):
+    values['model.dropout_rate'] = 0.0
+  if variant in ('no_augmentation', ALL_OFF):
+    values['augment.enabled'] = False
+  return common.with_values(config, values)
+
+
+def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: int = 3,
+                 variants: Sequence[str] = VARIANTS, cache_dir: Optional[str] = None) -> dict:
+  """Trains (or reads back) every variant for seeds config.seed, +1, ...; writes the tables.
+
+  Returns the content of ablation.json. Every config is checked before anything trains.
+  """
+  if seeds < 1:
+    raise ValueError(f'seeds must be >= 1, got {seeds}.')
+  variants = ['full'] + [v for v in dict.fromkeys(variants) if v != 'full']
+  seed_list = [config.seed + i for i in range(seeds)]
+  configs = {v: variant_config(config, v) for v in variants}
+  for name, variant in configs.items():
+    if name != 'full' and variant.to_dict() == config.to_dict():
+      raise ConfigError(f'Variant {name!r} ({DESCRIPTIONS[name]}) is the config itself; leave it '
+                        f'out with --variants={",".join(v for v in variants if v != name)}.')
+  runs = {(v, s): common.with_values(configs[v], {'seed': s}) for v in variants for s in seed_list}
+  common.validate_all(list(runs.values()))
+  split = 'test' if config.evaluate_test else 'validation'
+  with common.compilation_cache(common.cache_dir_for(workdir, cache_dir)):
+    summaries = {key: common.run(c, os.path.join(workdir, key[0], f'seed_{key[1]}'))
+                 for key, c in sorted(runs.items(), key=lambda kv: kv[0][1])}  # seed by seed
+  num_classes = summaries['full', seed_list[0]]['num_classes']
+  full_params = common.count_parameters(configs['full'], num_classes)
+  full = {s: summaries['full', s][split] for s in seed_list}
+  result = {'split': split, 'seeds': seed_list, 'config': config.to_dict(), 'variants': []}
+  for v in variants:
+    runs_v = [dict(seed=s, **summaries[v, s]) for s in seed_list]
+    params = common.count_parameters(configs[v], num_classes)
+    stats = {k: common.mean_std(r[split][k] for r in runs_v) for k in ('accuracy', 'loss')}
+    deltas = {f'{k}_delta': common.mean_std(r[split][k] - full[r['seed']][k] for r in runs_v)
+              for k in ('accuracy', 'loss')}
+    result['variants'].append({
+        'name': v, 'description': DESCRIPTIONS[v], 'parameters': params,
+        'parameters_change': params / full_params - 1.0, **stats, **deltas,
+        'validation_accuracy': common.mean_std(r['validation']['accuracy'] for r in runs_v),
+        'runs': runs_v})
+  write_outputs(workdir, result)
+  return result
+
+
+def write_outputs(workdir: str, result: dict) -> None:
+  """ablation.json, ablation.md and ablation.png (bars with std error bars)."""
+  report.write_json_atomic(os.path.join(workdir, 'ablation.json'), result)
+  split, seeds, variants = result['split'], result['seeds'], result['variants']
+  label = split.capitalize()
+  lines = ['# Ablation', '',
+           f'{len(seeds)} seed(s) per variant ({", ".join(map(str, seeds))}), identical data and '
+           f'seeds across variants; {split} metrics of the best-validation checkpoint. Values are '
+           'mean ± sample std over seeds; Δ is the mean ± std of the per-seed differences against '
+           '`full` (accuracy in points).', '']
+  rows = []
+  for v in variants:
+    is_full = v['name'] == 'full'
+    rows.append([
+        f'`{v["name"]}`', f'{v["parameters"]:,}',
+        '' if is_full else f'{100 * v["parameters_change"]:+.2f}%',
+        common.fmt(v['accuracy'], 100, 2),
+        '' if is_full else common.fmt(v['accuracy_delta'], 100, 2, signed=True),
+        common.fmt(v['loss']), '' if is_full else common.fmt(v['loss_delta'], signed=True),
+        common.fmt(v['validation_accuracy'], 100, 2)])
+  lines += common.markdown_table(
+      ['Variant', 'Parameters', 'Δ parameters', f'{label} accuracy (%)', 'Δ accuracy',
+       f'{label} loss', 'Δ loss', 'Validation accuracy (%)'], rows)
+  lines += ['![Ablation](ablation.png)', '', '## Variants', '']
+  lines += [f'- `{v["name"]}`: {v["description"]}' for v in variants] + ['', '## Runs', '']
+  lines += common.markdown_table(
+      ['Variant', 'Seed', f'{label} accuracy (%)', f'{label} loss', 'Validation accuracy (%)',
+       'Best epoch', 'Epochs'],
+      [[f'`{v["name"]}`', r['seed'], f'{100 * r[split]["accuracy"]:.2f}',
+        f'{r[split]["loss"]:.4f}', f'{100 * r["validation"]["accuracy"]:.2f}',
+        r['best_epoch'], r['epochs_completed']] for v in variants for r in v['runs']])
+  common.write_text(os.path.join(workdir, 'ablation.md'), lines)
+  common.bar_chart(
+      os.path.join(workdir, 'ablation.png'), [v['name'] for v in variants],
+      [(f'{label} accuracy (%)', [100 * v['accuracy']['mean'] for v in variants],
+        [100 * v['accuracy']['std'] for v in variants]),
+       (f'{label} loss', [v['loss']['mean'] for v in variants],
+        [v['loss']['std'] for v in variants])],
+      f'Ablation: mean ± std over {len(seeds)} seed(s)')
+
+
+def define_flags() -> None:
+  """The command's flags; see common.define_flags for why they are not module-level."""
+  common.define_flags()
+  flags.adopt_module_key_flags(common)
+  flags.DEFINE_integer('seeds', 3, 'Number of seeds: config.seed, config.seed + 1, ...')
+  flags.DEFINE_list('variants', list(VARIANTS), f'Variants to run, from {", ".join(DESCRIPTIONS)}; '
+                    '"full" is always run (the deltas are against it).')
+  flags.DEFINE_bool('all_off', False, f'Also run "{ALL_OFF}": no SE, no dropout, no augmentation.')
+
+
+def main(argv: Sequence[str]) -> None:
+  f = flags.FLAGS
+  variants = f.variants + ([ALL_OFF] if f.all_off else [])
+  common.run_command(argv, lambda: run_ablation(f.config, f.workdir, f.seeds, variants,
+                                                f.cache_dir))
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
