@@ -14,7 +14,7 @@ def get_config():
   config.model.dropout_rate = 0.1
   config.num_epochs = 6
   config.batch_size = 64
-  config.eval_batch_size = 250
+  config.eval_batch_size = 200  # a multiple of 8: runs unchanged on 8 TPU cores
   config.learning_rate = 0.05
   config.warmup_epochs = 0.5
   config.log_every_steps = 10

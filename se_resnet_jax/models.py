@@ -111,7 +111,7 @@ class BottleneckBlock(nn.Module):
 
 def stage_reductions(se_reduction: Reduction, num_stages: int) -> list:
   """One reduction ratio (or None: no SE) per stage from a global or per-stage setting."""
-  if se_reduction is None or isinstance(se_reduction, int):
+  if not isinstance(se_reduction, (list, tuple)):  # one ratio; se_hidden_width refuses bad ones
     return [se_reduction] * num_stages
   ratios = list(se_reduction)
   if len(ratios) != num_stages:

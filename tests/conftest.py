@@ -1,0 +1,94 @@
+"""Shared test helpers: tiny configs and a compilation cache, so the suite fits 2 CPU cores.
+
+Training tests compile the same small programs more than once (a run, the same run interrupted,
+its resume). JAX's persistent compilation cache, pointed at a directory that lives for one test
+session, lets the later runs load those programs instead of compiling them again.
+"""
+
+import importlib.util
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS_DIR = os.path.join(REPO, 'configs')
+
+_CACHE_DIR = tempfile.mkdtemp(prefix='se_resnet_jax_test_jit_cache_')
+if not jax.config.jax_compilation_cache_dir:  # respect a cache the caller already configured
+  jax.config.update('jax_compilation_cache_dir', _CACHE_DIR)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+
+
+def pytest_unconfigure(config):
+  shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+def load_config_file(path: str):
+  """`get_config()` of a config file, loaded by path as `--config=path` would."""
+  name = 'config_under_test_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def random_variables(module, *args, seed=0, **kwargs):
+  """Variables of `module` drawn with numpy: the shapes of `module.init`, without compiling it.
+
+  On CPU, compiling an initialiser costs far more than the tests that use it (one threefry
+  program per parameter), and the behaviour under test does not depend on how weights were drawn.
+  Kernels ~ N(0, 1/fan_in), biases ~ N(0, 0.1), BatchNorm scales ~ U(0.5, 1.5), running mean 0
+  and variance 1 (as flax starts them).
+  """
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
+  rs = np.random.RandomState(seed)
+
+  def draw(path, s):
+    name = path[-1]
+    if path[0] == 'batch_stats':
+      return np.zeros(s.shape, s.dtype) if name == 'mean' else np.ones(s.shape, s.dtype)
+    if name == 'kernel':
+      fan_in = int(np.prod(s.shape[:-1]))
+      return (rs.normal(size=s.shape) / np.sqrt(fan_in)).astype(s.dtype)
+    if name == 'scale':
+      return rs.uniform(0.5, 1.5, s.shape).astype(s.dtype)
+    return (0.1 * rs.normal(size=s.shape)).astype(s.dtype)
+
+  flat = traverse_util.flatten_dict(shapes)
+  return traverse_util.unflatten_dict({k: jax.numpy.asarray(draw(k, s)) for k, s in flat.items()})
+
+
+@pytest.fixture(scope='session')
+def make_tiny_config():
+  """Factory of fresh configs: configs/smoke.py shrunk to a few hundred images and steps.
+
+  The smoke recipe (SEResNet18 at base width 8, r=4, generated data) keeps the real code path; the
+  sizes are cut so that a whole `train_and_evaluate` is seconds of compute once compiled.
+  Keyword overrides use dotted names, e.g. make_tiny_config(**{'model.num_filters': 4}).
+  """
+
+  def make(**overrides):
+    config = load_config_file(os.path.join(CONFIGS_DIR, 'smoke.py'))
+    config.synthetic.num_train = 640
+    config.synthetic.num_test = 200
+    config.validation_size = 128  # leaves 512 training images: 16 steps of 32 per epoch
+    config.num_epochs = 2
+    config.batch_size = 32
+    config.eval_batch_size = 48  # divides neither 128 nor 200: the last eval batch is padded
+    config.log_every_steps = 8
+    config.measure_inference = False
+    for dotted, value in overrides.items():
+      *groups, key = dotted.split('.')
+      target = config
+      for group in groups:
+        target = target[group]
+      target[key] = value
+    return config
+
+  return make

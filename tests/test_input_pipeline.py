@@ -1,0 +1,138 @@
+"""Splits and loading: stratified holdout and folds, generated data, tfds CIFAR via mock data."""
+
+import numpy as np
+import pytest
+
+from se_resnet_jax import config as config_lib
+from se_resnet_jax import input_pipeline
+from se_resnet_jax.input_pipeline import (
+  DatasetUnavailableError,
+  stratified_folds,
+  stratified_holdout,
+)
+
+
+def _imbalanced_labels(seed=0):
+  """1,000 labels over 4 classes in proportions 50/25/15/10%, shuffled."""
+  labels = np.repeat(np.arange(4), [500, 250, 150, 100])
+  return np.random.RandomState(seed).permutation(labels)
+
+
+def test_stratified_holdout_keeps_class_proportions():
+  labels = _imbalanced_labels()
+  keep, held = stratified_holdout(labels, 200, seed=0)
+  np.testing.assert_array_equal(np.bincount(labels[held]), [100, 50, 30, 20])
+  np.testing.assert_array_equal(np.bincount(labels[keep]), [400, 200, 120, 80])
+
+
+def test_stratified_holdout_quota_rounding_still_gives_exact_size():
+  labels = _imbalanced_labels()
+  _, held = stratified_holdout(labels, 7, seed=0)  # 3.5 / 1.75 / 1.05 / 0.7 per class
+  assert len(held) == 7
+  assert np.all(np.abs(np.bincount(labels[held], minlength=4) - [3.5, 1.75, 1.05, 0.7]) < 1)
+
+
+@pytest.mark.parametrize('stratified', [True, False])
+def test_holdout_is_a_disjoint_seeded_partition(stratified):
+  labels = _imbalanced_labels()
+  keep, held = stratified_holdout(labels, 150, seed=3, stratified=stratified)
+  assert len(held) == 150 and len(keep) == 850
+  assert not np.intersect1d(keep, held).size
+  np.testing.assert_array_equal(np.union1d(keep, held), np.arange(1000))
+  again = stratified_holdout(labels, 150, seed=3, stratified=stratified)
+  np.testing.assert_array_equal(again[1], held)
+  other = stratified_holdout(labels, 150, seed=4, stratified=stratified)
+  assert not np.array_equal(other[1], held)
+
+
+def test_stratified_folds_are_disjoint_balanced_and_cover_everything():
+  labels = _imbalanced_labels()
+  folds = stratified_folds(labels, 5, seed=0)
+  assert len(folds) == 5
+  everything = np.concatenate(folds)
+  np.testing.assert_array_equal(np.sort(everything), np.arange(1000))  # each index exactly once
+  for fold in folds:
+    np.testing.assert_array_equal(np.bincount(labels[fold]), [100, 50, 30, 20])
+  np.testing.assert_array_equal(stratified_folds(labels, 5, seed=0)[2], folds[2])
+  assert not np.array_equal(stratified_folds(labels, 5, seed=1)[2], folds[2])
+
+
+def _config(**changes):
+  config = config_lib.base_config()
+  for key, value in changes.items():
+    config[key] = value
+  return config
+
+
+def test_synthetic_data_is_uint8_with_labels_in_range():
+  config = _config(dataset='synthetic', validation_size=100)
+  config.synthetic.num_classes = 7
+  config.synthetic.num_train, config.synthetic.num_test = 400, 150
+  data = input_pipeline.load_dataset(config)
+  assert data.num_classes == 7
+  for split, n in ((data.train, 300), (data.validation, 100), (data.test, 150)):
+    assert split.images.dtype == np.uint8 and split.images.shape == (n, 32, 32, 3)
+    assert split.labels.min() >= 0 and split.labels.max() < 7
+  assert len(np.unique(data.train.labels)) == 7
+  assert 0.2 < np.mean(data.mean) < 0.8 and 0.1 < np.mean(data.std) < 0.5
+  # the normalisation statistics are the training split's own, per channel
+  np.testing.assert_allclose(data.mean, data.train.images.reshape(-1, 3).mean(0) / 255, rtol=1e-6)
+  np.testing.assert_allclose(data.std, data.train.images.reshape(-1, 3).std(0) / 255, rtol=1e-5)
+
+
+def test_synthetic_data_is_reproducible_from_its_seed():
+  config = _config(dataset='synthetic', validation_size=0)
+  config.synthetic.num_train, config.synthetic.num_test = 50, 20
+  a, b = input_pipeline.load_dataset(config), input_pipeline.load_dataset(config)
+  np.testing.assert_array_equal(a.train.images, b.train.images)
+  config.synthetic.seed = 1
+  assert not np.array_equal(input_pipeline.load_dataset(config).train.images, a.train.images)
+
+
+@pytest.mark.parametrize('dataset, label_key, num_classes', [
+  ('cifar10', 'label', 10), ('cifar100', 'label', 100), ('cifar100', 'coarse_label', 20)])
+def test_tfds_cifar_through_mock_data(dataset, label_key, num_classes, monkeypatch):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = _config(dataset=dataset, label_key=label_key, validation_size=40)
+  # mock_data fakes the records but not the prepared directory: say it is there, as for a user
+  # whose TFDS_DATA_DIR holds the dataset (otherwise the loader would try to download it).
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'is_prepared', lambda self: True)
+  with tfds.testing.mock_data(num_examples=240):
+    data = input_pipeline.load_dataset(config)
+  assert data.num_classes == num_classes
+  assert len(data.class_names) == num_classes
+  for split, n in ((data.train, 200), (data.validation, 40), (data.test, 240)):
+    assert split.images.dtype == np.uint8 and split.images.shape == (n, 32, 32, 3)
+    assert split.labels.dtype == np.int32
+    assert 0 <= split.labels.min() and split.labels.max() < num_classes
+  if num_classes <= 20:  # random mock labels: 200 draws hit every one of 10 or 20 classes
+    assert len(np.unique(data.train.labels)) == num_classes
+
+
+def test_missing_dataset_without_download_says_where_to_put_it(tmp_path, monkeypatch):
+  pytest.importorskip('tensorflow_datasets')
+  monkeypatch.delenv('TFDS_DATA_DIR', raising=False)
+  config = _config(dataset='cifar10', data_dir=str(tmp_path), download=False)
+  with pytest.raises(DatasetUnavailableError, match=r'not in .*TFDS_DATA_DIR'):
+    input_pipeline.load_dataset(config)
+  assert not any(tmp_path.iterdir()), 'a failed load must not leave files behind'
+
+
+def test_npz_arrays_load_without_tfds(tmp_path):
+  rs = np.random.RandomState(0)
+  path = tmp_path / 'cifar.npz'
+  np.savez(path, x_train=rs.randint(0, 256, (60, 32, 32, 3)).astype(np.uint8),
+           y_train=np.arange(60) % 10, x_test=np.zeros((20, 32, 32, 3), np.uint8),
+           y_test=np.arange(20) % 10)
+  data = input_pipeline.load_dataset(_config(dataset='cifar10', npz_path=str(path),
+                                             validation_size=10))
+  assert (len(data.train), len(data.validation), len(data.test)) == (50, 10, 20)
+  assert data.class_names[9] == 'truck' and data.train.images.dtype == np.uint8
+  np.testing.assert_array_equal(np.bincount(data.validation.labels), np.ones(10))
+
+
+def test_validation_larger_than_train_is_refused():
+  config = _config(dataset='synthetic', validation_size=100)
+  config.synthetic.num_train = 100
+  with pytest.raises(ValueError, match='leaves no training data'):
+    input_pipeline.load_dataset(config)
