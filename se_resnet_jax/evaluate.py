@@ -62,12 +62,12 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str, checkpoint: s
                           f'{checkpoint!r}.')
   validate_config(config, jax.device_count())
   data = data or input_pipeline.load_dataset(config)
-  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  mesh = train.data_mesh()
   model = train.build_model(config, data.num_classes)
   steps_per_epoch = max(1, len(data.train) // config.batch_size)
   tx = train.create_optimizer(config, steps_per_epoch)
-  target = jax.jit(lambda: train.create_train_state(config, model, tx, data.train.images.shape[1:]),
-                   out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))()
+  target = train.init_train_state(config, model, tx, data.train.images.shape[1:],
+                                  jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   ckpts = RunCheckpoints(workdir)
   try:
     which, step = (checkpoint, None) if not checkpoint.isdigit() else ('latest', int(checkpoint))
@@ -90,7 +90,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
     raise ConfigError('This run has no validation split (validation_size=0); use --split=test.')
   splits = (('validation',) if data.validation is not None else ()) + ('test',)
   splits = splits if split == 'both' else (split,)
-  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  mesh = train.data_mesh()
   eval_step = train.make_eval_step(config, model, data.mean, data.std)
   result = train.final_report(config, data, model, state, meta, eval_step, mesh, None,
                               data.train.images.shape[1:], splits)

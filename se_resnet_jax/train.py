@@ -96,13 +96,34 @@ def create_optimizer(config: ml_collections.ConfigDict,
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: SEResNet,
-                       tx: optax.GradientTransformation, image_shape: tuple) -> TrainState:
-  rng = jax.random.key(config.seed)
+                       tx: optax.GradientTransformation, image_shape: tuple,
+                       rng: Optional[jax.Array] = None) -> TrainState:
+  """Fresh weights from `rng` (default: key(config.seed)).
+
+  Passing the key as a jit argument, not a constant, lets runs that differ only in seed share one
+  compiled initialisation (the experiments' seeds reuse it from JAX's compilation cache).
+  """
+  rng = jax.random.key(config.seed) if rng is None else rng
   variables = model.init({'params': rng}, jnp.zeros((1,) + image_shape, model.dtype), train=False)
   params = variables['params']
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                            batch_stats=variables['batch_stats'],
                            ema_params=params if config.ema_decay else {})
+
+
+def init_train_state(config: ml_collections.ConfigDict, model: SEResNet,
+                     tx: optax.GradientTransformation, image_shape: tuple,
+                     sharding: NamedSharding) -> TrainState:
+  """create_train_state compiled once, its output placed with `sharding`.
+
+  On CPU the initialiser is compiled without backend optimisation: its random draws take XLA
+  longer to optimise (about 2.5x at full width) than the unoptimised program takes to run once.
+  """
+  init = jax.jit(functools.partial(create_train_state, config, model, tx, image_shape),
+                 out_shardings=sharding)
+  rng = jax.random.key(config.seed)
+  options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
+  return init.lower(rng).compile(compiler_options=options)(rng)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
@@ -149,6 +170,15 @@ def sample_batch(images: jax.Array, labels: jax.Array, perm: jax.Array, step_in_
 def epoch_permutation(rng: jax.Array, epoch: jax.Array, num_shards: int, shard_size: int):
   keys = jax.random.split(jax.random.fold_in(rng, epoch), num_shards)
   return jax.vmap(lambda k: jax.random.permutation(k, shard_size))(keys)
+
+
+def data_mesh() -> jax.sharding.Mesh:
+  """All devices of all processes on one 'data' axis.
+
+  Auto axes (GSPMD): recent JAX makes mesh axes Explicit by default, and then the augmentation's
+  vmap over a 'data'-sharded batch with replicated per-example keys fails on > 1 device.
+  """
+  return jax.make_mesh((jax.device_count(),), ('data',), (jax.sharding.AxisType.Auto,))
 
 
 def global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -268,7 +298,14 @@ def create_writer(workdir: str, total_steps: int):
 
 
 def prepare_workdir(workdir: str) -> None:
-  """Fails early, with advice, when the workdir cannot be written."""
+  """Fails early, with advice, when the workdir cannot be written.
+
+  A URL is refused: os.makedirs would quietly make a local directory named 'gs:' on every host.
+  """
+  if '://' in workdir:
+    raise PermissionError(f'--workdir {workdir!r} is a URL; the workdir must be a local or mounted '
+                          'path (on a TPU pod slice: a shared filesystem, or the bucket mounted '
+                          'with gcsfuse).')
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir):
@@ -279,13 +316,21 @@ def prepare_workdir(workdir: str) -> None:
 
 
 class _Preemption:
-  """Remembers a SIGTERM so the loop can checkpoint and exit between steps."""
+  """Remembers a SIGTERM so the loop can checkpoint and exit between steps.
+
+  With several processes the SIGTERMs reach them at different steps, and a process that starts a
+  (collective) save while the others run another step deadlocks; there JAX's preemption service
+  (which jax.distributed installs on SIGTERM) agrees on one step for all of them instead.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multiprocess = jax.process_count() > 1
 
   def __enter__(self):
+    if self._multiprocess:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread: no handler, as for any library call
@@ -294,6 +339,16 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step`; called after every step, by every process."""
+    if self._multiprocess:
+      try:
+        self.requested = multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError as e:  # jax_enable_preemption_service=False
+        logging.warning('No preemption checkpoints: %s', e)
+        self._multiprocess = False
+    return self.requested
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -315,10 +370,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints), then writes the full report."""
   validate_config(config, jax.device_count())
   prepare_workdir(workdir)
-  if jax.process_index() == 0:
-    report.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
   data = input_pipeline.load_dataset(config)
-  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  mesh = data_mesh()
   replicated = NamedSharding(mesh, P())
   num_devices = mesh.size
   per_device = config.batch_size // num_devices
@@ -333,8 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   model = build_model(config, data.num_classes)
   tx = create_optimizer(config, steps_per_epoch)
-  state = jax.jit(functools.partial(create_train_state, config, model, tx, image_shape),
-                  out_shardings=replicated)()
+  state = init_train_state(config, model, tx, image_shape, replicated)
   arch = architecture(config, data.num_classes)
   meta = {'epoch': 0, 'history': [], 'best_val_accuracy': None, 'best_epoch': None,
           'es_best': None, 'es_bad_epochs': 0, 'stopped_epoch': None, 'architecture': arch}
@@ -343,6 +395,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, meta = ckpts.restore(state, architecture=arch)
     logging.info('Resumed from %s at step %d (epoch %d).', workdir, int(state.step), meta['epoch'])
   start_step = int(state.step)
+  if jax.process_index() == 0:  # only once the checkpoints are known to fit this config
+    report.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
 
   train_images, train_labels = shard_train_split(data.train, mesh)
   shard_size = train_images.shape[1]
@@ -351,8 +405,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   step_rng = jax.random.fold_in(jax.random.key(config.seed), 2)
 
+  # The seed's keys are arguments, not constants, so runs differing only in seed compile alike.
   @functools.partial(jax.jit, donate_argnums=(0,))
-  def compiled_step(state, train_metrics, images, labels, perm, step):
+  def compiled_step(state, train_metrics, images, labels, perm, step_rng):
+    step = state.step  # already on the device: a Python step argument is copied every step
     x, y = sample_batch(images, labels, perm, step % steps_per_epoch, per_device)
     return train_step(state, train_metrics, x, y, jax.random.fold_in(step_rng, step),
                       config=config, mean=data.mean, std=data.std)
@@ -370,7 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   compile_start = time.perf_counter()
   empty_metrics = jax.device_put(TrainMetrics.empty(), replicated)
   step_fn = compiled_step.lower(state, empty_metrics, train_images, train_labels,
-                                permutation(data_rng, 0), 0).compile()
+                                permutation(data_rng, 0), step_rng).compile()
   compile_s = time.perf_counter() - compile_start
   logging.info('Compiled the train step in %.1fs; %d steps/epoch, %d devices, global batch %d.',
                compile_s, steps_per_epoch, num_devices, config.batch_size)
@@ -385,7 +441,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       epoch = step // steps_per_epoch
       if perm_epoch != epoch:
         perm, perm_epoch = permutation(data_rng, epoch), epoch
-      state, epoch_metrics = step_fn(state, epoch_metrics, train_images, train_labels, perm, step)
+      state, epoch_metrics = step_fn(state, epoch_metrics, train_images, train_labels, perm,
+                                     step_rng)
       step += 1
       for hook in hooks:
         hook(step)
@@ -399,7 +456,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _check_finite(current['loss'], step, ckpts, workdir)
         log_time, log_step = now, step
       end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-      if preemption.requested and not end_of_epoch:
+      preempted = preemption.reached(step)
+      if preempted and not end_of_epoch:
+        current = {k: float(v) for k, v in epoch_metrics.compute().items()}
+        _check_finite(current['loss'], step, ckpts, workdir, state)
         ckpts.save(step, state, meta)
         logging.warning('SIGTERM: saved a checkpoint at step %d in %s; rerun the same command '
                         'to resume.', step, workdir)
@@ -409,7 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
       train = {k: float(v) for k, v in epoch_metrics.compute().items()}
       epoch_time = time.perf_counter() - epoch_start
-      _check_finite(train['loss'], step, ckpts, workdir)
+      _check_finite(train['loss'], step, ckpts, workdir, state)
       epoch_number = epoch + 1
       row = {'epoch': epoch_number, 'step': step, 'train_loss': train['loss'],
              'train_accuracy': train['accuracy'],
@@ -438,9 +498,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.write_scalars(step, {k: v for k, v in row.items() if k not in ('epoch', 'step')})
       meta['epoch'] = epoch_number
       if (epoch_number % config.checkpoint_every_epochs == 0 or is_last or best
-          or meta['stopped_epoch'] is not None or preemption.requested):
+          or meta['stopped_epoch'] is not None or preempted):
         ckpts.save(step, state, meta, best=best)
-      if preemption.requested:
+      if preempted:
         logging.warning('SIGTERM: saved a checkpoint at step %d; rerun to resume.', step)
         return {'preempted': True, 'step': step}
       logging.info('epoch %d: %s', epoch_number,
@@ -464,14 +524,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return result
 
 
-def _check_finite(loss: float, step: int, ckpts: RunCheckpoints, workdir: str) -> None:
-  if not np.isfinite(loss):
-    last = ckpts.latest_step()
-    raise FloatingPointError(
-        f'Training loss became {loss} by step {step}. Nothing was saved after this; the last good '
-        f'checkpoint ({"step " + str(last) if last is not None else "none yet"}) in {workdir} is '
-        'intact. Lower --config.learning_rate (or add warmup) and rerun with the same --workdir '
-        'to resume from it.')
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _check_finite(loss: float, step: int, ckpts: RunCheckpoints, workdir: str,
+                  state: Optional[TrainState] = None) -> None:
+  """Raises before any save once the loss or the weights are NaN/Inf.
+
+  The loss of a step is computed before its update, so an update that overflows leaves a finite
+  loss and non-finite weights: with `state` the weights are checked too, so no checkpoint (which a
+  resume would trust) ever holds NaN.
+  """
+  if np.isfinite(loss) and (state is None or bool(_all_finite(
+      (state.params, state.batch_stats, state.opt_state, state.ema_params)))):
+    return
+  last = ckpts.latest_step()
+  what = f'Training loss became {loss}' if not np.isfinite(loss) else 'The weights became NaN/Inf'
+  raise FloatingPointError(
+      f'{what} by step {step}. Nothing was saved after this; the last good checkpoint '
+      f'({"step " + str(last) if last is not None else "none yet"}) in {workdir} is intact. Lower '
+      '--config.learning_rate (or add warmup) and rerun with the same --workdir to resume from it.')
 
 
 def final_report(config: ml_collections.ConfigDict, data: input_pipeline.Dataset, model: SEResNet,
