@@ -24,6 +24,13 @@ def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
       item_names=('state', 'meta'))
 
 
+def _reason(error: Exception) -> str:
+  """The first line of a restore error, without TensorStore's unprintable spec dump."""
+  text = str(error).splitlines()[0] if str(error) else ''
+  text = text.split(' See full TensorStore details')[0].rstrip('. ')
+  return f'{type(error).__name__}: {text[:300]}'
+
+
 class RunCheckpoints:
   """`workdir/checkpoints` keeps the latest K states; `workdir/best` keeps the best one."""
 
@@ -35,6 +42,8 @@ class RunCheckpoints:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     self.latest.save(step, args=args, force=True)
     if best:
+      if step in self.best.all_steps():  # left by an earlier life of a run resumed from before it
+        self.best.delete(step)
       self.best.save(step, args=args, force=True)
 
   def latest_step(self, which: str = 'latest') -> Optional[int]:
@@ -53,9 +62,9 @@ class RunCheckpoints:
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     except Exception as e:  # noqa: BLE001 - any read failure means the same to the user
       raise CheckpointError(
-          f'Checkpoint {where} is unreadable or damaged ({type(e).__name__}: '
-          f'{str(e).splitlines()[0][:300] if str(e) else ""}). Move that step directory aside to '
-          'resume from an earlier one, or use a new --workdir. Nothing was deleted.') from None
+          f'Checkpoint {where} is unreadable or damaged ({_reason(e)}). Move that step '
+          'directory aside to resume from an earlier one, or use a new --workdir. '
+          'Nothing was deleted.') from None
     if architecture is not None and meta.get('architecture') != architecture:
       raise CheckpointError(
           f'Checkpoint {where} holds a different network ({meta.get("architecture")}) than the '
@@ -65,8 +74,7 @@ class RunCheckpoints:
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
     except Exception as e:  # noqa: BLE001
       raise CheckpointError(
-          f'Checkpoint {where} could not be restored ({type(e).__name__}: '
-          f'{str(e).splitlines()[0][:300] if str(e) else ""}). It is damaged or from another '
+          f'Checkpoint {where} could not be restored ({_reason(e)}). It is damaged or from another '
           'network: move that step directory aside, or use a new --workdir. '
           'Nothing was deleted.') from None
     return state, meta

@@ -90,8 +90,10 @@ def _check_keys_and_types(config: Any, reference: Any, path: str = '') -> None:
 def _same_kind(value: Any, ref: Any) -> bool:
   if isinstance(ref, float):
     return isinstance(value, (int, float))
-  if isinstance(ref, (tuple, list)):
-    return isinstance(value, (tuple, list))
+  if isinstance(ref, (tuple, list)):  # numbers stay numbers: '--config.lr_decay_epochs=abc'
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(value, (tuple, list)) and (
+        not ref or not all(map(number, ref)) or all(map(number, value)))
   return isinstance(value, type(ref))
 
 

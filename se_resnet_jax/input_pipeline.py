@@ -7,6 +7,10 @@ arrays work on machines without TensorFlow.
 
 import dataclasses
 import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
 from typing import Optional, Sequence
 
 import ml_collections
@@ -96,6 +100,27 @@ def synthetic_splits(cfg: ml_collections.ConfigDict, image_size: int = 32):
   return make(cfg.num_train), make(cfg.num_test), names
 
 
+def _reachable(host: str, port: int = 443, timeout: float = 10.0) -> bool:
+  """Whether a TCP connection to host:port opens within `timeout` seconds.
+
+  tfds retries a failing download with back-off for minutes; without network this answers in
+  seconds. The name lookup, which a socket timeout does not bound, runs in a daemon thread.
+  """
+  result = []
+
+  def connect():
+    try:
+      socket.create_connection((host, port), timeout=timeout).close()
+      result.append(True)
+    except OSError:
+      result.append(False)
+
+  thread = threading.Thread(target=connect, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  return bool(result and result[0])
+
+
 def _tfds_splits(config: ml_collections.ConfigDict):
   import tensorflow_datasets as tfds  # heavy: only when tfds data is read
 
@@ -109,6 +134,14 @@ def _tfds_splits(config: ml_collections.ConfigDict):
            'and copy the directory over, or pass arrays with --config.npz_path.')
     if not config.download:
       raise DatasetUnavailableError(f'Dataset {config.dataset!r} is not in {where}. {how}')
+    proxy = urllib.request.getproxies().get('https')  # downloads go through it when set
+    url = urllib.parse.urlparse(proxy or builder.info.homepage)  # homepage: CIFAR's host
+    port = url.port or (80 if url.scheme == 'http' else 443)
+    if url.hostname and not _reachable(url.hostname, port):
+      raise DatasetUnavailableError(
+          f'Dataset {config.dataset!r} is not in {where} and '
+          f'{"the proxy " if proxy else ""}{url.hostname}:{port} cannot be reached to download it '
+          f'(no network?). {how}')
     try:
       builder.download_and_prepare()
     except Exception as e:  # noqa: BLE001 - any download failure gets the same advice

@@ -1,0 +1,154 @@
+"""Data-parallel training over several processes, as on several GPU hosts or a TPU pod slice.
+
+Two processes on this machine, joined by `jax.distributed` on a loopback address and each given
+two CPU devices, run the real command: the same global batch of 32 over 4 devices. A SIGTERM to
+just one of them must make both save the same step and stop cleanly (the preemption sync), and
+that checkpoint must hold the parameters of one process that has all 4 devices and stops there.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from se_resnet_jax import train
+from se_resnet_jax.checkpoints import RunCheckpoints
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS_PER_EPOCH = 8  # (384 - 128 validation) / 32
+EPOCHS = 2
+SMALL = {
+    'synthetic.num_train': 384, 'synthetic.num_test': 64, 'validation_size': 128,
+    'model.num_filters': 4, 'model.se_reduction': 2, 'batch_size': 32, 'eval_batch_size': 64,
+    'measure_inference': False, 'log_every_steps': 1000, 'num_epochs': EPOCHS,
+    'evaluate_test': False,
+}
+TIMEOUT_S = 600  # a guard against hangs only
+
+pytestmark = pytest.mark.skipif(
+    'jax_cpu_collectives_implementation' not in jax.config.values,
+    reason='this jaxlib has no cross-process CPU collectives (jax_cpu_collectives_implementation)')
+
+
+def _env(devices: int) -> dict:
+  """CPU devices per process, and no persistent compilation cache.
+
+  JAX writes that cache from process 0 only, so a relaunch would find process 0 loading its
+  programs in a second while process 1 compiles: gloo gives a peer 30 s to join the first
+  collective, and on a busy machine the gap is longer.
+  """
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo', JAX_ENABLE_COMPILATION_CACHE='false')
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  return env
+
+
+def _command(workdir: str, *flags: str) -> list:
+  return ([sys.executable, '-m', 'se_resnet_jax.main', '--config=configs/smoke.py',
+           f'--workdir={workdir}', *flags] + [f'--config.{k}={v}' for k, v in SMALL.items()])
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _launch(workdir: str, logs: str) -> list:
+  """Both processes of one two-process run, on a fresh loopback coordinator port."""
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    with open(f'{logs}.{i}', 'a') as out:
+      procs.append(subprocess.Popen(
+          _command(workdir, '--distributed', f'--coordinator_address=127.0.0.1:{port}',
+                   '--num_processes=2', f'--process_id={i}'),
+          cwd=REPO, env=_env(2), stdout=out, stderr=subprocess.STDOUT))
+  return procs
+
+
+def _wait(procs: list, logs: str) -> list:
+  """Exit codes and logs; a process left waiting on a dead peer is killed, not waited for ever."""
+  try:
+    for proc in procs:
+      proc.wait(timeout=TIMEOUT_S)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  outputs = []
+  for i in range(2):
+    with open(f'{logs}.{i}') as f:
+      outputs.append(f.read())
+  return [p.returncode for p in procs], outputs
+
+
+def _steps(workdir: str) -> list:
+  directory = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
+      directory) else []
+
+
+def _restore(workdir: str, make_tiny_config) -> dict:
+  """The latest checkpoint read with the library's RunCheckpoints onto this process's one device.
+
+  Arrays saved by several processes need a target saying where they go: an abstract TrainState
+  (shapes only, nothing computed) placed on the first local device.
+  """
+  config = make_tiny_config(**SMALL)
+  model = train.build_model(config, config.synthetic.num_classes)
+  tx = train.create_optimizer(config, STEPS_PER_EPOCH)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        jax.eval_shape(lambda: train.create_train_state(config, model, tx,
+                                                                        (32, 32, 3))))
+  ckpts = RunCheckpoints(workdir)
+  try:
+    state, _ = ckpts.restore(target, architecture=train.architecture(config, 10))
+  finally:
+    ckpts.close()
+  return {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,
+          'opt_state': state.opt_state}
+
+
+def test_two_processes_stop_together_on_one_sigterm_and_match_one_process(
+    tmp_path, make_tiny_config):
+  multi, logs = str(tmp_path / 'multi'), str(tmp_path / 'log')
+  procs = _launch(multi, logs)
+  deadline = time.monotonic() + TIMEOUT_S
+  while not _steps(multi):  # the first epoch's checkpoint, written by both processes together
+    assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+    time.sleep(0.01)
+  procs[1].send_signal(signal.SIGTERM)  # a preemption notice reaching one host first
+  codes, outputs = _wait(procs, logs)
+  assert codes == [0, 0], [o[-2000:] for o in outputs]
+  assert 'JAX process 1/2' in outputs[1] and '4 devices, global batch 32' in outputs[0]
+  saved = [[line.split('at step ')[1].split()[0].rstrip(';') for line in o.splitlines()
+            if 'SIGTERM: saved a checkpoint at step' in line] for o in outputs]
+  assert len(saved[0]) == 1 and saved[0] == saved[1], saved
+  step = int(saved[0][0])
+  assert STEPS_PER_EPOCH <= step < EPOCHS * STEPS_PER_EPOCH and _steps(multi)[-1] == step
+
+  # One process with all 4 devices, stopped at the same step (max_steps leaves the schedule alone).
+  single = str(tmp_path / 'single')
+  env = dict(_env(4), JAX_ENABLE_COMPILATION_CACHE='true')  # one process: the session cache helps
+  if jax.config.jax_compilation_cache_dir:
+    env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir
+  result = subprocess.run(_command(single, f'--config.max_steps={step}'), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'JAX process 0/1' in result.stderr and '4 devices, global batch 32' in result.stderr
+
+  state, expected = _restore(multi, make_tiny_config), _restore(single, make_tiny_config)
+  assert int(state['step']) == int(expected['step']) == step
+  # The same arithmetic, but BatchNorm and gradient sums cross processes through gloo, perhaps in
+  # another order than inside one process: equal up to float32 rounding.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               state, expected)

@@ -1,0 +1,348 @@
+"""Reliability of the training command: interruptions, divergence and bad input.
+
+These tests drive the real command (`python -m se_resnet_jax.main`) in subprocesses, because what
+they check is process-level: a SIGKILL at an arbitrary moment, a SIGTERM, the exit status and the
+one-line message a person sees. Runs are tiny (SEResNet18 at base width 4, 8 steps per epoch) and
+share a compilation cache, so after the first run the others mostly load compiled programs.
+"""
+
+import concurrent.futures
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from se_resnet_jax import input_pipeline
+from se_resnet_jax.checkpoints import RunCheckpoints
+from se_resnet_jax.input_pipeline import DatasetUnavailableError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPOCHS = 4
+STEPS_PER_EPOCH = 8  # (384 - 128 validation) / 32
+TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
+# configs/smoke.py shrunk: every run of this file uses these, plus the overrides a test is about.
+SMALL = {
+    'synthetic.num_train': 384, 'synthetic.num_test': 64, 'validation_size': 128,
+    'model.num_filters': 4, 'model.se_reduction': 2, 'batch_size': 32, 'eval_batch_size': 64,
+    'measure_inference': False, 'log_every_steps': 1000, 'num_epochs': EPOCHS,
+    'checkpoint_every_epochs': 1, 'keep_checkpoints': 3, 'evaluate_test': False,
+}
+RUN_TIMEOUT_S = 900  # a guard against hangs only; a run takes seconds once compiled
+
+
+def _env(**extra) -> dict:
+  """The subprocesses share this session's compilation cache (see conftest) and one CPU device."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+  env.pop('XLA_FLAGS', None)
+  if jax.config.jax_compilation_cache_dir:
+    env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir
+  env.update(extra)
+  return env
+
+
+def _command(workdir: str, overrides: dict = (), config: str = 'configs/smoke.py') -> list:
+  flags = {**SMALL, **dict(overrides)}
+  return ([sys.executable, '-m', 'se_resnet_jax.main', f'--config={config}',
+           f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in flags.items()])
+
+
+def _start(workdir: str, log: str, overrides: dict = (), **env) -> subprocess.Popen:
+  with open(log, 'w') as out:  # a file, not a pipe: nobody reads while the run goes on
+    return subprocess.Popen(_command(workdir, overrides), cwd=REPO, env=_env(**env), stdout=out,
+                            stderr=subprocess.STDOUT)
+
+
+def _run(workdir: str, overrides: dict = (), **env) -> subprocess.CompletedProcess:
+  return subprocess.run(_command(workdir, overrides), cwd=REPO, env=_env(**env),
+                        capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+
+
+def _finish(proc: subprocess.Popen, log: str) -> str:
+  proc.wait(timeout=RUN_TIMEOUT_S)
+  with open(log) as f:
+    return f.read()
+
+
+def _steps(workdir: str, which: str = 'checkpoints') -> list:
+  """Completed checkpoint steps: orbax renames a step directory into place only when complete."""
+  directory = os.path.join(workdir, which)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _partial_saves(workdir: str) -> list:
+  return glob.glob(os.path.join(workdir, '*', '*.orbax-checkpoint-tmp*'))
+
+
+def _wait_until(proc: subprocess.Popen, condition, timeout: float = RUN_TIMEOUT_S) -> None:
+  """Polls fast (a checkpoint write is a fraction of a second) until `condition()` holds."""
+  deadline = time.monotonic() + timeout
+  while not condition():
+    assert proc.poll() is None, f'the run ended (exit {proc.returncode}) before the moment awaited'
+    assert time.monotonic() < deadline, 'timed out waiting for the run'
+    time.sleep(0.002)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+  proc.send_signal(signal.SIGKILL)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+
+
+def _restore(workdir: str):
+  """(state, meta) of a run's latest checkpoint, read back as saved by the library's RunCheckpoints.
+
+  Without a target the state comes back as nested dicts: step, params, batch_stats, opt_state and
+  ema_params, all of which an exact resume must reproduce.
+  """
+  ckpts = RunCheckpoints(workdir, SMALL['keep_checkpoints'])
+  try:
+    return ckpts.restore(None)
+  finally:
+    ckpts.close()
+
+
+def _assert_same_run(workdir: str, reference: str) -> None:
+  """Same final step, weights, BatchNorm statistics and optimizer state as the reference run."""
+  (state, meta), (expected, expected_meta) = _restore(workdir), _restore(reference)
+  assert int(state['step']) == int(expected['step']) == TOTAL_STEPS
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               state, expected)
+  assert meta['architecture'] == expected_meta['architecture']
+
+
+def _all_finite(state: dict) -> bool:
+  return all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+
+
+def _snapshot(workdir: str) -> dict:
+  """Every file under the checkpoint directories with its size and modification time."""
+  files = {}
+  for which in ('checkpoints', 'best'):
+    for path in glob.glob(os.path.join(workdir, which, '**'), recursive=True):
+      if os.path.isfile(path):
+        stat = os.stat(path)
+        files[os.path.relpath(path, workdir)] = (stat.st_size, stat.st_mtime_ns)
+  return files
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory) -> str:
+  """The workdir of one uninterrupted run; the interrupted runs must end exactly like it."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  result = _run(workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _steps(workdir) == [16, 24, 32]
+  return workdir
+
+
+def test_killed_and_preempted_runs_resume_to_the_uninterrupted_result(reference, tmp_path):
+  """kill -9 twice and SIGTERM once, at different moments; each rerun picks up where it can."""
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'log')
+  # 1. kill -9 just after the first checkpoint is in place, while the next epoch runs.
+  proc = _start(workdir, log)
+  _wait_until(proc, lambda: _steps(workdir))
+  _kill(proc)
+  assert _steps(workdir) == [8]
+  # 2. kill -9 during the next checkpoint write, when the poll catches it (else just after it).
+  left_before = set(_partial_saves(workdir))  # one the first kill may have left
+  proc = _start(workdir, log)
+  _wait_until(proc, lambda: set(_partial_saves(workdir)) - left_before or _steps(workdir)[-1] > 8)
+  _kill(proc)
+  resumed_from = _steps(workdir)[-1]
+  # 3. SIGTERM (preemption) after the next checkpoint: it saves where it is and exits cleanly.
+  proc = _start(workdir, log)
+  _wait_until(proc, lambda: _steps(workdir)[-1] > resumed_from)
+  proc.send_signal(signal.SIGTERM)
+  output = _finish(proc, log)
+  assert proc.returncode == 0, output[-3000:]
+  assert f'at step {resumed_from} ' in output
+  saved = [line for line in output.splitlines() if 'SIGTERM: saved a checkpoint at step' in line]
+  assert len(saved) == 1, output[-3000:]
+  step = int(saved[0].split('at step ')[1].split()[0].rstrip(';'))
+  assert resumed_from < step < TOTAL_STEPS and _steps(workdir)[-1] == step
+  assert not os.path.exists(os.path.join(workdir, 'report.json'))
+  # 4. To the end.
+  proc = _start(workdir, log)
+  output = _finish(proc, log)
+  assert proc.returncode == 0, output[-3000:]
+  assert f'at step {step} ' in output
+  _assert_same_run(workdir, reference)
+  assert os.path.exists(os.path.join(workdir, 'report.json'))
+  print(f'\nkilled at checkpoint 8, then resumed from {resumed_from}; SIGTERM saved step {step}')
+
+
+def test_a_diverging_run_stops_keeps_good_checkpoints_and_resumes_with_a_lower_rate(tmp_path):
+  workdir = str(tmp_path / 'run')
+  # The rate jumps 1e8-fold after epoch 2: epochs 1-2 are fine, epoch 3 overflows.
+  diverge = {'schedule': 'multistep', 'lr_decay_epochs': '(2,)', 'lr_decay_factor': 1e8,
+             'num_epochs': 3}
+  result = _run(workdir, diverge)
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  message = result.stderr.strip().splitlines()[-1]
+  assert message.startswith('error: ') and 'by step 24' in message, message
+  assert 'Training loss became nan' in message or 'weights became NaN' in message, message
+  assert 'last good checkpoint (step 16)' in message and 'learning_rate' in message, message
+  print(f'\ndiverging run: {message}')
+  assert _steps(workdir) == [8, 16]
+  state, meta = _restore(workdir)
+  assert int(state['step']) == 16 and meta['epoch'] == 2 and _all_finite(state)
+
+  result = _run(workdir, {**diverge, 'lr_decay_factor': 0.1})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'at step 16 ' in result.stderr
+  state, meta = _restore(workdir)
+  assert int(state['step']) == 24 and len(meta['history']) == 3 and _all_finite(state)
+
+
+def test_a_partial_checkpoint_left_by_a_kill_is_ignored(reference, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  # What a kill during the last save leaves: the step half-written under orbax's temporary name.
+  partial = os.path.join(workdir, 'checkpoints', '32.orbax-checkpoint-tmp-1700000000000000')
+  os.rename(os.path.join(workdir, 'checkpoints', '32'), partial)
+  for path in glob.glob(os.path.join(partial, 'state', '**', 'd', '*'), recursive=True)[::2]:
+    os.remove(path)
+  os.remove(os.path.join(workdir, 'report.json'))
+
+  result = _run(workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'at step 24 ' in result.stderr
+  _assert_same_run(workdir, reference)
+  assert os.path.exists(os.path.join(workdir, 'report.json'))
+
+
+def _damage(workdir: str) -> None:
+  """Random bytes over the array data of the latest step, sizes kept (a bad disk, a bad copy)."""
+  data = glob.glob(os.path.join(workdir, 'checkpoints', '32', 'state', '**', 'd', '*'),
+                   recursive=True)
+  assert data
+  rng = np.random.RandomState(0)
+  for path in data:
+    with open(path, 'r+b') as f:
+      f.write(rng.bytes(os.path.getsize(path)))
+
+
+def _below_a_file(workdir: str) -> str:
+  with open(os.path.join(workdir, 'a_file'), 'w') as f:
+    f.write('not a directory')
+  return os.path.join(workdir, 'a_file', 'run')
+
+
+# (id, overrides, extra environment, prepare(workdir) -> workdir to pass, expected message parts)
+BAD_INPUT = [
+    ('unknown key', {'nonsense': 1}, {}, None,
+     ["Unknown config key 'nonsense' in '--config.nonsense=1'", 'Known keys: augment,']),
+    ('unknown nested key', {'model.reduction': 8}, {}, None,
+     ["Unknown config key 'model.reduction'", "under 'model': dropout_rate, name"]),
+    ('wrong type', {'batch_size': 'abc'}, {}, None,
+     ['Bad value in --config.batch_size=abc: expected type int, like 64', 'invalid literal']),
+    ('dropout 1', {'model.dropout_rate': 1.0}, {}, None,
+     ['model.dropout_rate must be in [0, 1), got 1.0']),
+    ('dropout negative', {'model.dropout_rate': -0.1}, {}, None,
+     ['model.dropout_rate must be in [0, 1), got -0.1']),
+    ('negative learning rate', {'learning_rate': -0.1}, {}, None,
+     ['learning_rate must be >= 0, got -0.1']),
+    ('reduction above channels', {'model.se_reduction': 8}, {}, None,
+     ['model.se_reduction', 'r=8 exceeds the 4 channels', 'Use r <= 4']),
+    ('batch not divisible by devices', {'batch_size': 12, 'eval_batch_size': 16},
+     {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}, None,
+     ['batch_size=12 is not divisible by the 8 devices', 'multiple of 8']),
+    ('unknown dataset', {'dataset': 'mnist'}, {}, None,
+     ["Unknown dataset 'mnist'", 'cifar10, cifar100, synthetic']),
+    ('unknown model', {'model.name': 'SEResNet19'}, {}, None,
+     ["Unknown model.name 'SEResNet19'", 'SEResNet18']),
+    ('dataset missing, no download', {'dataset': 'cifar10', 'download': False},
+     {'TFDS_DATA_DIR': '{tmp}/empty_tfds'}, None,
+     ["Dataset 'cifar10' is not in", 'empty_tfds', 'TFDS_DATA_DIR', 'download it on a machine']),
+    ('damaged checkpoint', {}, {}, _damage,
+     ['checkpoints/32 could not be restored', 'move that step directory aside',
+      'Nothing was deleted']),
+    ('other architecture', {'model.num_filters': 8}, {}, None,
+     ['checkpoints/32 holds a different network', "'num_filters': 4", "'num_filters': 8"]),
+    ('workdir below a file', {}, {}, _below_a_file,
+     ['Cannot write to workdir', 'a_file/run', 'Not a directory', 'writable --workdir']),
+    ('workdir a URL', {}, {}, lambda workdir: 'gs://bucket/run',
+     ["--workdir 'gs://bucket/run' is a URL", 'gcsfuse']),
+]
+
+
+@pytest.fixture(scope='module')
+def bad_input_outcomes(reference, tmp_path_factory) -> dict:
+  """Each case's (result, workdir, checkpoint files before), the runs two at a time.
+
+  Each case gets a copy of a finished run, whose checkpoints must come out untouched.
+  """
+  def launch(case):
+    name, overrides, env, prepare, _ = case
+    tmp = tmp_path_factory.mktemp('bad_input')
+    workdir = str(tmp / 'run')
+    shutil.copytree(reference, workdir)
+    target = (prepare(workdir) if prepare else None) or workdir
+    os.makedirs(tmp / 'empty_tfds')
+    before = _snapshot(workdir)
+    result = _run(target, overrides, **{k: v.format(tmp=tmp) for k, v in env.items()})
+    return name, (result, workdir, before)
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    return dict(pool.map(launch, BAD_INPUT))
+
+
+@pytest.mark.parametrize('name,expected', [(case[0], case[-1]) for case in BAD_INPUT],
+                         ids=[case[0] for case in BAD_INPUT])
+def test_bad_input_stops_with_one_line_before_compute_and_leaves_checkpoints(
+    bad_input_outcomes, name, expected):
+  result, workdir, before = bad_input_outcomes[name]
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr[-3000:]
+  for part in expected:
+    assert part in errors[0], errors[0]
+  assert 'Compiled the train step' not in result.stderr
+  assert _snapshot(workdir) == before
+  print(f'\n{name}: {errors[0]}')
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+  command = [sys.executable, '-m', 'se_resnet_jax.main', '--config=configs/no_such.py',
+             f'--workdir={tmp_path}', '--config.batch_size=32']
+  result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  print(f'\nmissing config file: {result.stderr.strip().splitlines()[-1]}')
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: Cannot load --config=configs/no_such.py: [Errno 2] No such file or directory: "
+      "'configs/no_such.py'.")
+
+
+def test_missing_dataset_with_download_and_no_network_fails_fast(tmp_path, monkeypatch,
+                                                                 make_tiny_config):
+  def no_network(*args, **kwargs):
+    raise socket.gaierror(socket.EAI_NONAME, 'Name or service not known')
+
+  monkeypatch.setattr(socket, 'getaddrinfo', no_network)  # what DNS does without network
+  for proxy in ('https_proxy', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY'):
+    monkeypatch.delenv(proxy, raising=False)
+  config = make_tiny_config(dataset='cifar10', data_dir=str(tmp_path), download=True)
+  start = time.monotonic()
+  with pytest.raises(DatasetUnavailableError) as error:
+    input_pipeline.load_dataset(config)
+  # tfds alone retries with back-off for minutes before giving up.
+  assert time.monotonic() - start < 60
+  message = str(error.value)
+  assert 'www.cs.toronto.edu:443 cannot be reached to download it (no network?)' in message, message
+  assert 'TFDS_DATA_DIR' in message and '--config.npz_path' in message, message
+  print(f'\nno network, download=True: {message}')
