@@ -1,4 +1,4 @@
-"""A tiny SE-ResNet18 on generated images: the whole pipeline offline in about a minute on 2 CPUs."""
+"""Tiny SE-ResNet18 on generated images: the whole pipeline offline in about a minute on 2 CPUs."""
 
 from se_resnet_jax.config import base_config
 

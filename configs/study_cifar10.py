@@ -1,4 +1,4 @@
-"""The study's CIFAR-10 settings: r=16, dropout 0.5, weight decay 1e-4, 100 epochs, multi-step LR."""
+"""The study's CIFAR-10 settings: r=16, dropout 0.5, weight decay 1e-4, 100 epochs, multi-step."""
 
 from se_resnet_jax.config import base_config
 

@@ -1,4 +1,4 @@
-"""The study's CIFAR-100 settings: r=16, dropout 0.6, weight decay 5e-4, 150 epochs, multi-step LR."""
+"""The study's CIFAR-100 settings: r=16, dropout 0.6, weight decay 5e-4, 150 epochs, multi-step."""
 
 from se_resnet_jax.config import base_config
 

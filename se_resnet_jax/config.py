@@ -1,8 +1,8 @@
 """The base training config and its validation.
 
-The files in `configs/` start from `base_config()` and change what their recipe needs. Every run goes
-through `validate_config` first, so a typo or an impossible value stops the run with one clear
-message before any data is loaded or anything is compiled.
+The files in `configs/` start from `base_config()` and change what their recipe needs. Every run
+goes through `validate_config` first, so a typo or an impossible value stops the run with one
+clear message before any data is loaded or anything is compiled.
 """
 
 from typing import Any

@@ -147,7 +147,8 @@ def _tfds_splits(config: ml_collections.ConfigDict):
     except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
       raise DatasetUnavailableError(
           f'Dataset {config.dataset!r} is not in {where} and could not be downloaded '
-          f'({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}). {how}') from None
+          f'({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}). {how}'
+      ) from None
   label_names = builder.info.features[config.label_key].names
   splits = []
   for split in ('train', 'test'):
@@ -168,7 +169,8 @@ def _npz_splits(config: ml_collections.ConfigDict):
   missing = {'x_train', 'y_train', 'x_test', 'y_test'} - set(z.files)
   if missing:
     raise DatasetUnavailableError(f'{config.npz_path} lacks arrays {sorted(missing)}; it needs '
-                                  'x_train, y_train, x_test, y_test (uint8 NHWC images, int labels).')
+                                  'x_train, y_train, x_test, y_test (uint8 NHWC images, int '
+                                  'labels).')
   names = (tuple(str(n) for n in z['classes']) if 'classes' in z.files else
            CIFAR10_CLASSES if config.dataset == 'cifar10' else
            tuple(f'class_{i}' for i in range(int(z['y_train'].max()) + 1)))

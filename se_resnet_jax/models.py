@@ -21,8 +21,9 @@ def se_hidden_width(channels: int, reduction: int) -> int:
     raise ValueError(f'SE reduction ratio must be a positive integer, got {reduction!r}.')
   if reduction > channels:
     raise ValueError(
-        f'SE reduction ratio r={reduction} exceeds the {channels} channels it squeezes (hidden width '
-        f'would be 0). Use r <= {channels}, a larger model.num_filters, or per-stage ratios.')
+        f'SE reduction ratio r={reduction} exceeds the {channels} channels it squeezes (hidden '
+        f'width would be 0). Use r <= {channels}, a larger model.num_filters, or per-stage '
+        'ratios.')
   if channels % reduction:
     raise ValueError(
         f'SE reduction ratio r={reduction} does not divide the {channels} channels it squeezes. '
@@ -48,7 +49,8 @@ class Excitation(nn.Module):
 
   @nn.compact
   def __call__(self, z):
-    dense = partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+    dense = partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
+                    param_dtype=self.param_dtype)
     z = nn.relu(dense(se_hidden_width(self.channels, self.reduction), name='reduce')(z))
     return nn.sigmoid(dense(self.channels, name='expand')(z))
 

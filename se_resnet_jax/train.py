@@ -450,7 +450,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         current = {k: float(v) for k, v in epoch_metrics.compute().items()}  # waits for the step
         now = time.perf_counter()
         rate = (step - log_step) / (now - log_time)
-        logging.info('step %d/%d  epoch %d  loss %.4f  acc %.4f  |  %.2f steps/s  %.0f img/s  ETA %s',
+        logging.info('step %d/%d  epoch %d  loss %.4f  acc %.4f  |  %.2f steps/s  %.0f img/s  '
+                     'ETA %s',
                      step, total_steps, epoch + 1, current['loss'], current['accuracy'], rate,
                      rate * config.batch_size, _format_eta((total_steps - step) / rate))
         _check_finite(current['loss'], step, ckpts, workdir)
