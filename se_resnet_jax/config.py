@@ -154,6 +154,17 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int = 1) ->
            'early_stopping needs a validation split: set validation_size > 0.')
 
 
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}: how configs are compared and applied field by field."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
 def model_se_reduction(config: ml_collections.ConfigDict):
   """The model's SE setting: per-stage ratios when given, else the global one (0 means no SE)."""
   if 'se_reduction' in MODELS[config.model.name].keywords:  # ResNet*: the no-SE baselines

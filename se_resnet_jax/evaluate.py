@@ -8,7 +8,6 @@ is given. The report goes to `workdir/evaluation/<checkpoint>-<step>/` so the tr
 
 import json
 import os
-import sys
 from typing import Optional
 
 import jax
@@ -16,19 +15,12 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from se_resnet_jax import input_pipeline, report, train
+from se_resnet_jax import cli, input_pipeline, report, train
 from se_resnet_jax.checkpoints import CheckpointError, RunCheckpoints
-from se_resnet_jax.config import ConfigError, base_config, validate_config
-from se_resnet_jax.input_pipeline import DatasetUnavailableError
+from se_resnet_jax.config import ConfigError, base_config, flatten, validate_config
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'The run directory (holds checkpoints/ and best/).')
-flags.DEFINE_string('checkpoint', 'best', "'best', 'latest', or a step number.")
-flags.DEFINE_enum('split', 'both', ['validation', 'test', 'both'], 'Which split(s) to evaluate.')
-flags.DEFINE_string('output_dir', None, 'Where to write the report (default under the workdir).')
-flags.DEFINE_bool('tta_flip', None, 'Override the run config: average with the flipped image.')
-config_flags.DEFINE_config_file('config', None, 'Config file; default: workdir/config.json.')
-flags.mark_flag_as_required('workdir')
+
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -40,18 +32,9 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     saved = json.load(f)
   config = base_config()
-  config.update_from_flattened_dict(_flatten(saved))
+  config.update_from_flattened_dict(
+      {k: tuple(v) if isinstance(v, list) else v for k, v in flatten(saved).items()})
   return config
-
-
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = tuple(value) if isinstance(value, list) else value
-  return flat
 
 
 def restore_model(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 'best',
@@ -102,21 +85,31 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpo
   return result
 
 
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so importing this module defines none."""
+  flags.DEFINE_string('workdir', None, 'The run directory (holds checkpoints/ and best/).')
+  flags.DEFINE_string('checkpoint', 'best', "'best', 'latest', or a step number.")
+  flags.DEFINE_enum('split', 'both', ['validation', 'test', 'both'], 'Which split(s) to evaluate.')
+  flags.DEFINE_string('output_dir', None, 'Where to write the report (default under the workdir).')
+  flags.DEFINE_bool('tta_flip', None, 'Override the run config: average with the flipped image.')
+  config_flags.DEFINE_config_file('config', None, 'Config file; default: workdir/config.json.')
+  flags.mark_flag_as_required('workdir')
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  try:
+  def command():
     config = FLAGS.config or load_run_config(FLAGS.workdir)
     if FLAGS.tta_flip is not None:
       config.tta_flip = FLAGS.tta_flip
     result = evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.split,
                                  FLAGS.output_dir)
-  except (ConfigError, CheckpointError, DatasetUnavailableError) as e:
-    sys.exit(f'error: {e}')
-  for name in ('validation', 'test'):
-    if name in result:
-      print(f'{name}: accuracy {result[name]["accuracy"]:.4f}  loss {result[name]["loss"]:.4f}')
+    for name in ('validation', 'test'):
+      if name in result:
+        print(f'{name}: accuracy {result[name]["accuracy"]:.4f}  loss {result[name]["loss"]:.4f}')
+
+  cli.run(argv, command)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -10,21 +10,18 @@ import contextlib
 import importlib.util
 import json
 import os
-import sys
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 from ml_collections import config_flags
 
-from se_resnet_jax import report, train
-from se_resnet_jax.checkpoints import CheckpointError
-from se_resnet_jax.config import ConfigError, validate_config
-from se_resnet_jax.input_pipeline import DatasetUnavailableError
+from se_resnet_jax import cli, report, train
+from se_resnet_jax.config import ConfigError, flatten, validate_config
 
 REPORT = 'report.json'
 CACHE_SUBDIR = 'jax_cache'
@@ -39,9 +36,6 @@ class Preempted(RuntimeError):
 class RunConflictError(ValueError):
   """A run directory holds a run made with other settings; the message says what to do."""
 
-
-USER_ERRORS = (ConfigError, CheckpointError, DatasetUnavailableError, PermissionError,
-               FloatingPointError, ValueError, Preempted)
 
 
 @contextlib.contextmanager
@@ -91,17 +85,6 @@ def _cache_counts() -> tuple[int, int]:
 def _comparable(config_dict: dict) -> dict:
   """A config as report.json / config.json hold it (tuples become lists), flattened."""
   return flatten(json.loads(json.dumps(config_dict)))
-
-
-def flatten(tree: dict, prefix: str = '') -> dict:
-  """{'a': {'b': 1}} -> {'a.b': 1}."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[prefix + key] = value
-  return flat
 
 
 def _check_same_config(saved: Optional[dict], config: ml_collections.ConfigDict,
@@ -286,21 +269,9 @@ def define_flags() -> None:
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _quiet_libraries(record: Any) -> bool:
-  """Keeps orbax's per-save INFO chatter out of the progress log, as se_resnet_jax.main does."""
-  return record.levelno >= 30 or '/orbax/' not in record.pathname
-
-
 def run_command(argv: Sequence[str], experiment: Callable[[], Any]) -> None:
   """Runs an experiment command, turning user errors into one line and a non-zero exit."""
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  logging.get_absl_handler().addFilter(_quiet_libraries)
-  try:
-    experiment()
-  except USER_ERRORS as e:
-    logging.error('%s: %s', type(e).__name__, e)
-    sys.exit(f'error: {e}')
+  cli.run(argv, experiment)
 
 
 def cache_dir_for(workdir: str, cache_dir: Optional[str]) -> str:

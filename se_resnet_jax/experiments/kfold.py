@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import ml_collections
 from absl import app, flags
 
-from se_resnet_jax import report
+from se_resnet_jax import cli, report
 from se_resnet_jax.experiments import common
 
 
@@ -114,4 +114,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from se_resnet_jax import report
+from se_resnet_jax import cli, report
 from se_resnet_jax.config import base_config
 from se_resnet_jax.experiments import common
 
@@ -249,4 +249,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
