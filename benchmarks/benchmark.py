@@ -13,10 +13,11 @@ OMP_WAIT_POLICY=PASSIVE: PyTorch's spin-waiting OpenMP threads otherwise lose se
 speed to the other jobs, which would flatter JAX.
 
 How it measures, and why:
-- "JAX train" is the library's step as `train.train_and_evaluate` compiles it (`train.sample_batch`
-  then `train.train_step`, jitted with the state donated) on the shipped CIFAR-10 recipe
-  (configs/cifar10.py): each step draws its batch from the device-resident uint8 training set and
-  augments it on the device, so the figure includes the input pipeline.
+- "JAX train" is the library's step as `train.train_and_evaluate` compiles it
+  (`train.make_train_step`: `train.sample_batch` then `train.train_step`, the state donated) on
+  the shipped CIFAR-10 recipe (configs/cifar10.py): each step draws its batch from the
+  device-resident uint8 training set and augments it on the device, so the figure includes the
+  input pipeline.
 - "JAX pre-made" is the same step fed a pre-made uint8 batch with augmentation off (only the /255
   and normalisation remain); 1 - (pre-made step time / train step time) is the share of the step
   spent on sampling and augmentation.
@@ -181,12 +182,8 @@ def jax_contenders(config, mean: tuple, std: tuple) -> tuple:
   empty_metrics = jax.device_put(train.TrainMetrics.empty(), replicated)
   figures = {}
 
-  # As train_and_evaluate's compiled_step: sample and augment on the device, then update.
-  @functools.partial(jax.jit, donate_argnums=(0,))
-  def sampled_step(state, train_metrics, images, labels, perm, step_rng):
-    x, y = train.sample_batch(images, labels, perm, state.step % steps_per_epoch, per_device)
-    return train.train_step(state, train_metrics, x, y, jax.random.fold_in(step_rng, state.step),
-                            config=config, mean=mean, std=std)
+  # The training loop's own compiled step: sample and augment on the device, then update.
+  sampled_step = train.make_train_step(config, steps_per_epoch, per_device, mean, std)
 
   premade_config = ml_collections.ConfigDict(config.to_dict())
   premade_config.augment.enabled = False

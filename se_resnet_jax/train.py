@@ -158,6 +158,24 @@ def train_step(state: TrainState, train_metrics: TrainMetrics, images: jax.Array
   return new_state, train_metrics.merge(step_metrics)
 
 
+def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: int, per_device: int,
+                    mean: tuple, std: tuple):
+  """The compiled step of the training loop: draw the batch on the device(s), augment, update.
+
+  Its arguments are (state, train_metrics, images, labels, perm, step_rng); the state is donated.
+  The seed's key is an argument, not a constant, so runs differing only in seed compile alike, and
+  the step number is read from `state.step`, already on the device, so nothing is copied per step.
+  """
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def compiled_step(state, train_metrics, images, labels, perm, step_rng):
+    x, y = sample_batch(images, labels, perm, state.step % steps_per_epoch, per_device)
+    return train_step(state, train_metrics, x, y, jax.random.fold_in(step_rng, state.step),
+                      config=config, mean=mean, std=std)
+
+  return compiled_step
+
+
 def sample_batch(images: jax.Array, labels: jax.Array, perm: jax.Array, step_in_epoch: jax.Array,
                  per_device: int):
   """Each device's slice of the epoch permutation indexes its own shard: no data moves."""
@@ -405,13 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   step_rng = jax.random.fold_in(jax.random.key(config.seed), 2)
 
-  # The seed's keys are arguments, not constants, so runs differing only in seed compile alike.
-  @functools.partial(jax.jit, donate_argnums=(0,))
-  def compiled_step(state, train_metrics, images, labels, perm, step_rng):
-    step = state.step  # already on the device: a Python step argument is copied every step
-    x, y = sample_batch(images, labels, perm, step % steps_per_epoch, per_device)
-    return train_step(state, train_metrics, x, y, jax.random.fold_in(step_rng, step),
-                      config=config, mean=data.mean, std=data.std)
+  compiled_step = make_train_step(config, steps_per_epoch, per_device, data.mean, data.std)
 
   permutation = jax.jit(functools.partial(epoch_permutation, num_shards=num_devices,
                                           shard_size=shard_size),
