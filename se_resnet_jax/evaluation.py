@@ -109,15 +109,16 @@ def final_report(config: ml_collections.ConfigDict, data: input_pipeline.Dataset
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int,
-                         sharding: jax.sharding.Sharding,
-                         image_shape: tuple = (32, 32, 3)) -> TrainState:
+                         sharding: jax.sharding.Sharding, image_shape: tuple = (32, 32, 3),
+                         steps_per_epoch: int = 1) -> TrainState:
   """A TrainState of shapes only, placed with `sharding`: a restore target that costs nothing.
 
   `jax.eval_shape` traces the initialiser without compiling or running it. The optimizer state's
-  structure does not depend on the schedule's length, so one step per epoch stands in for it.
+  structure does not depend on the schedule, but a state restored onto this target keeps its
+  optimizer: to train on from it, pass the run's `steps_per_epoch` so the learning rates match.
   """
   model = build_model(config, num_classes)
-  tx = create_optimizer(config, create_learning_rate_schedule(config, steps_per_epoch=1))
+  tx = create_optimizer(config, create_learning_rate_schedule(config, steps_per_epoch))
   shapes = jax.eval_shape(functools.partial(create_train_state, config, model, tx, image_shape))
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
