@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_variables
+from conftest import random_variables, randomise_batch_stats
 from safetensors.torch import save_file
 from torch import nn
 
@@ -60,14 +60,7 @@ def max_abs_difference(torch_model, flax_model, variables) -> dict:
 
 
 def random_flax_variables(model, seed: int = 0):
-  """Random weights (conftest.random_variables) with random BatchNorm running statistics."""
-  variables = random_variables(model, IMAGES[:1], train=False, seed=seed)
-  rs = np.random.RandomState(seed + 1)
-  variables['batch_stats'] = jax.tree_util.tree_map_with_path(
-      lambda path, v: (rs.normal(0.0, 0.2, v.shape) if path[-1].key == 'mean'
-                       else rs.uniform(0.5, 2.0, v.shape)).astype(np.float32),
-      variables['batch_stats'])
-  return variables
+  return randomise_batch_stats(random_variables(model, IMAGES[:1], train=False, seed=seed), seed)
 
 
 @pytest.mark.parametrize('name', CASES)
