@@ -183,7 +183,7 @@ def torch_slots(model: models.SEResNet) -> dict:
   """PyTorch tensor name -> where and how it sits in the Flax variables, from LAYERS."""
   by_flax = {flax: (torch, kind) for torch, flax, kind in LAYERS}
   units = _unit_names(model)
-  modules = {}
+  slots = {}
   for (collection, *path), leaf in traverse_util.flatten_dict(variable_shapes(model)).items():
     *module, name = path
     unit = units.get(module[0])
@@ -192,13 +192,11 @@ def torch_slots(model: models.SEResNet) -> dict:
       raise AssertionError(f'Flax module {"/".join(module)} has no row in convert.LAYERS.')
     torch_module, kind = by_flax[key]
     torch_module = torch_module.format(u=unit)
-    modules.setdefault(torch_module, kind)
     for torch_name, coll, flax_name, axes in TENSORS[kind]:
       if (coll, flax_name) == (collection, name):
         shape = tuple(leaf.shape[a] for a in axes) if axes else tuple(leaf.shape)
-        modules[f'{torch_module}.{torch_name}'] = _Slot(collection, tuple(path), axes,
-                                                        tuple(leaf.shape), shape)
-  slots = {k: v for k, v in modules.items() if isinstance(v, _Slot)}
+        slots[f'{torch_module}.{torch_name}'] = _Slot(collection, tuple(path), axes,
+                                                      tuple(leaf.shape), shape)
   return dict(sorted(slots.items(), key=lambda kv: _natural(kv[0])))
 
 
@@ -250,7 +248,7 @@ def _rename(name: str, layout: Layout) -> str:
 def _bn_of_conv_bias(name: str) -> Optional[str]:
   """'layer1.0.conv2.bias' -> 'layer1.0.bn2' (the BatchNorm the bias folds into), else None."""
   for conv, bn in BN_AFTER_CONV.items():
-    if name.endswith(f'{conv}.bias') and (name == f'{conv}.bias' or name.endswith(f'.{conv}.bias')):
+    if name == f'{conv}.bias' or name.endswith(f'.{conv}.bias'):
       return name[:-len(f'{conv}.bias')] + bn
   return None
 
