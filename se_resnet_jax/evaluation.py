@@ -138,7 +138,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def _num_classes(config: ml_collections.ConfigDict) -> int:
+def dataset_num_classes(config: ml_collections.ConfigDict) -> int:
   """The class count the config implies; arrays from --config.npz_path say it themselves."""
   if config.dataset == 'synthetic':
     return config.synthetic.num_classes
@@ -173,7 +173,7 @@ def restore_run(workdir: str, which: str = 'best',
     raise CheckpointError(f'Workdir {workdir!r} does not exist.')
   config = config or load_run_config(workdir)
   validate_config(config, jax.device_count())
-  num_classes = _num_classes(config)
+  num_classes = dataset_num_classes(config)
   target = abstract_train_state(config, num_classes, NamedSharding(data_mesh(), P()))
   ckpts = RunCheckpoints(workdir)
   try:

@@ -16,6 +16,8 @@ import sys
 import pytest
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # a subprocess with 8 devices runs the loop
+
 SCRIPT = r'''
 import functools, json, sys
 
