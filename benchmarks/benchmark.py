@@ -14,15 +14,16 @@ speed to the other jobs, which would flatter JAX.
 
 How it measures, and why:
 - "JAX train" is the library's step as `train.train_and_evaluate` compiles it
-  (`train.make_train_step`: `train.sample_batch` then `train.train_step`, the state donated) on
+  (`steps.make_train_step`: `sharding.sample_batch` then `steps.train_step`, the state donated) on
   the shipped CIFAR-10 recipe (configs/cifar10.py): each step draws its batch from the
   device-resident uint8 training set and augments it on the device, so the figure includes the
   input pipeline.
 - "JAX pre-made" is the same step fed a pre-made uint8 batch with augmentation off (only the /255
   and normalisation remain); 1 - (pre-made step time / train step time) is the share of the step
   spent on sampling and augmentation.
-- PyTorch runs exactly the same network (parameter count checked) on a pre-made float batch already
-  on the device, so it gets no input pipeline at all: the JAX/PyTorch ratios are conservative.
+- PyTorch runs exactly the same network (`se_resnet_jax.torch_models`, the same function as the
+  Flax model; parameter count checked) on a pre-made float batch already on the device, so it gets
+  no input pipeline at all: the JAX/PyTorch ratios are conservative.
 - All contenders of one batch size and dtype are timed in interleaved rounds in one process, and
   each ratio is the median of per-round ratios: load from other processes on a shared machine then
   hits both sides alike instead of whichever happened to run while the machine was busy.
@@ -56,7 +57,8 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from configs import cifar10  # noqa: E402
-from se_resnet_jax import input_pipeline, train  # noqa: E402
+from se_resnet_jax import evaluation, input_pipeline, sharding, steps  # noqa: E402
+from se_resnet_jax.models import build_model  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('batch_sizes', None, 'Global batch sizes to measure (default: 128,512 on a '
@@ -68,7 +70,7 @@ flags.DEFINE_bool('quick', False, 'One timed round, a short minimum round time; 
 flags.DEFINE_integer('rounds', 3, 'Interleaved timing rounds per configuration (median taken).')
 flags.DEFINE_float('min_round_s', 2.0, 'Each contender runs enough steps per round to take at '
                    'least this long (at least one step).')
-flags.DEFINE_bool('torch', True, 'Measure the PyTorch reference (needs the `benchmark` extra).')
+flags.DEFINE_bool('torch', True, 'Measure the PyTorch reference (needs the `torch` extra).')
 flags.DEFINE_bool('torch_compile', True, 'Include torch.compile (slow to compile on CPU).')
 flags.DEFINE_string('json_out', None, 'Also write every figure, with per-round times, as JSON.')
 
@@ -170,29 +172,29 @@ def jax_contenders(config, mean: tuple, std: tuple) -> tuple:
   replicated = NamedSharding(mesh, P())
   batch, per_device = config.batch_size, config.batch_size // mesh.size
   steps_per_epoch = 4
-  model = train.build_model(config, 10)
-  tx = train.create_optimizer(config, steps_per_epoch)
-  images, labels = train.shard_train_split(random_split(steps_per_epoch * batch, 0), mesh)
-  perm = jax.jit(functools.partial(train.epoch_permutation, num_shards=mesh.size,
+  model = build_model(config, 10)
+  tx = steps.create_optimizer(config, steps.create_learning_rate_schedule(config, steps_per_epoch))
+  images, labels = sharding.shard_train_split(random_split(steps_per_epoch * batch, 0), mesh)
+  perm = jax.jit(functools.partial(sharding.epoch_permutation, num_shards=mesh.size,
                                    shard_size=images.shape[1]),
                  out_shardings=NamedSharding(mesh, P('data')))(jax.random.key(1), 0)
   step_rng = jax.random.key(2)
-  init = jax.jit(functools.partial(train.create_train_state, config, model, tx, (32, 32, 3)),
+  init = jax.jit(functools.partial(steps.create_train_state, config, model, tx, (32, 32, 3)),
                  out_shardings=replicated)
-  empty_metrics = jax.device_put(train.TrainMetrics.empty(), replicated)
+  empty_metrics = jax.device_put(steps.Metrics.empty(), replicated)
   figures = {}
 
   # The training loop's own compiled step: sample and augment on the device, then update.
-  sampled_step = train.make_train_step(config, steps_per_epoch, per_device, mean, std)
+  sampled_step = steps.make_train_step(config, steps_per_epoch, per_device, mean, std)
 
   premade_config = ml_collections.ConfigDict(config.to_dict())
   premade_config.augment.enabled = False
-  x_premade, y_premade = jax.jit(functools.partial(train.sample_batch, per_device=per_device))(
+  x_premade, y_premade = jax.jit(functools.partial(sharding.sample_batch, per_device=per_device))(
       images, labels, perm, 0)
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def premade_step(state, train_metrics, x, y, step_rng):
-    return train.train_step(state, train_metrics, x, y, jax.random.fold_in(step_rng, state.step),
+    return steps.train_step(state, train_metrics, x, y, jax.random.fold_in(step_rng, state.step),
                             config=premade_config, mean=mean, std=std)
 
   def compiled_runner(step_fn, args, measure_memory: bool, count_flops: bool):
@@ -232,9 +234,9 @@ def jax_contenders(config, mean: tuple, std: tuple) -> tuple:
 
   params = jax.eval_shape(init).params
   figures['params'] = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
-  eval_step = train.make_eval_step(config, model, mean, std)
-  variables = train.eval_variables(init())
-  chunk = [a[0] for a in train.shard_eval_split(random_split(batch, 3), mesh, batch)]
+  eval_step = steps.make_eval_step(config, model, mean, std)
+  variables = evaluation.eval_variables(init())
+  chunk = [a[0] for a in sharding.shard_eval_split(random_split(batch, 3), mesh, batch)]
   start = time.perf_counter()
   jax.block_until_ready(eval_step(variables, *chunk))
   figures['eval_compile_s'] = time.perf_counter() - start
@@ -254,7 +256,8 @@ def torch_contenders(config, dtype: str) -> tuple:
   """PyTorch eager, channels-last and torch.compile train steps on a pre-made batch."""
   import torch
 
-  from benchmarks import torch_se_resnet as ts
+  from benchmarks import torch_step as ts
+  from se_resnet_jax import torch_models
 
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   batch = config.batch_size
@@ -265,12 +268,11 @@ def torch_contenders(config, dtype: str) -> tuple:
   contenders = []
   for name, channels_last, compile_model in modes:
     torch.manual_seed(0)
-    model = ts.SEResNet18(num_classes=10, reduction=config.model.se_reduction,
-                          dropout_rate=config.model.dropout_rate).to(device)  # before fused SGD
-    figures['params'] = ts.count_parameters(model)
-    if figures['params'] != ts.SE_RESNET18_PARAMS:
-      raise AssertionError(f'PyTorch SE-ResNet18 has {figures["params"]} parameters, expected '
-                           f'{ts.SE_RESNET18_PARAMS}: the networks differ.')
+    model = torch_models.create_model(
+        config.model.name, num_classes=10, num_filters=config.model.num_filters,
+        se_reduction=config.model.se_reduction,
+        dropout_rate=config.model.dropout_rate).to(device)  # before fused SGD
+    figures['params'] = torch_models.count_parameters(model)  # measure() compares with JAX's
     optimizer = ts.make_optimizer(model, lr=config.learning_rate, momentum=config.momentum,
                                   weight_decay=config.weight_decay)
     step = ts.make_train_step(model, optimizer, channels_last=channels_last,
@@ -449,11 +451,11 @@ def main(argv):
     raise app.UsageError(f'--dtypes must be from {", ".join(DTYPES)}, got {dtypes}.')
   if FLAGS.torch:
     try:
-      from benchmarks import torch_se_resnet
+      from benchmarks import torch_step
     except ImportError:
-      sys.exit('PyTorch is not installed: pip install -e .[benchmark], or pass --notorch.')
-    torch_se_resnet.set_threads()
-    if jax.default_backend() != 'cpu' and not torch_se_resnet.torch.cuda.is_available():
+      sys.exit('PyTorch is not installed: pip install -e ".[torch]", or pass --notorch.')
+    torch_step.set_threads()
+    if jax.default_backend() != 'cpu' and not torch_step.torch.cuda.is_available():
       print(f'PyTorch sees no GPU while JAX runs on {jax.default_backend()}: a ratio against the '
             'host CPU would mean nothing, so the PyTorch columns are skipped.', file=sys.stderr)
       FLAGS.torch = False

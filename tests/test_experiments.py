@@ -13,13 +13,15 @@ import sys
 
 import pytest
 from absl import flags
+from conftest import REPO
+from flax import traverse_util
 from ml_collections import config_flags
 
-from se_resnet_jax import input_pipeline, report, train
-from se_resnet_jax.config import ConfigError, base_config
+from se_resnet_jax import files, input_pipeline, train
+from se_resnet_jax.config import ConfigError, base_config, load_config_file
+from se_resnet_jax.errors import Preempted
 from se_resnet_jax.experiments import ablation, common, kfold, search
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 TINY = {
     'dataset': 'synthetic', 'synthetic.num_train': 320, 'synthetic.num_test': 64,
@@ -72,7 +74,7 @@ class FakeTrainer:
   def __call__(self, config, workdir):
     self.calls.append((config, workdir))
     os.makedirs(workdir, exist_ok=True)
-    report.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
+    files.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
     if len(self.calls) == self.kill_on_call:
       raise Killed(workdir)
     val, test = self.metrics(config)
@@ -81,7 +83,7 @@ class FakeTrainer:
               'validation': {'accuracy': val, 'loss': 1 - val}}
     if config.evaluate_test:
       result['test'] = {'accuracy': test, 'loss': 1 - test}
-    report.write_json_atomic(os.path.join(workdir, 'report.json'), result)
+    files.write_json_atomic(os.path.join(workdir, 'report.json'), result)
     return result
 
   @property
@@ -139,7 +141,7 @@ def test_ablation_tables_picture_parameters_and_compilation_cache(tmp_path, cach
   # Same data, same seeds: the variants' configs differ from the full model's only where meant.
   def config_of(variant, seed):
     with open(os.path.join(workdir, variant, f'seed_{seed}', 'config.json')) as f:
-      return common.flatten(json.load(f))
+      return traverse_util.flatten_dict(json.load(f), sep='.')
 
   full = config_of('full', 1)
   assert {k for k, x in config_of('no_dropout', 1).items() if full[k] != x} == {
@@ -159,6 +161,7 @@ def write_config_file(path, values):
   return str(path)
 
 
+@pytest.mark.slow
 def test_search_command_writes_tables_heat_map_and_a_config_that_reruns(tmp_path, cache_dir):
   # r=2 at dropout 0 and 0.1: the programs the tests above compiled, loaded from the shared cache.
   config_file = write_config_file(tmp_path / 'tiny.py', {**TINY, 'num_epochs': 7})
@@ -198,6 +201,7 @@ def test_kfold_runs_validate_on_complementary_folds():
   assert not kfold.fold_config(tiny_config(), 2, 0.1, 2, 0).evaluate_test
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line(tmp_path):
   config_file = write_config_file(tmp_path / 'tiny.py', TINY)
   done = subprocess.run(
@@ -258,7 +262,7 @@ def test_two_stage_search_fixes_dropout_then_tunes_it(tmp_path, monkeypatch):
   assert_png(workdir / 'search.png')
 
   # The chosen config starts from the given file (num_epochs 7 there, 3 in the searched config).
-  chosen = common.load_config_file(result['chosen_config'])
+  chosen = load_config_file(result['chosen_config'])
   assert (chosen.num_epochs, chosen.model.se_reduction, chosen.model.dropout_rate) == (3, 2, 0.3)
   assert "BASE_CONFIG = '../base.py'" in (workdir / 'chosen_config.py').read_text()
 
@@ -335,7 +339,7 @@ def test_preempted_run_stops_the_experiment_with_advice(tmp_path, monkeypatch):
 
   def sigterm_at_step_5(config, workdir):
     calls.append(workdir)
-    return {'preempted': True, 'step': 5}
+    raise Preempted(5, workdir)
 
   monkeypatch.setattr(train, 'train_and_evaluate', sigterm_at_step_5)
   with pytest.raises(common.Preempted, match='step 5.*rerun the same command to resume'):
