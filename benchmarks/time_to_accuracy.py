@@ -6,22 +6,23 @@
 It runs `train.train_and_evaluate` unchanged and reads the times from the run's own history:
 - "train s": the sum of the epochs' `epoch_time_s` up to that epoch (training steps only);
 - "+ compile s": the same plus the train step's `compile_s` from the report;
-- "wall s": from the call to `train_and_evaluate` to the end of that epoch's validation, so data
-  loading, initialisation, compilation, validation and checkpoints included.
+- "wall s": from the call to `train_and_evaluate` to the end of that epoch's validation (when the
+  loop hands the epoch's row to its metric writer), so data loading, initialisation, compilation,
+  validation and the earlier epochs' checkpoints included.
 Validation accuracy is the run's own. With --test_each_epoch (default) the test split is also
-evaluated after every validation, on the side: the same weights and eval step, its result used for
-nothing in the run (the best epoch is still chosen on validation, and the final test accuracy is
-still of those weights) and its time taken out of "wall s". Those columns are labelled "test (side
-evaluation)": they show when the test accuracy first crossed a line, which a real run cannot know.
+evaluated after every epoch, on the side: through the loop's public `hooks` and `writer`
+arguments, with the library's own eval step on the same weights, its result used for nothing in the
+run (the best epoch is still chosen on validation, and the final test accuracy is still of those
+weights) and its time taken out of "wall s". Those columns are labelled "test (side evaluation)":
+they show when the test accuracy first crossed a line, which a real run cannot know.
 Writes time_to_accuracy.json and time_to_accuracy.md to --out_dir (default: the workdir).
 """
 
-import contextlib
 import json
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 if __package__ in (None, ''):  # run as a script: make `se_resnet_jax` importable from the tree
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,69 +32,76 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from se_resnet_jax import cli, input_pipeline, report, train  # noqa: E402
+from se_resnet_jax import (  # noqa: E402
+    cli,
+    evaluation,
+    files,
+    input_pipeline,
+    models,
+    sharding,
+    steps,
+    train,
+    writers,
+)
+from se_resnet_jax.errors import WorkdirError  # noqa: E402
 
 TARGETS = (0.90, 0.93, 0.94, 0.95, 0.96)
 
 
 class EpochWatcher:
-  """Notes when each validation of the training loop ends and, optionally, evaluates the test
-  split with the same weights right after it (on the side: the loop never sees the result)."""
+  """The run's metric writer, wrapped: notes when each epoch's row arrives and, optionally,
+  evaluates the test split with the weights of that moment (on the side: the loop never sees it).
 
-  def __init__(self, config: ml_collections.ConfigDict, test_each_epoch: bool):
-    self.records, self.side_s, self.in_loop = [], 0.0, True
-    self.start = None
-    self.test_chunks = None
+  Pass `watcher` as the loop's writer and `watcher.hook` as one of its hooks; the hook only keeps
+  a reference to the latest state, which the epoch's row then finds.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, test_each_epoch: bool):
+    self.writer = writers.create_writer(workdir)
+    self.records, self.side_s, self.start, self.state = [], 0.0, None, None
+    self.eval_step = self.test_chunks = None
     if test_each_epoch and config.evaluate_test:
-      test = input_pipeline.load_dataset(config).test
-      self.test_chunks = train.shard_eval_split(test, train.data_mesh(), config.eval_batch_size)
+      data = input_pipeline.load_dataset(config)
+      model = models.build_model(config, data.num_classes)
+      self.eval_step = steps.make_eval_step(config, model, data.mean, data.std)
+      self.test_chunks = sharding.shard_eval_split(data.test, sharding.data_mesh(),
+                                                   config.eval_batch_size)
 
-  @contextlib.contextmanager
-  def watching(self):
-    evaluate, final_report = train.evaluate, train.final_report
+  def hook(self, step: int, state: Any) -> None:
+    self.state = state
 
-    def watched_evaluate(eval_step, variables, chunks):
-      out = evaluate(eval_step, variables, chunks)
-      if self.in_loop:
-        record = {'wall_s': time.perf_counter() - self.start - self.side_s,
-                  'val_accuracy': out[0]['accuracy']}
-        if self.test_chunks is not None:
-          side_start = time.perf_counter()
-          test, _ = evaluate(eval_step, variables, self.test_chunks)
-          record.update(test_accuracy=test['accuracy'], test_loss=test['loss'])
-          self.side_s += time.perf_counter() - side_start
-        self.records.append(record)
-      return out
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    self.writer.write_scalars(step, scalars)
+    if 'epoch_time_s' not in scalars:  # the final figures, not an epoch's row
+      return
+    record = {'step': step, 'wall_s': time.perf_counter() - self.start - self.side_s,
+              'val_accuracy': scalars.get('val_accuracy')}
+    if self.eval_step is not None:
+      side_start = time.perf_counter()
+      test, _ = evaluation.evaluate(self.eval_step, evaluation.eval_variables(self.state),
+                                    self.test_chunks)
+      record.update(test_accuracy=test['accuracy'], test_loss=test['loss'])
+      self.side_s += time.perf_counter() - side_start
+    self.records.append(record)
 
-    def watched_final_report(*args, **kwargs):
-      self.in_loop = False
-      return final_report(*args, **kwargs)
-
-    train.evaluate, train.final_report = watched_evaluate, watched_final_report
-    self.start = time.perf_counter()
-    try:
-      yield self
-    finally:
-      train.evaluate, train.final_report = evaluate, final_report
+  def __getattr__(self, name: str) -> Any:  # write_hparams, flush, close: the run's writer
+    return getattr(self.writer, name)
 
 
 def epoch_rows(history: Sequence[dict], records: Sequence[dict], compile_s: float) -> list:
   """The run's history with cumulative times and the side test accuracies, one row per epoch."""
-  evaluated = [row for row in history if 'val_accuracy' in row]
-  if len(evaluated) != len(records) or any(
-      row['val_accuracy'] != rec['val_accuracy'] for row, rec in zip(evaluated, records)):
-    raise RuntimeError('The watched validations do not match the run\'s history (a resumed '
-                       'workdir?). Use a new --workdir.')
-  by_epoch = {row['epoch']: rec for row, rec in zip(evaluated, records)}
+  by_step = {rec['step']: rec for rec in records}
+  if [row['step'] for row in history] != [rec['step'] for rec in records]:
+    raise RuntimeError('The watched epochs do not match the run\'s history (a resumed workdir?). '
+                       'Use a new --workdir.')
   rows, train_s = [], 0.0
   for row in history:
     train_s += row['epoch_time_s']
-    out = {'epoch': row['epoch'], 'train_s': train_s, 'train_plus_compile_s': train_s + compile_s,
-           'val_accuracy': row.get('val_accuracy'), 'train_accuracy': row['train_accuracy']}
-    rec = by_epoch.get(row['epoch'])
-    if rec:
-      out.update(wall_s=rec['wall_s'], test_accuracy_side=rec.get('test_accuracy'))
-    rows.append(out)
+    rec = by_step[row['step']]
+    rows.append({'epoch': row['epoch'], 'train_s': train_s,
+                 'train_plus_compile_s': train_s + compile_s, 'wall_s': rec['wall_s'],
+                 'train_accuracy': row['train_accuracy'], 'val_accuracy': row.get('val_accuracy'),
+                 'test_accuracy_side': rec.get('test_accuracy')})
   return rows
 
 
@@ -115,7 +123,7 @@ def _cell(entry: Optional[dict]) -> list:
 
 
 def markdown(summary: dict) -> str:
-  has_test = any(v is not None for v in summary['test_side_reached'].values())
+  has_test = any(r['test_accuracy_side'] is not None for r in summary['epochs'])
   header = ['accuracy', 'val: epoch', 'train s', '+ compile s', 'wall s']
   if has_test:
     header += ['test (side evaluation): epoch', 'train s', '+ compile s', 'wall s']
@@ -132,7 +140,15 @@ def markdown(summary: dict) -> str:
             f'{t["epochs_completed"]} epochs; {t["train_images_per_s"]:,.0f} train img/s, '
             f'{t["seconds_per_epoch"]:.3f} s/epoch, compile {t["compile_s"]:.1f} s, training '
             f'{t["train_s"]:.1f} s, wall {t["wall_s"]:.1f} s (whole run with the final report).',
-            f'Device: {t["device"]}. Config: {t["config_name"]}.']
+            f'Device: {t["device"]}. Config: {t["config_name"]}.', '',
+            '| epoch | train s | wall s | train acc (augmented) | val acc |'
+            + (' test acc (side evaluation) |' if has_test else ''),
+            '|---|---|---|---|---|' + ('---|' if has_test else '')]
+  pct = lambda v: '-' if v is None else f'{100 * v:.2f}%'
+  for r in summary['epochs']:
+    lines.append(f'| {r["epoch"]} | {r["train_s"]:.1f} | {r["wall_s"]:.1f} '
+                 f'| {pct(r["train_accuracy"])} | {pct(r["val_accuracy"])} |'
+                 + (f' {pct(r["test_accuracy_side"])} |' if has_test else ''))
   return '\n'.join(lines)
 
 
@@ -141,11 +157,11 @@ def measure(config: ml_collections.ConfigDict, workdir: str, out_dir: Optional[s
             config_name: str = '') -> dict:
   """Trains `config` in `workdir` and writes time_to_accuracy.{json,md} to out_dir (or workdir)."""
   if os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise FileExistsError(f'{workdir} holds checkpoints: a resumed run has no time to accuracy. '
+    raise WorkdirError(f'{workdir} holds checkpoints: a resumed run has no time to accuracy. '
                           'Use a new --workdir.')
-  watcher = EpochWatcher(config, test_each_epoch)
-  with watcher.watching():
-    result = train.train_and_evaluate(config, workdir)
+  watcher = EpochWatcher(config, workdir, test_each_epoch)
+  watcher.start = time.perf_counter()
+  result = train.train_and_evaluate(config, workdir, writer=watcher, hooks=[watcher.hook])
   wall_s = time.perf_counter() - watcher.start - watcher.side_s
   with open(os.path.join(workdir, 'report.json')) as f:
     history = json.load(f)['history']
@@ -169,7 +185,7 @@ def measure(config: ml_collections.ConfigDict, workdir: str, out_dir: Optional[s
   summary['table'] = markdown(summary)
   out_dir = out_dir or workdir
   os.makedirs(out_dir, exist_ok=True)
-  report.write_json_atomic(os.path.join(out_dir, 'time_to_accuracy.json'), summary)
+  files.write_json_atomic(os.path.join(out_dir, 'time_to_accuracy.json'), summary)
   with open(os.path.join(out_dir, 'time_to_accuracy.md'), 'w') as f:
     f.write(summary['table'] + '\n')
   return summary

@@ -47,8 +47,9 @@ import torch.nn.functional as F  # noqa: E402
 from absl import app, flags  # noqa: E402
 from torch import nn  # noqa: E402
 
-from se_resnet_jax import cli, input_pipeline, report, torch_models  # noqa: E402
-from se_resnet_jax.config import model_se_reduction, validate_config  # noqa: E402
+from se_resnet_jax import cli, files, input_pipeline, models, steps, torch_models  # noqa: E402
+from se_resnet_jax.config import validate_config  # noqa: E402
+from se_resnet_jax.errors import ConfigError, DivergedError  # noqa: E402
 
 # The same constants as se_resnet_jax.augment (BT.601 luma, RGB <-> YIQ for the hue rotation).
 _LUMA = (0.299, 0.587, 0.114)
@@ -169,9 +170,9 @@ def to_model_input(x_nhwc: torch.Tensor, channels_last: bool) -> torch.Tensor:
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   """The config's network in PyTorch, with the arguments the library's build_model gives Flax."""
   kwargs = dict(num_classes=num_classes, num_filters=config.model.num_filters,
-                dropout_rate=config.model.dropout_rate)
-  if not config.model.name.startswith('ResNet'):
-    kwargs['se_reduction'] = model_se_reduction(config)
+                dropout_rate=config.model.dropout_rate, relu_before_se=config.model.relu_before_se)
+  if models.has_se(config.model.name):
+    kwargs['se_reduction'] = models.model_se_reduction(config)
   return torch_models.create_model(config.model.name, **kwargs)
 
 
@@ -197,9 +198,7 @@ def learning_rates(config: ml_collections.ConfigDict, steps_per_epoch: int,
   """
   import jax
 
-  from se_resnet_jax import train  # the library's schedule itself, not a copy of it
-
-  schedule = train.create_learning_rate_schedule(config, steps_per_epoch)
+  schedule = steps.create_learning_rate_schedule(config, steps_per_epoch)
   with jax.default_device(jax.devices('cpu')[0]):
     return np.asarray(jax.jit(jax.vmap(schedule))(np.arange(num_steps + 1)), np.float64)
 
@@ -274,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, out_dir: Optional[str]
   data = input_pipeline.load_dataset(config)
   steps_per_epoch = len(data.train) // config.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f'batch_size={config.batch_size} is larger than the {len(data.train)} '
+    raise ConfigError(f'batch_size={config.batch_size} is larger than the {len(data.train)} '
                      'training examples; lower batch_size.')
   total_steps = steps_per_epoch * config.num_epochs
   if config.max_steps > 0:
@@ -354,7 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, out_dir: Optional[str]
            'train_accuracy': float(correct) / seen, 'learning_rate': float(lrs[step]),
            'epoch_time_s': epoch_time, 'train_images_per_s': seen / epoch_time}
     if not math.isfinite(row['train_loss']):
-      raise FloatingPointError(f'Training loss became {row["train_loss"]} by step {step}: lower '
+      raise DivergedError(f'Training loss became {row["train_loss"]} by step {step}: lower '
                                '--config.learning_rate or add warmup.')
     is_last = step == total_steps
     if val is not None and ((epoch + 1) % config.eval_every_epochs == 0 or is_last):
@@ -406,7 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, out_dir: Optional[str]
       'wall_s': time.perf_counter() - start}
   result['history'] = history
   if out_dir:
-    report.write_json_atomic(os.path.join(out_dir, 'result.json'), result)
+    files.write_json_atomic(os.path.join(out_dir, 'result.json'), result)
   return result
 
 

@@ -25,7 +25,8 @@ if __package__ in (None, ''):  # run as a script: make `se_resnet_jax` importabl
 
 from absl import app, flags  # noqa: E402
 
-from se_resnet_jax import cli, report  # noqa: E402
+from se_resnet_jax import cli, files  # noqa: E402
+from se_resnet_jax.errors import ConfigError, WorkdirError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMEWORKS = ('jax', 'pytorch')
@@ -132,7 +133,7 @@ def compare(config_args: Sequence[str], out_dir: str, frameworks: Sequence[str] 
   """Trains each framework in turn; twin.json / twin.md are rewritten after each one."""
   existing = [f for f in frameworks if os.path.exists(os.path.join(out_dir, f))]
   if existing:
-    raise FileExistsError(f'{out_dir} already holds runs {existing}: the library would resume '
+    raise WorkdirError(f'{out_dir} already holds runs {existing}: the library would resume '
                           'from their checkpoints. Choose a new --out_dir.')
   os.makedirs(out_dir, exist_ok=True)
   rows = []
@@ -140,7 +141,7 @@ def compare(config_args: Sequence[str], out_dir: str, frameworks: Sequence[str] 
     options = torch_options if framework == 'pytorch' else {}
     rows.append(run_framework(framework, config_args, out_dir, timeout_s, **options))
     table = markdown(rows, config_args)
-    report.write_json_atomic(os.path.join(out_dir, 'twin.json'),
+    files.write_json_atomic(os.path.join(out_dir, 'twin.json'),
                              {'config_args': list(config_args), 'rows': rows})
     with open(os.path.join(out_dir, 'twin.md'), 'w') as f:
       f.write(table + '\n')
@@ -157,7 +158,7 @@ def main(argv):
     frameworks = FLAGS.frameworks
     unknown = set(frameworks) - set(FRAMEWORKS)
     if unknown:
-      raise ValueError(f'--frameworks must be from {", ".join(FRAMEWORKS)}, got '
+      raise ConfigError(f'--frameworks must be from {", ".join(FRAMEWORKS)}, got '
                        f'{sorted(unknown)}.')
     out_dir = FLAGS.out_dir or os.path.join('runs', time.strftime('twin_%Y%m%d_%H%M%S'))
     compare(config_args, out_dir, frameworks, FLAGS.timeout_s,

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip('torch')
 
 from benchmarks import torch_train  # noqa: E402
-from se_resnet_jax import augment, train  # noqa: E402
+from se_resnet_jax import augment, steps  # noqa: E402
 from se_resnet_jax.config import base_config  # noqa: E402
 
 
@@ -93,18 +93,19 @@ def test_optimizer_and_schedule_equal_the_library_optax_chain(schedule, nesterov
   config = base_config()
   config.update(learning_rate=0.4, weight_decay=5e-3, schedule=schedule, nesterov=nesterov,
                 warmup_epochs=1.0, num_epochs=4, lr_decay_epochs=(2, 3))
-  steps_per_epoch, steps = 3, 12
+  steps_per_epoch, num_steps = 3, 12
   rs = np.random.RandomState(0)
   params = {'kernel': rs.normal(size=(6, 5)).astype(np.float32),
             'bias': rs.normal(size=(5,)).astype(np.float32)}
   grads = [{k: rs.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
-           for _ in range(steps)]
+           for _ in range(num_steps)]
 
-  tx = train.create_optimizer(config, steps_per_epoch)
+  tx = steps.create_optimizer(config,
+                             steps.create_learning_rate_schedule(config, steps_per_epoch))
   jax_params, opt_state = params, tx.init(params)
   model = _Params(params['kernel'], params['bias'])
   optimizer = torch_train.make_optimizer(config, model)
-  lrs = torch_train.learning_rates(config, steps_per_epoch, steps)
+  lrs = torch_train.learning_rates(config, steps_per_epoch, num_steps)
   assert lrs.max() > 0.3 and lrs[0] < 0.02  # the warm-up starts (near) zero, as in optax
   for step, g in enumerate(grads):
     updates, opt_state = tx.update(g, opt_state, jax_params)
@@ -121,7 +122,7 @@ def test_optimizer_and_schedule_equal_the_library_optax_chain(schedule, nesterov
 def test_label_smoothed_loss_and_weight_average_equal_the_library():
   rs = np.random.RandomState(0)
   logits, labels = rs.normal(size=(8, 10)).astype(np.float32), rs.randint(0, 10, 8)
-  expected = train.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 0.1).mean()
+  expected = steps.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 0.1).mean()
   got = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(labels).long(),
                                           label_smoothing=0.1)
   np.testing.assert_allclose(float(got), float(expected), rtol=1e-6)
@@ -138,9 +139,16 @@ def test_label_smoothed_loss_and_weight_average_equal_the_library():
 
 def test_a_short_run_reports_like_the_library_and_respects_its_time_budget(
     make_tiny_config, tmp_path):
-  config = make_tiny_config(**{'model.num_filters': 4, 'ema_decay': 0.9, 'tta_flip': True})
-  result = torch_train.train_and_evaluate(config, str(tmp_path), time_budget_s=0.0,
-                                          log=lambda line: None)
+  config = make_tiny_config(**{'model.num_filters': 4, 'ema_decay': 0.9, 'tta_flip': True,
+                               'synthetic.num_train': 352, 'synthetic.num_test': 100,
+                               'validation_size': 96})
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)  # spinning OpenMP threads crawl on a CPU shared with other tests
+  try:
+    result = torch_train.train_and_evaluate(config, str(tmp_path), time_budget_s=0.0,
+                                            log=lambda line: None)
+  finally:
+    torch.set_num_threads(threads)
   assert result['stopped_by_time_budget'] and result['epochs_completed'] == 1
   assert result['best_epoch'] == 1 and len(result['history']) == 1
   for split in ('validation', 'test'):
