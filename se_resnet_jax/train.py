@@ -22,9 +22,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from se_resnet_jax import files, input_pipeline, report, sharding, steps, writers
+from se_resnet_jax import files, input_pipeline, report, sharding, steps, summary, writers
 from se_resnet_jax.checkpoints import RunCheckpoints
 from se_resnet_jax.config import ConfigError, validate_config
+from se_resnet_jax.console import Console, TrainingProgress
 from se_resnet_jax.errors import DivergedError, Preempted
 from se_resnet_jax.evaluation import eval_variables, evaluate, final_report
 from se_resnet_jax.models import architecture, build_model
@@ -136,21 +137,36 @@ def _check_finite(loss: float, step: int, ckpts: RunCheckpoints, workdir: str,
       '--config.learning_rate (or add warmup) and rerun with the same --workdir to resume from it.')
 
 
-def _format_eta(seconds: float) -> str:
-  seconds = int(seconds)
-  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s'
+def _warn_if_all_warmup(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                        total_steps: int) -> None:
+  """A run that is warm-up from end to end never trains at the full learning rate: say so."""
+  warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+  if config.schedule != 'constant' and warmup_steps >= total_steps:
+    logging.warning(
+        'warmup_epochs=%g covers the whole run (%d of %d steps): the learning rate only rises '
+        'and never reaches its schedule. Lower --config.warmup_epochs (e.g. to %g) or train '
+        'more epochs.', config.warmup_epochs, min(warmup_steps, total_steps), total_steps,
+        config.num_epochs / 10)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       writer: Optional[Any] = None, hooks: Sequence[writers.Hook] = ()) -> dict:
+                       writer: Optional[Any] = None, hooks: Sequence[writers.Hook] = (),
+                       console: Optional[Console] = None) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints), then writes the full report.
 
   Returns the report. On SIGTERM it saves a checkpoint and raises `Preempted`; rerunning resumes.
-  `writer` (default: clu's TensorBoard writer in `workdir`) receives the epoch scalars; after every
-  step, clu's progress report and then each of `hooks` is called with (step, state).
+  A finished run whose report asks for the same config is answered from its report.json in
+  seconds; a larger num_epochs (or max_steps) trains it further. `writer` (default: TensorBoard in
+  `workdir`) receives the epoch scalars; after every step each of `hooks` is called with (step,
+  state). `console` (default: stderr of process 0) shows the progress.
   """
   validate_config(config, jax.device_count())
   files.prepare_workdir(workdir)
+  console = console or Console()
+  finished = summary.finished_report(workdir, config)
+  if finished is not None:
+    console.say(summary.finished_message(workdir, finished))
+    return finished
   data = input_pipeline.load_dataset(config)
   mesh = sharding.data_mesh()
   replicated = NamedSharding(mesh, P())
@@ -163,6 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if config.max_steps > 0:
     total_steps = min(total_steps, config.max_steps)
   image_shape = data.train.images.shape[1:]
+  _warn_if_all_warmup(config, steps_per_epoch, total_steps)
 
   model = build_model(config, data.num_classes)
   schedule = steps.create_learning_rate_schedule(config, steps_per_epoch)
@@ -175,10 +192,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if ckpts.latest_step() is not None:
     state, meta = ckpts.restore(state, architecture=progress.architecture)
     progress = Progress.from_meta(meta, config)
-    logging.info('Resumed from %s at step %d (epoch %d).', workdir, int(state.step), progress.epoch)
+    console.say(f'Resumed from {workdir} at step {int(state.step)} (epoch {progress.epoch}).')
   start_step = int(state.step)
   if jax.process_index() == 0:  # only once the checkpoints are known to fit this config
-    files.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
+    files.write_json_atomic(os.path.join(workdir, 'config.json'),
+                            input_pipeline.with_data_location(config).to_dict())
 
   train_images, train_labels = sharding.shard_train_split(data.train, mesh)
   val_chunks = (sharding.shard_eval_split(data.validation, mesh, config.eval_batch_size)
@@ -190,7 +208,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                         out_shardings=NamedSharding(mesh, P('data')))
   eval_step = steps.make_eval_step(config, model, data.mean, data.std)
   writer = writer or writers.create_writer(workdir)
-  hooks = [writers.progress_hook(writer, total_steps), *hooks]
   if start_step == 0:
     writer.write_hparams(writers.hparams(config))
 
@@ -200,12 +217,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   step_fn = train_step.lower(state, empty_metrics, train_images, train_labels,
                              permutation(data_rng, 0), step_rng).compile()
   compile_s = time.perf_counter() - compile_start
-  logging.info('Compiled the train step in %.1fs; %d steps/epoch, %d devices, global batch %d.',
-               compile_s, steps_per_epoch, mesh.size, config.batch_size)
+  console.say(f'Compiled the train step in {compile_s:.1f}s; {steps_per_epoch} steps/epoch, '
+              f'{mesh.size} devices, global batch {config.batch_size}.')
+  display = TrainingProgress(console, total_steps, steps_per_epoch, config.num_epochs,
+                             config.batch_size, start_step)
 
   epoch_metrics, perm_epoch, perm = empty_metrics, None, None
   epoch_start, epoch_first_step = time.perf_counter(), start_step
-  log_time, log_step = time.perf_counter(), start_step
   step = start_step
   with _Preemption() as preemption:
     while step < total_steps and progress.stopped_epoch is None:
@@ -217,18 +235,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       step += 1
       for hook in hooks:
         hook(step, state)
-      if step % config.log_every_steps == 0:
+      end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+      if step % config.log_every_steps == 0 and not end_of_epoch:  # else the epoch line says it
         current = epoch_metrics.scalars()  # waits for the step
-        now = time.perf_counter()
-        rate = (step - log_step) / (now - log_time)
-        logging.info('step %d/%d  epoch %d  loss %.4f  acc %.4f  |  %.2f steps/s  %.0f img/s  '
-                     'ETA %s', step, total_steps, epoch + 1, current['loss'], current['accuracy'],
-                     rate, rate * config.batch_size, _format_eta((total_steps - step) / rate))
         _check_finite(current['loss'], step, ckpts, workdir)
-        log_time, log_step = now, step
+        display.step(step, current)
       preempted = preemption.reached(step)
       save = best = False
-      if step % steps_per_epoch == 0 or step == total_steps:  # the end of an epoch
+      if end_of_epoch:
         train = epoch_metrics.scalars()
         _check_finite(train['loss'], step, ckpts, workdir, state)
         epoch_time = time.perf_counter() - epoch_start
@@ -243,8 +257,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         progress.history.append(row)
         progress.epoch = epoch + 1
         writer.write_scalars(step, {k: v for k, v in row.items() if k not in ('epoch', 'step')})
-        logging.info('epoch %d: %s', epoch + 1,
-                     ', '.join(f'{k}={v:.4g}' for k, v in row.items() if k != 'epoch'))
+        display.epoch(row, best)
+        if progress.stopped_epoch is not None:
+          console.say(f'Early stopping at epoch {progress.stopped_epoch}: {monitor} has not '
+                      f'improved for {config.early_stopping.patience} evaluations.')
         save = ((epoch + 1) % config.checkpoint_every_epochs == 0 or is_last or best
                 or progress.stopped_epoch is not None)
         epoch_metrics = empty_metrics
@@ -259,13 +275,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         raise Preempted(step, workdir)
   writer.flush()
 
-  final = state
+  final, weights = state, {'epoch': progress.epoch, 'step': step, 'chosen_by': 'the last epoch'}
   if val_chunks is not None and ckpts.latest_step('best') is not None:
-    final, _ = ckpts.restore(state, which='best', architecture=progress.architecture)
+    final, best_meta = ckpts.restore(state, which='best', architecture=progress.architecture)
+    weights = {'epoch': best_meta['epoch'], 'step': int(final.step),
+               'chosen_by': 'the best validation accuracy'}
   ckpts.close()
+  splits = ('validation', 'test') if config.evaluate_test else ('validation',)
+  console.say(f'Evaluating the weights of epoch {weights["epoch"]} ({weights["chosen_by"]}) on '
+              f'{" and ".join(s for s in splits if getattr(data, s) is not None)}'
+              f'{", then timing inference" if config.measure_inference else ""}...')
   result = final_report(config, data, model, eval_variables(final), int(final.step),
-                        progress.to_meta(monitor), eval_step, mesh, compile_s,
-                        ('validation', 'test') if config.evaluate_test else ('validation',))
+                        progress.to_meta(monitor), eval_step, mesh, compile_s, splits)
+  result['weights'] = weights
+  result['training'] = {'steps': step, 'steps_per_epoch': steps_per_epoch,
+                        'planned_steps': steps_per_epoch * config.num_epochs}
   if jax.process_index() == 0:
     report.write_report(workdir, result, progress.history)
   writer.write_scalars(int(state.step), {f'final_{split}_{k}': result[split][k]
@@ -286,6 +310,4 @@ def _validate(config: ml_collections.ConfigDict, progress: Progress, row: dict,
   progress.early_stopping = progress.early_stopping.update(_sign(es.monitor) * row[es.monitor])
   if es.enabled and progress.early_stopping.should_stop:
     progress.stopped_epoch = row['epoch']
-    logging.info('Early stopping at epoch %d: %s has not improved for %d evaluations.',
-                 row['epoch'], es.monitor, es.patience)
   return best
