@@ -17,6 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from se_resnet_jax import cli, input_pipeline, report, summary
+from se_resnet_jax.console import Console
 from se_resnet_jax.errors import ConfigError
 from se_resnet_jax.evaluation import final_report, load_run_config, restore_run
 from se_resnet_jax.sharding import data_mesh
@@ -51,6 +52,8 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'bo
     raise ConfigError('This run has no validation split (validation_size=0); use --split=test.')
   splits = (('validation',) if data.validation is not None else ()) + ('test',)
   splits = splits if split == 'both' else (split,)
+  Console().say(f'Evaluating checkpoint {checkpoint!r} of {workdir} (step {run.step}, epoch '
+                f'{run.meta["epoch"]}) on {" and ".join(splits)}...')
   eval_step = make_eval_step(config, run.model, data.mean, data.std)
   result = final_report(config, data, run.model, run.variables, run.step, run.meta, eval_step,
                         data_mesh(), None, splits)

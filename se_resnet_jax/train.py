@@ -257,10 +257,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         progress.history.append(row)
         progress.epoch = epoch + 1
         writer.write_scalars(step, {k: v for k, v in row.items() if k not in ('epoch', 'step')})
-        display.epoch(row, best)
-        if progress.stopped_epoch is not None:
-          console.say(f'Early stopping at epoch {progress.stopped_epoch}: {monitor} has not '
-                      f'improved for {config.early_stopping.patience} evaluations.')
         save = ((epoch + 1) % config.checkpoint_every_epochs == 0 or is_last or best
                 or progress.stopped_epoch is not None)
         epoch_metrics = empty_metrics
@@ -269,6 +265,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         _check_finite(epoch_metrics.scalars()['loss'], step, ckpts, workdir, state)
       if save or preempted:
         ckpts.save(step, state, progress.to_meta(monitor), best=best)
+      if end_of_epoch:  # after the save, so the next progress line times training alone
+        display.epoch(row, best)
+        if progress.stopped_epoch is not None:
+          console.say(f'Early stopping at epoch {progress.stopped_epoch}: {monitor} has not '
+                      f'improved for {config.early_stopping.patience} evaluations.')
       if preempted:
         writer.flush()
         ckpts.close()

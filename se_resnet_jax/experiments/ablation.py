@@ -1,4 +1,4 @@
-"""Ablation: the full model against the same model without SE, without dropout and without
+r"""Ablation: the full model against the same model without SE, without dropout and without
 augmentation (optionally with all three off), over several seeds.
 
   python -m se_resnet_jax.experiments.ablation --config=configs/cifar10.py --workdir=runs/ablation \

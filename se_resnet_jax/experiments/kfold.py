@@ -1,4 +1,4 @@
-"""k-fold cross-validation of a few (reduction ratio, dropout) settings over the training set.
+r"""k-fold cross-validation of a few (reduction ratio, dropout) settings over the training set.
 
   python -m se_resnet_jax.experiments.kfold --config=configs/cifar10.py --workdir=runs/kfold \
       --folds=5 --settings=16:0.5,8:0.3

@@ -1,4 +1,4 @@
-"""Hyperparameter search over the SE reduction ratio r and the dropout rate, on validation only.
+r"""Hyperparameter search over the SE reduction ratio r and the dropout rate, on validation only.
 
   python -m se_resnet_jax.experiments.search --config=configs/cifar10.py --workdir=runs/search \
       --mode=grid --reductions=8,16,32 --dropouts=0.0,0.3,0.5,0.7
