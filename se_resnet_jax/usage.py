@@ -34,6 +34,7 @@ FIELD_MEANINGS = {
     'model.se_reduction': 'SE reduction ratio r (hidden width = channels / r), all stages',
     'model.se_reductions': 'per-stage r, e.g. (8, 16, 16, 32); None in a stage = no SE there',
     'model.dropout_rate': 'dropout before the classifier',
+    'model.relu_before_se': 'a ReLU before each SE block (public PyTorch CIFAR SE-ResNets)',
     'augment.enabled': 'augment training images at all (False: scale to [0, 1] only)',
     'augment.random_crop': 'random crop of the zero-padded image',
     'augment.crop_padding': 'padding (pixels) of the random crop',
