@@ -60,7 +60,7 @@ def finished_message(workdir: str, report: dict) -> str:
           f'{REPORT_JSON}): nothing to train; its results are below. ')
   if stopped:
     text += (f'Early stopping ended it at epoch {stopped}, so more epochs would not train; ')
-  elif config.get('max_steps', -1) > 0:
+  elif _stopped_by_max_steps(report):
     text += ('It stopped at max_steps; to train further rerun with a larger --config.max_steps '
              '(or -1): it continues from its last checkpoint. ')
   else:
@@ -68,6 +68,11 @@ def finished_message(workdir: str, report: dict) -> str:
              f'--config.num_epochs={2 * config["num_epochs"]}): it continues from its last '
              'checkpoint, with the learning-rate schedule recomputed for the new length. ')
   return text + 'To start over, use a new --workdir.'
+
+
+def _stopped_by_max_steps(report: dict) -> bool:
+  training, max_steps = report.get('training'), report['config'].get('max_steps', -1)
+  return bool(training) and max_steps > 0 and training['steps'] < training['planned_steps']
 
 
 def weights_line(report: dict) -> str:

@@ -237,3 +237,23 @@ def test_progress_lines_and_epoch_lines(capsys):
   quiet = io.StringIO()
   Console(quiet, enabled=False).say('not process 0')
   assert quiet.getvalue() == ''
+
+
+def test_on_a_terminal_the_progress_line_is_a_bar_redrawn_in_place():
+  import io
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  stream = Terminal()
+  console = Console(stream, enabled=True)
+  display = TrainingProgress(console, total_steps=20, steps_per_epoch=10, num_epochs=2,
+                             batch_size=8, start_step=0)
+  display.step(5, {'loss': 2.5, 'accuracy': 0.25})
+  display.step(8, {'loss': 2.4, 'accuracy': 0.3})
+  console.say('epoch 1/2 ...')
+  text = stream.getvalue()
+  assert text.count('\r\033[K') == 2 and '[######..................]  25%' in text
+  live, permanent = text.split('\n', 1)  # the live line ends only when a line that stays comes
+  assert 'step 8/20' in live and permanent == 'epoch 1/2 ...\n'
