@@ -187,11 +187,12 @@ def plot_learning_curves(history: Sequence[Mapping[str, Any]], path: str) -> Non
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   train_epochs = _series(history, 'train_loss')[0]
   for ax, metric in zip(axes, ('loss', 'accuracy')):
-    for prefix, label, style in (('train', 'train', '.-' if len(train_epochs) <= 50 else '-'),
+    for prefix, label, style in (('train', 'train', 'o-' if len(train_epochs) <= 50 else '-'),
                                  ('val', 'validation', 'o-')):
       epochs, values = _series(history, f'{prefix}_{metric}')
       if epochs:
         ax.plot(epochs, values, style, label=label, markersize=4)
+    ax.margins(y=0.1)
     ax.set_title(metric.capitalize())
     ax.set_xlabel('epoch')
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 0.96 or 1.02
