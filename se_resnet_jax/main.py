@@ -29,8 +29,9 @@ def main(argv):
     if FLAGS.distributed:
       jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     device = jax.devices()[0]
-    Console().say(f'JAX process {jax.process_index()}/{jax.process_count()}: '
-                  f'{jax.device_count()} x {device.device_kind} ({device.platform}).')
+    # Every process says which it is; only process 0 speaks after this.
+    Console(enabled=True).say(f'JAX process {jax.process_index()}/{jax.process_count()}: '
+                              f'{jax.device_count()} x {device.device_kind} ({device.platform}).')
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
       print(summary.closing_summary(FLAGS.workdir, result))
