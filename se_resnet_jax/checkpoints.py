@@ -31,12 +31,14 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from se_resnet_jax.errors import UserError
+
 CHECKSUMS = 'checksums.json'
 SET_ASIDE = 'set_aside'
 BEST_METRIC = 'val_accuracy'
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint that cannot be used; the message says what to do. Nothing was deleted."""
 
 
@@ -48,23 +50,21 @@ class DamagedCheckpointError(CheckpointError):
     self.where, self.step, self.reason = where, step, reason
 
 
-def _manager(directory: str, keep: Optional[int], read_only: bool = False):
+def _manager(directory: str, keep: Optional[int]):
   """Latest `keep` steps plus the best by validation accuracy, in one directory.
 
-  Directories are created by the first save, not here: reading a run (evaluate) leaves no empty
-  directories behind.
+  With `keep=None` the manager only reads (it never saves, so it never deletes). Directories are
+  created by the first save, not here: reading a run (evaluate) leaves no empty directories behind.
+  orbax's own read_only mode is not used: it logs three warnings each time it opens.
   """
-  if read_only:
-    options = ocp.CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False,
-                                           best_fn=lambda m: m[BEST_METRIC])
-  else:
-    policies = ocp.checkpoint_managers
-    options = ocp.CheckpointManagerOptions(
-        create=False, enable_async_checkpointing=False, best_fn=lambda m: m[BEST_METRIC],
-        preservation_policy=policies.AnyPreservationPolicy([
-            policies.LatestN(keep),
-            policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
-                           keep_checkpoints_without_metrics=False)]))
+  policies = ocp.checkpoint_managers
+  preserve = None if keep is None else policies.AnyPreservationPolicy([
+      policies.LatestN(keep),
+      policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                     keep_checkpoints_without_metrics=False)])
+  options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False,
+                                         best_fn=lambda m: m[BEST_METRIC],
+                                         preservation_policy=preserve)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_names=('state', 'meta'))
 
@@ -175,13 +175,17 @@ class _OrbaxSaveLogs(std_logging.Filter):
 
 
 class RunCheckpoints:
-  """`workdir/checkpoints`: the latest K states and the best one, checked when read back."""
+  """`workdir/checkpoints`: the latest K states and the best one, checked when read back.
+
+  `read_only` is for reading a run (evaluate): it never saves, so nothing is deleted or created.
+  """
 
   def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
     self.workdir = workdir
-    self._manager = _manager(os.path.join(workdir, 'checkpoints'), keep, read_only)
+    self._manager = _manager(os.path.join(workdir, 'checkpoints'), None if read_only else keep)
     legacy = os.path.join(workdir, 'best')
-    self._legacy_best = _manager(legacy, None, read_only=True) if os.path.isdir(legacy) else None
+    self._legacy_best = _manager(legacy, None) if os.path.isdir(legacy) else None
+    self._read_only = read_only
     self._verified = {}  # (directory, step) -> None (intact), reason (damaged) or 'unverified'
 
   # Where the steps are.
@@ -205,6 +209,20 @@ class RunCheckpoints:
     if not has_metrics and self._legacy_best is not None:
       return self._legacy_best, self._legacy_best.latest_step()
     return self._manager, self._manager.best_step() if has_metrics else None
+
+  def newest_meta(self) -> Optional[dict]:
+    """The `meta` of the newest step whose meta reads (unverified): what the run last recorded.
+
+    Cheap (a small JSON file), so a resume can refuse a changed setting before it restores or
+    moves anything.
+    """
+    for step in reversed(self.steps()):
+      try:
+        return self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))['meta']
+      except Exception:  # noqa: BLE001 - a damaged step: resume() reports it
+        continue
+    return None
 
   def _where(self, manager, step) -> str:
     return os.path.join(str(manager.directory), str(step))
@@ -243,6 +261,8 @@ class RunCheckpoints:
 
     A full disk ends in one CheckpointError saying how much space the checkpoint needs.
     """
+    if self._read_only:
+      raise ValueError('RunCheckpoints(read_only=True) cannot save.')
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     metrics = {BEST_METRIC: float(meta['best_val_accuracy'])} if best else None
     held = _OrbaxSaveLogs()

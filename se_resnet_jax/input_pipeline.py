@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 import ml_collections
 import numpy as np
 
+from se_resnet_jax.errors import UserError
+
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
                    'truck')
 
@@ -30,12 +32,16 @@ IMAGE_SHAPE = (32, 32, 3)  # every dataset here: CIFAR-10, CIFAR-100 and the gen
 NPZ_ARRAYS = ('x_train', 'y_train', 'x_test', 'y_test')
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(UserError, RuntimeError):
   """The dataset is not on disk and cannot be fetched; the message says how to provide it."""
 
 
-class InvalidDataError(ValueError):
+class InvalidDataError(UserError, ValueError):
   """Arrays that would train silently wrong; the message names the source, the array and the fix."""
+
+
+class DataSettingsChangedError(UserError, ValueError):
+  """A run resumed or evaluated with settings that pick other images than it was made with."""
 
 
 @dataclasses.dataclass
@@ -123,6 +129,44 @@ def validate_split(images, labels, num_classes: int, source: str, name: str) -> 
                            f', outside [0, {num_classes}) for {num_classes} classes: fix the '
                            'labels, or the dataset (--config.dataset, label_key, a classes array).')
   return Split(images, labels.astype(np.int32))
+
+
+def data_identity(config: ml_collections.ConfigDict) -> dict:
+  """The settings that decide which images a run trains, validates and tests on, and its batch size.
+
+  Checkpoints record them next to the architecture. Resuming with another validation seed would
+  train on images that were validation images (and pick the best checkpoint on contaminated
+  numbers); evaluating with one would report on another split under the run's name; another batch
+  size changes the steps per epoch and the batch order. All of them look like a normal run.
+  """
+  identity = {'dataset': config.dataset, 'batch_size': config.batch_size}
+  if config.dataset == 'synthetic':
+    identity.update({f'synthetic.{k}': config.synthetic[k] for k in sorted(config.synthetic)})
+  else:
+    identity.update(npz_path=os.path.abspath(config.npz_path) if config.npz_path else '',
+                    label_key=config.label_key)
+  if config.kfold.num_folds:
+    identity.update({'kfold.num_folds': config.kfold.num_folds, 'kfold.fold': config.kfold.fold,
+                     'validation_seed': config.validation_seed})
+  else:
+    identity['validation_size'] = config.validation_size
+    if config.validation_size:
+      identity.update(validation_seed=config.validation_seed,
+                      stratified_validation=config.stratified_validation)
+  return identity
+
+
+def check_same_data(recorded: Optional[dict], current: dict, source: str) -> None:
+  """Refuses `current` data settings that differ from those `source` was made with (if known)."""
+  if recorded is None:
+    return
+  differ = sorted(k for k in recorded.keys() | current.keys() if recorded.get(k) != current.get(k))
+  if differ:
+    shown = ', '.join(f'{k}: {recorded.get(k)!r} there, {current.get(k)!r} now' for k in differ)
+    raise DataSettingsChangedError(
+        f'{source} was made with other data settings ({shown}). They decide which images are '
+        'trained, validated and tested on, and the batch order: use the values it was made with, '
+        'or pass --allow_changed_data to go on anyway, or use a new --workdir.')
 
 
 def stratified_holdout(labels: np.ndarray, size: int, seed: int, stratified: bool = True):

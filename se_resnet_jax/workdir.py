@@ -19,13 +19,15 @@ from typing import Iterator
 
 from absl import logging
 
+from se_resnet_jax.errors import WorkdirError
+
 LOCK_FILE = 'run.lock'
 
 _held: dict = {}  # realpath of a lock file -> how many nested holders in this process
 _held_guard = threading.Lock()
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(WorkdirError):
   """Another process is using the workdir; the message names it and says what to do."""
 
 

@@ -248,3 +248,32 @@ def test_cifar100_npz_labels_are_checked_against_its_classes(tmp_path):
   with pytest.raises(input_pipeline.InvalidDataError,
                      match=r'label 20 at index 20 \(10 labels in all\), outside \[0, 20\)'):
     input_pipeline.load_dataset(config)
+
+
+def test_data_identity_holds_what_picks_the_images_and_the_batch_size():
+  config = _config(dataset='cifar10', npz_path='data.npz', validation_size=100)
+  identity = input_pipeline.data_identity(config)
+  assert identity == {'dataset': 'cifar10', 'batch_size': 128, 'label_key': 'label',
+                      'npz_path': os.path.abspath('data.npz'), 'validation_size': 100,
+                      'validation_seed': 0, 'stratified_validation': True}
+  config.learning_rate, config.data_dir = 0.5, '/elsewhere'  # neither picks images
+  assert input_pipeline.data_identity(config) == identity
+  config.kfold.num_folds, config.kfold.fold = 5, 2  # folds replace the held-out split
+  assert input_pipeline.data_identity(config) == {
+      'dataset': 'cifar10', 'batch_size': 128, 'label_key': 'label',
+      'npz_path': os.path.abspath('data.npz'), 'kfold.num_folds': 5, 'kfold.fold': 2,
+      'validation_seed': 0}
+  synthetic = input_pipeline.data_identity(_config(dataset='synthetic', validation_size=0))
+  assert synthetic['synthetic.noise'] == 0.35 and 'npz_path' not in synthetic
+  assert 'validation_seed' not in synthetic  # no validation split: the seed picks nothing
+
+
+def test_changed_data_settings_are_named():
+  recorded = {'dataset': 'cifar10', 'batch_size': 128, 'validation_seed': 0}
+  input_pipeline.check_same_data(recorded, dict(recorded), 'The run')
+  input_pipeline.check_same_data(None, dict(recorded), 'The run')  # nothing recorded: old run
+  with pytest.raises(input_pipeline.DataSettingsChangedError,
+                     match=r'^The run was made with other data settings \(batch_size: 128 there, '
+                     r'64 now, validation_seed: 0 there, 7 now\)\. .*--allow_changed_data'):
+    input_pipeline.check_same_data(recorded, dict(recorded, batch_size=64, validation_seed=7),
+                                   'The run')

@@ -75,3 +75,21 @@ def test_each_process_of_a_multiprocess_run_locks_its_own_file(tmp_path):
   with workdir_lock(workdir, process_index=0), workdir_lock(workdir, process_index=1):
     assert os.path.basename(lock_path(workdir, 1)) == 'run.lock.1'
     assert os.path.exists(lock_path(workdir, 1))
+
+
+def test_training_takes_the_lock_before_reading_any_data(tmp_path, monkeypatch, make_tiny_config):
+  """train_and_evaluate (so `main` and every experiment run) holds the workdir's lock."""
+  from se_resnet_jax import input_pipeline, train
+
+  def no_loading(config):
+    raise AssertionError('data loaded while another process holds the workdir')
+
+  monkeypatch.setattr(input_pipeline, 'load_dataset', no_loading)
+  workdir = str(tmp_path / 'run')
+  proc = _holder(workdir)
+  try:
+    with pytest.raises(WorkdirLockedError, match=f'in use by PID {proc.pid} '):
+      train.train_and_evaluate(make_tiny_config(), workdir)
+  finally:
+    proc.kill()
+    proc.wait()
