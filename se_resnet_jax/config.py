@@ -40,7 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
       num_classes=10, num_train=2000, num_test=500, noise=0.35, seed=0))
 
   c.model = ml_collections.ConfigDict(dict(
-      name='SEResNet18', num_filters=64, se_reduction=16, se_reductions=(), dropout_rate=0.5))
+      name='SEResNet18', num_filters=64, se_reduction=16, se_reductions=(), dropout_rate=0.5,
+      # A ReLU between each residual branch's last BatchNorm and its SE block: not the paper's
+      # network, but the layout of public PyTorch CIFAR SE-ResNets whose weights convert.py reads.
+      relu_before_se=False))
   c.augment = augment.default_augment_config()
 
   c.num_epochs = 100

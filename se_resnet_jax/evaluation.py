@@ -109,15 +109,16 @@ def final_report(config: ml_collections.ConfigDict, data: input_pipeline.Dataset
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int,
-                         sharding: jax.sharding.Sharding,
-                         image_shape: tuple = (32, 32, 3)) -> TrainState:
+                         sharding: jax.sharding.Sharding, image_shape: tuple = (32, 32, 3),
+                         steps_per_epoch: int = 1) -> TrainState:
   """A TrainState of shapes only, placed with `sharding`: a restore target that costs nothing.
 
   `jax.eval_shape` traces the initialiser without compiling or running it. The optimizer state's
-  structure does not depend on the schedule's length, so one step per epoch stands in for it.
+  structure does not depend on the schedule, but a state restored onto this target keeps its
+  optimizer: to train on from it, pass the run's `steps_per_epoch` so the learning rates match.
   """
   model = build_model(config, num_classes)
-  tx = create_optimizer(config, create_learning_rate_schedule(config, steps_per_epoch=1))
+  tx = create_optimizer(config, create_learning_rate_schedule(config, steps_per_epoch))
   shapes = jax.eval_shape(functools.partial(create_train_state, config, model, tx, image_shape))
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
@@ -154,7 +155,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def _num_classes(config: ml_collections.ConfigDict) -> int:
+def dataset_num_classes(config: ml_collections.ConfigDict) -> int:
   """The class count the config implies; arrays from --config.npz_path say it themselves."""
   if config.dataset == 'synthetic':
     return config.synthetic.num_classes
@@ -193,7 +194,7 @@ def restore_run(workdir: str, which: str = 'best',
   given = config is not None
   config = config or load_run_config(workdir)
   validate_config(config, jax.device_count())
-  num_classes = _num_classes(config)
+  num_classes = dataset_num_classes(config)
   target = abstract_train_state(config, num_classes, NamedSharding(data_mesh(), P()))
   ckpts = RunCheckpoints(workdir, read_only=True)
   try:

@@ -30,7 +30,13 @@ from se_resnet_jax import files, input_pipeline, report, sharding, steps, writer
 from se_resnet_jax.checkpoints import RunCheckpoints
 from se_resnet_jax.config import ConfigError, validate_config
 from se_resnet_jax.errors import DivergedError, Preempted
-from se_resnet_jax.evaluation import eval_variables, evaluate, final_report, load_run_config
+from se_resnet_jax.evaluation import (
+    abstract_train_state,
+    eval_variables,
+    evaluate,
+    final_report,
+    load_run_config,
+)
 from se_resnet_jax.models import architecture, build_model
 from se_resnet_jax.workdir import workdir_lock
 
@@ -234,9 +240,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
       raise
     logging.warning('%s Going on, as --allow_changed_data asks.', str(e).split(' They decide')[0])
   # Restored onto shapes only: a damaged or mismatched checkpoint is found before any compiling.
-  target = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-      jax.eval_shape(functools.partial(steps.create_train_state, config, model, tx, image_shape)))
+  target = abstract_train_state(config, data.num_classes, replicated, image_shape, steps_per_epoch)
   state, meta = ckpts.resume(target, progress.architecture)
   if interruption.before_training():  # a signal while the data loaded
     raise Preempted(0 if state is None else int(state.step), workdir, interruption.signal_name,

@@ -139,6 +139,7 @@ def test_bad_config_stops_train_and_evaluate_before_any_work(tmp_path, monkeypat
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_command_line_reports_impossible_value_in_one_line(tmp_path):
   workdir = tmp_path / 'run'
   out = subprocess.run(

@@ -127,6 +127,7 @@ def test_a_workdir_without_checkpoints_fails_fast_and_stays_empty(tmp_path, run_
   assert sorted(os.listdir(workdir)) == ['config.json', 'run.lock']
 
 
+@pytest.mark.slow  # a second Python process holds the lock
 def test_a_training_run_holding_the_workdir_is_waited_for_unless_the_report_goes_elsewhere(
     run_dir, no_work, tmp_path):
   hold = ('import sys, time\nfrom se_resnet_jax.workdir import workdir_lock\n'

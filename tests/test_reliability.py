@@ -20,12 +20,14 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, checkpoint_steps, subprocess_env, wait_until
 
 from se_resnet_jax import input_pipeline
 from se_resnet_jax.checkpoints import RunCheckpoints
 from se_resnet_jax.input_pipeline import DatasetUnavailableError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # every run here is the real command in a subprocess
+
 EPOCHS = 4
 STEPS_PER_EPOCH = 8  # (384 - 128 validation) / 32
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
@@ -39,18 +41,6 @@ SMALL = {
 RUN_TIMEOUT_S = 900  # a guard against hangs only; a run takes seconds once compiled
 
 
-def _env(**extra) -> dict:
-  """The subprocesses share this session's compilation cache (see conftest) and one CPU device."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
-  env.pop('XLA_FLAGS', None)
-  if jax.config.jax_compilation_cache_dir:
-    env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir
-  env.update(extra)
-  return env
-
-
 def _command(workdir: str, overrides: dict = (), config: str = 'configs/smoke.py') -> list:
   flags = {**SMALL, **dict(overrides)}
   return ([sys.executable, '-m', 'se_resnet_jax.main', f'--config={config}',
@@ -59,12 +49,12 @@ def _command(workdir: str, overrides: dict = (), config: str = 'configs/smoke.py
 
 def _start(workdir: str, log: str, overrides: dict = (), **env) -> subprocess.Popen:
   with open(log, 'w') as out:  # a file, not a pipe: nobody reads while the run goes on
-    return subprocess.Popen(_command(workdir, overrides), cwd=REPO, env=_env(**env), stdout=out,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(_command(workdir, overrides), cwd=REPO, env=subprocess_env(**env),
+                            stdout=out, stderr=subprocess.STDOUT)
 
 
 def _run(workdir: str, overrides: dict = (), **env) -> subprocess.CompletedProcess:
-  return subprocess.run(_command(workdir, overrides), cwd=REPO, env=_env(**env),
+  return subprocess.run(_command(workdir, overrides), cwd=REPO, env=subprocess_env(**env),
                         capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
 
 
@@ -74,25 +64,8 @@ def _finish(proc: subprocess.Popen, log: str) -> str:
     return f.read()
 
 
-def _steps(workdir: str, which: str = 'checkpoints') -> list:
-  """Completed checkpoint steps: orbax renames a step directory into place only when complete."""
-  directory = os.path.join(workdir, which)
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
-
-
 def _partial_saves(workdir: str) -> list:
   return glob.glob(os.path.join(workdir, '*', '*.orbax-checkpoint-tmp*'))
-
-
-def _wait_until(proc: subprocess.Popen, condition, timeout: float = RUN_TIMEOUT_S) -> None:
-  """Polls fast (a checkpoint write is a fraction of a second) until `condition()` holds."""
-  deadline = time.monotonic() + timeout
-  while not condition():
-    assert proc.poll() is None, f'the run ended (exit {proc.returncode}) before the moment awaited'
-    assert time.monotonic() < deadline, 'timed out waiting for the run'
-    time.sleep(0.002)
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -144,7 +117,7 @@ def reference(tmp_path_factory) -> str:
   workdir = str(tmp_path_factory.mktemp('reference'))
   result = _run(workdir)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert _steps(workdir)[-3:] == [16, 24, 32]  # the latest three (and the best, if older)
+  assert checkpoint_steps(workdir)[-3:] == [16, 24, 32]  # the latest three (and the best, if older)
   return workdir
 
 
@@ -153,18 +126,19 @@ def test_killed_and_preempted_runs_resume_to_the_uninterrupted_result(reference,
   workdir, log = str(tmp_path / 'run'), str(tmp_path / 'log')
   # 1. kill -9 just after the first checkpoint is in place, while the next epoch runs.
   proc = _start(workdir, log)
-  _wait_until(proc, lambda: _steps(workdir))
+  wait_until([proc], lambda: checkpoint_steps(workdir), RUN_TIMEOUT_S)
   _kill(proc)
-  assert _steps(workdir) == [8]
+  assert checkpoint_steps(workdir) == [8]
   # 2. kill -9 during the next checkpoint write, when the poll catches it (else just after it).
   left_before = set(_partial_saves(workdir))  # one the first kill may have left
   proc = _start(workdir, log)
-  _wait_until(proc, lambda: set(_partial_saves(workdir)) - left_before or _steps(workdir)[-1] > 8)
+  wait_until([proc], lambda: (set(_partial_saves(workdir)) - left_before
+                              or checkpoint_steps(workdir)[-1] > 8), RUN_TIMEOUT_S)
   _kill(proc)
-  resumed_from = _steps(workdir)[-1]
+  resumed_from = checkpoint_steps(workdir)[-1]
   # 3. SIGTERM (preemption) after the next checkpoint: it saves where it is and exits cleanly.
   proc = _start(workdir, log)
-  _wait_until(proc, lambda: _steps(workdir)[-1] > resumed_from)
+  wait_until([proc], lambda: checkpoint_steps(workdir)[-1] > resumed_from, RUN_TIMEOUT_S)
   proc.send_signal(signal.SIGTERM)
   output = _finish(proc, log)
   assert proc.returncode == 0, output[-3000:]
@@ -172,7 +146,7 @@ def test_killed_and_preempted_runs_resume_to_the_uninterrupted_result(reference,
   saved = [line for line in output.splitlines() if 'SIGTERM: saved a checkpoint at step' in line]
   assert len(saved) == 1, output[-3000:]
   step = int(saved[0].split('at step ')[1].split()[0].rstrip(';'))
-  assert resumed_from < step < TOTAL_STEPS and _steps(workdir)[-1] == step
+  assert resumed_from < step < TOTAL_STEPS and checkpoint_steps(workdir)[-1] == step
   assert not os.path.exists(os.path.join(workdir, 'report.json'))
   # 4. To the end.
   proc = _start(workdir, log)
@@ -198,7 +172,7 @@ def test_a_diverging_run_stops_keeps_good_checkpoints_and_resumes_with_a_lower_r
   assert 'last good checkpoint (step 16, its checksums verified)' in message, message
   assert 'learning_rate' in message, message
   print(f'\ndiverging run: {message}')
-  assert _steps(workdir) == [8, 16]
+  assert checkpoint_steps(workdir) == [8, 16]
   state, meta = _restore(workdir)
   assert int(state['step']) == 16 and meta['epoch'] == 2 and _all_finite(state)
 
@@ -385,7 +359,7 @@ def test_bad_input_stops_with_one_line_before_compute_and_leaves_checkpoints(
 def test_missing_config_file_is_one_line(tmp_path):
   command = [sys.executable, '-m', 'se_resnet_jax.main', '--config=configs/no_such.py',
              f'--workdir={tmp_path}', '--config.batch_size=32']
-  result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True,
+  result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                           timeout=RUN_TIMEOUT_S)
   assert result.returncode == 1 and 'Traceback' not in result.stderr
   print(f'\nmissing config file: {result.stderr.strip().splitlines()[-1]}')
@@ -427,7 +401,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_the_first_ends_as_if_alon
     with open(lock) as f:
       return f.read().startswith(f'PID {proc.pid} ')
 
-  _wait_until(proc, holds_the_lock)
+  wait_until([proc], holds_the_lock, RUN_TIMEOUT_S)
   proc.send_signal(signal.SIGSTOP)  # frozen while it holds the lock, however fast it would run
   try:
     start = time.monotonic()
@@ -453,7 +427,7 @@ def test_ctrl_c_saves_mid_epoch_exits_130_and_the_rerun_ends_like_an_uninterrupt
   """Ctrl-C used to print a 33-line traceback and save nothing."""
   workdir, log = str(tmp_path / 'run'), str(tmp_path / 'log')
   proc = _start(workdir, log)
-  _wait_until(proc, lambda: _steps(workdir))  # the first checkpoint: epoch 2 is running
+  wait_until([proc], lambda: checkpoint_steps(workdir), RUN_TIMEOUT_S)  # epoch 2 runs
   proc.send_signal(signal.SIGINT)
   output = _finish(proc, log)
   assert proc.returncode == 130, output[-3000:]
@@ -462,7 +436,7 @@ def test_ctrl_c_saves_mid_epoch_exits_130_and_the_rerun_ends_like_an_uninterrupt
   saved = [line for line in output.splitlines() if 'SIGINT: saved a checkpoint at step' in line]
   assert len(saved) == 1 and 'rerun the same command to resume' in saved[0], output[-3000:]
   step = int(saved[0].split('at step ')[1].split()[0])
-  assert STEPS_PER_EPOCH < step < TOTAL_STEPS and _steps(workdir)[-1] == step
+  assert STEPS_PER_EPOCH < step < TOTAL_STEPS and checkpoint_steps(workdir)[-1] == step
   result = _run(workdir)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'at step {step} ' in result.stderr
@@ -479,7 +453,7 @@ def test_ctrl_c_while_compiling_stops_cleanly(reference, tmp_path):
     with open(log) as f:
       return 'checked; compiling.' in f.read()
 
-  _wait_until(proc, compiling)
+  wait_until([proc], compiling, RUN_TIMEOUT_S)
   proc.send_signal(signal.SIGINT)
   output = _finish(proc, log)
   assert proc.returncode == 130, output[-3000:]  # not -11 (SIGSEGV)

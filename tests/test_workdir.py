@@ -27,6 +27,7 @@ def _holder(workdir: str) -> subprocess.Popen:
   return proc
 
 
+@pytest.mark.slow  # a second Python process
 def test_a_second_process_is_refused_naming_the_holder(tmp_path):
   workdir = str(tmp_path / 'run')
   proc = _holder(workdir)
@@ -44,6 +45,7 @@ def test_a_second_process_is_refused_naming_the_holder(tmp_path):
     proc.wait()
 
 
+@pytest.mark.slow  # a second Python process
 def test_kill_9_leaves_no_stale_lock(tmp_path):
   workdir = str(tmp_path / 'run')
   proc = _holder(workdir)
@@ -57,6 +59,7 @@ def test_kill_9_leaves_no_stale_lock(tmp_path):
   assert time.monotonic() - start < 1
 
 
+@pytest.mark.slow  # a second Python process
 def test_the_lock_is_reentrant_within_a_process_and_released_after(tmp_path):
   workdir = str(tmp_path / 'run')
   with workdir_lock(workdir):
@@ -77,6 +80,7 @@ def test_each_process_of_a_multiprocess_run_locks_its_own_file(tmp_path):
     assert os.path.exists(lock_path(workdir, 1))
 
 
+@pytest.mark.slow  # a second Python process
 def test_training_takes_the_lock_before_reading_any_data(tmp_path, monkeypatch, make_tiny_config):
   """train_and_evaluate (so `main` and every experiment run) holds the workdir's lock."""
   from se_resnet_jax import input_pipeline, train
