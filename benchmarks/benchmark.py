@@ -14,7 +14,7 @@ speed to the other jobs, which would flatter JAX.
 
 How it measures, and why:
 - "JAX train" is the library's step as `train.train_and_evaluate` compiles it
-  (`train.make_train_step`: `train.sample_batch` then `train.train_step`, the state donated) on
+  (`steps.make_train_step`: `sharding.sample_batch` then `steps.train_step`, the state donated) on
   the shipped CIFAR-10 recipe (configs/cifar10.py): each step draws its batch from the
   device-resident uint8 training set and augments it on the device, so the figure includes the
   input pipeline.
@@ -56,7 +56,8 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from configs import cifar10  # noqa: E402
-from se_resnet_jax import input_pipeline, train  # noqa: E402
+from se_resnet_jax import evaluation, input_pipeline, sharding, steps  # noqa: E402
+from se_resnet_jax.models import build_model  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('batch_sizes', None, 'Global batch sizes to measure (default: 128,512 on a '
@@ -170,29 +171,29 @@ def jax_contenders(config, mean: tuple, std: tuple) -> tuple:
   replicated = NamedSharding(mesh, P())
   batch, per_device = config.batch_size, config.batch_size // mesh.size
   steps_per_epoch = 4
-  model = train.build_model(config, 10)
-  tx = train.create_optimizer(config, steps_per_epoch)
-  images, labels = train.shard_train_split(random_split(steps_per_epoch * batch, 0), mesh)
-  perm = jax.jit(functools.partial(train.epoch_permutation, num_shards=mesh.size,
+  model = build_model(config, 10)
+  tx = steps.create_optimizer(config, steps.create_learning_rate_schedule(config, steps_per_epoch))
+  images, labels = sharding.shard_train_split(random_split(steps_per_epoch * batch, 0), mesh)
+  perm = jax.jit(functools.partial(sharding.epoch_permutation, num_shards=mesh.size,
                                    shard_size=images.shape[1]),
                  out_shardings=NamedSharding(mesh, P('data')))(jax.random.key(1), 0)
   step_rng = jax.random.key(2)
-  init = jax.jit(functools.partial(train.create_train_state, config, model, tx, (32, 32, 3)),
+  init = jax.jit(functools.partial(steps.create_train_state, config, model, tx, (32, 32, 3)),
                  out_shardings=replicated)
-  empty_metrics = jax.device_put(train.TrainMetrics.empty(), replicated)
+  empty_metrics = jax.device_put(steps.Metrics.empty(), replicated)
   figures = {}
 
   # The training loop's own compiled step: sample and augment on the device, then update.
-  sampled_step = train.make_train_step(config, steps_per_epoch, per_device, mean, std)
+  sampled_step = steps.make_train_step(config, steps_per_epoch, per_device, mean, std)
 
   premade_config = ml_collections.ConfigDict(config.to_dict())
   premade_config.augment.enabled = False
-  x_premade, y_premade = jax.jit(functools.partial(train.sample_batch, per_device=per_device))(
+  x_premade, y_premade = jax.jit(functools.partial(sharding.sample_batch, per_device=per_device))(
       images, labels, perm, 0)
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def premade_step(state, train_metrics, x, y, step_rng):
-    return train.train_step(state, train_metrics, x, y, jax.random.fold_in(step_rng, state.step),
+    return steps.train_step(state, train_metrics, x, y, jax.random.fold_in(step_rng, state.step),
                             config=premade_config, mean=mean, std=std)
 
   def compiled_runner(step_fn, args, measure_memory: bool, count_flops: bool):
@@ -232,9 +233,9 @@ def jax_contenders(config, mean: tuple, std: tuple) -> tuple:
 
   params = jax.eval_shape(init).params
   figures['params'] = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
-  eval_step = train.make_eval_step(config, model, mean, std)
-  variables = train.eval_variables(init())
-  chunk = [a[0] for a in train.shard_eval_split(random_split(batch, 3), mesh, batch)]
+  eval_step = steps.make_eval_step(config, model, mean, std)
+  variables = evaluation.eval_variables(init())
+  chunk = [a[0] for a in sharding.shard_eval_split(random_split(batch, 3), mesh, batch)]
   start = time.perf_counter()
   jax.block_until_ready(eval_step(variables, *chunk))
   figures['eval_compile_s'] = time.perf_counter() - start

@@ -11,13 +11,14 @@ from typing import Any, Callable, Sequence
 from absl import app, flags, logging
 
 from se_resnet_jax.checkpoints import CheckpointError
-from se_resnet_jax.config import ConfigError, base_config
+from se_resnet_jax.config import base_config
+from se_resnet_jax.errors import Preempted, UserError
 from se_resnet_jax.input_pipeline import DatasetUnavailableError
 
 FLAGS = flags.FLAGS
 
-USER_ERRORS = (ConfigError, CheckpointError, DatasetUnavailableError, PermissionError,
-               FloatingPointError, ValueError)
+# What a user can fix, said in one line; anything else is a bug and keeps its traceback.
+USER_ERRORS = (UserError, CheckpointError, DatasetUnavailableError)
 
 
 def _quiet_libraries(record) -> bool:
@@ -114,13 +115,19 @@ def parse_flags(argv):
 
 
 def run(argv: Sequence[str], command: Callable[[], Any]) -> Any:
-  """Runs a command's body with the quiet log; user errors end in one `error:` line."""
+  """Runs a command's body with the quiet log; user errors end in one `error:` line.
+
+  A preempted run is no error: it saved its checkpoint, says how to resume and exits with 0.
+  """
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   logging.get_absl_handler().addFilter(_quiet_libraries)
   sys.unraisablehook = _drop_closed_loop_noise
   try:
     return command()
+  except Preempted as e:
+    logging.warning('%s', e)
+    return None
   except USER_ERRORS as e:
     logging.error('%s: %s', type(e).__name__, e)
     sys.exit(f'error: {e}')

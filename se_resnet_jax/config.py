@@ -5,20 +5,19 @@ goes through `validate_config` first, so a typo or an impossible value stops the
 clear message before any data is loaded or anything is compiled.
 """
 
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
 
 from se_resnet_jax import augment
-from se_resnet_jax.models import MODELS, BottleneckBlock, se_hidden_width, stage_reductions
+from se_resnet_jax.errors import ConfigError
+from se_resnet_jax.models import MODELS, build_model
 
 DATASETS = {'cifar10': 10, 'cifar100': 100, 'synthetic': None}
 SCHEDULES = ('cosine', 'multistep', 'onecycle', 'constant')
 MONITORS = ('val_accuracy', 'val_loss')
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message says which and what to do."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -112,12 +111,8 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int = 1) ->
   _require(0.0 <= m.dropout_rate < 1.0,
            f'model.dropout_rate must be in [0, 1), got {m.dropout_rate}.')
   _require(m.num_filters >= 1, f'model.num_filters must be positive, got {m.num_filters}.')
-  stages = MODELS[m.name].keywords['stage_sizes']
-  expansion = 4 if MODELS[m.name].keywords['block_cls'] is BottleneckBlock else 1
-  try:
-    for i, r in enumerate(stage_reductions(model_se_reduction(config), len(stages))):
-      if r is not None:
-        se_hidden_width(m.num_filters * 2**i * expansion, r)
+  try:  # the network checks its own SE widths when it is built (no weights are made)
+    build_model(config, num_classes=1)
   except ValueError as e:
     raise ConfigError(f'model.se_reduction: {e}') from None
   try:
@@ -154,21 +149,10 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int = 1) ->
            'early_stopping needs a validation split: set validation_size > 0.')
 
 
-def flatten(tree: dict, prefix: str = '') -> dict:
-  """{'a': {'b': 1}} -> {'a.b': 1}: how configs are compared and applied field by field."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[prefix + key] = value
-  return flat
-
-
-def model_se_reduction(config: ml_collections.ConfigDict):
-  """The model's SE setting: per-stage ratios when given, else the global one (0 means no SE)."""
-  if 'se_reduction' in MODELS[config.model.name].keywords:  # ResNet*: the no-SE baselines
-    return None
-  if config.model.se_reductions:
-    return [r or None for r in config.model.se_reductions]
-  return config.model.se_reduction or None
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file, loaded by path as `--config=path` loads it."""
+  name = 'config_file_' + os.path.splitext(os.path.basename(str(path)))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

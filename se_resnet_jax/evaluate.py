@@ -6,7 +6,6 @@ The run's config is read from `workdir/config.json` (written when training start
 is given. The report goes to `workdir/evaluation/<checkpoint>-<step>/` so the training report stays.
 """
 
-import json
 import os
 from typing import Optional
 
@@ -15,73 +14,41 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from se_resnet_jax import cli, input_pipeline, report, train
-from se_resnet_jax.checkpoints import CheckpointError, RunCheckpoints
-from se_resnet_jax.config import ConfigError, base_config, flatten, validate_config
+from se_resnet_jax import cli, input_pipeline, report
+from se_resnet_jax.errors import ConfigError
+from se_resnet_jax.evaluation import final_report, restore_run
+from se_resnet_jax.sharding import data_mesh
+from se_resnet_jax.steps import make_eval_step
 
 FLAGS = flags.FLAGS
 
 
+def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'both',
+                        output_dir: Optional[str] = None,
+                        config: Optional[ml_collections.ConfigDict] = None,
+                        tta_flip: Optional[bool] = None) -> dict:
+  """Writes report.json/.md and the pictures for one checkpoint; returns the report.
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with, on top of today's defaults (for fields added since)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise ConfigError(f'{path} not found: is {workdir!r} a training workdir? Pass --config=<the '
-                      'config file the run used> if it was made by an older version.')
-  with open(path) as f:
-    saved = json.load(f)
-  config = base_config()
-  config.update_from_flattened_dict(
-      {k: tuple(v) if isinstance(v, list) else v for k, v in flatten(saved).items()})
-  return config
-
-
-def restore_model(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 'best',
-                  data: Optional[input_pipeline.Dataset] = None):
-  """(model, state, meta, data) for a checkpoint: 'best', 'latest' or a step number."""
-  if checkpoint not in ('best', 'latest') and not checkpoint.isdigit():
-    raise CheckpointError(f"--checkpoint must be 'best', 'latest' or a step number, got "
-                          f'{checkpoint!r}.')
-  validate_config(config, jax.device_count())
-  data = data or input_pipeline.load_dataset(config)
-  mesh = train.data_mesh()
-  model = train.build_model(config, data.num_classes)
-  steps_per_epoch = max(1, len(data.train) // config.batch_size)
-  tx = train.create_optimizer(config, steps_per_epoch)
-  target = train.init_train_state(config, model, tx, data.train.images.shape[1:],
-                                  jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  ckpts = RunCheckpoints(workdir)
-  try:
-    which, step = (checkpoint, None) if not checkpoint.isdigit() else ('latest', int(checkpoint))
-    if checkpoint == 'best' and ckpts.latest_step('best') is None:
-      which = 'latest'  # runs without a validation split keep no best checkpoint
-    state, meta = ckpts.restore(target, which=which, step=step,
-                                architecture=train.architecture(config, data.num_classes))
-  finally:
-    ckpts.close()
-  return model, state, meta, data
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 'best',
-                        split: str = 'both', output_dir: Optional[str] = None) -> dict:
-  """Writes report.json/.md and the pictures for one checkpoint; returns the report."""
-  if not os.path.isdir(workdir):
-    raise CheckpointError(f'Workdir {workdir!r} does not exist.')
-  model, state, meta, data = restore_model(config, workdir, checkpoint)
+  `config` defaults to the run's own (workdir/config.json); `tta_flip` overrides its setting.
+  The checkpoint is restored (and checked against the config) before any data is read.
+  """
+  run = restore_run(workdir, checkpoint, config)
+  config = run.config
+  if tta_flip is not None:
+    config.tta_flip = tta_flip
+  data = input_pipeline.load_dataset(config)
   if split == 'validation' and data.validation is None:
     raise ConfigError('This run has no validation split (validation_size=0); use --split=test.')
   splits = (('validation',) if data.validation is not None else ()) + ('test',)
   splits = splits if split == 'both' else (split,)
-  mesh = train.data_mesh()
-  eval_step = train.make_eval_step(config, model, data.mean, data.std)
-  result = train.final_report(config, data, model, state, meta, eval_step, mesh, None,
-                              data.train.images.shape[1:], splits)
-  result['checkpoint'] = {'which': checkpoint, 'step': int(state.step), 'epoch': meta['epoch']}
-  output_dir = output_dir or os.path.join(workdir, 'evaluation', f'{checkpoint}-{int(state.step)}')
+  eval_step = make_eval_step(config, run.model, data.mean, data.std)
+  result = final_report(config, data, run.model, run.variables, run.step, run.meta, eval_step,
+                        data_mesh(), None, splits)
+  result['checkpoint'] = {'which': checkpoint, 'step': run.step, 'epoch': run.meta['epoch']}
+  output_dir = output_dir or os.path.join(workdir, 'evaluation', f'{checkpoint}-{run.step}')
   if jax.process_index() == 0:
-    report.write_report(output_dir, result, meta.get('history', []))
-  logging.info('Wrote the report for step %d to %s', int(state.step), output_dir)
+    report.write_report(output_dir, result, run.meta.get('history', []))
+  logging.info('Wrote the report for step %d to %s', run.step, output_dir)
   return result
 
 
@@ -98,11 +65,8 @@ def define_flags() -> None:
 
 def main(argv):
   def command():
-    config = FLAGS.config or load_run_config(FLAGS.workdir)
-    if FLAGS.tta_flip is not None:
-      config.tta_flip = FLAGS.tta_flip
-    result = evaluate_checkpoint(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.split,
-                                 FLAGS.output_dir)
+    result = evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.split, FLAGS.output_dir,
+                                 FLAGS.config, FLAGS.tta_flip)
     for name in ('validation', 'test'):
       if name in result:
         print(f'{name}: accuracy {result[name]["accuracy"]:.4f}  loss {result[name]["loss"]:.4f}')

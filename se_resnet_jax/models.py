@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
+import ml_collections
 
 ModuleDef = Any
 Reduction = Optional[Union[int, Sequence[Optional[int]]]]
@@ -186,3 +187,42 @@ def create_model(name: str, **kwargs) -> SEResNet:
   if name not in MODELS:
     raise ValueError(f'Unknown model {name!r}; choose one of {", ".join(MODELS)}.')
   return MODELS[name](**kwargs)
+
+
+# The model spec: how a config names a network. Every module that builds, fingerprints or asks
+# "does it have SE?" goes through these, so the answers cannot drift apart.
+
+
+def has_se(name: str) -> bool:
+  """Whether the registered model `name` has SE blocks (the ResNet* baselines fix r=None)."""
+  return 'se_reduction' not in MODELS[name].keywords
+
+
+def model_se_reduction(config: ml_collections.ConfigDict) -> Reduction:
+  """The model's SE setting: per-stage ratios when given, else the global one (None: no SE)."""
+  if not has_se(config.model.name):
+    return None
+  if config.model.se_reductions:
+    return [r or None for r in config.model.se_reductions]
+  return config.model.se_reduction or None
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+  """bf16 with `half_precision` (parameters and optimizer state stay fp32), else fp32."""
+  return jnp.bfloat16 if config.half_precision else jnp.float32
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> SEResNet:
+  """The network `config.model` describes; SEResNet's own checks refuse impossible SE widths."""
+  kwargs = dict(num_classes=num_classes, num_filters=config.model.num_filters,
+                dropout_rate=config.model.dropout_rate, dtype=compute_dtype(config))
+  if has_se(config.model.name):
+    kwargs['se_reduction'] = model_se_reduction(config)
+  return create_model(config.model.name, **kwargs)
+
+
+def architecture(config: ml_collections.ConfigDict, num_classes: int) -> dict:
+  """What a checkpoint's weights depend on; a resume refuses a mismatch."""
+  se = model_se_reduction(config)
+  return dict(name=config.model.name, num_filters=config.model.num_filters,
+              se_reduction=list(se) if isinstance(se, list) else se, num_classes=num_classes)

@@ -13,20 +13,24 @@ TensorFlow nor scikit-learn (whose conventions they follow: see
 `split_report`). matplotlib is imported only when a picture is drawn, so
 importing this module stays cheap.
 
-Every file is written atomically (temporary file in the same directory, then
-`os.replace`), so a run killed mid-write leaves the previous report intact
-rather than a truncated `report.json`.
+Every file is written atomically (see `files`), so a run killed mid-write
+leaves the previous report intact rather than a truncated `report.json`.
 """
 
-import contextlib
 import json
-import math
 import os
-import sys
-import uuid
-from typing import IO, Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from se_resnet_jax.files import (
+    markdown_table,
+    pyplot,
+    save_figure,
+    to_jsonable,
+    write_json_atomic,
+    write_text,
+)
 
 # Splits a report may hold, in the order they are rendered.
 _SPLITS = ('validation', 'test')
@@ -149,83 +153,6 @@ def split_report(labels: np.ndarray, predictions: np.ndarray, losses: np.ndarray
   }
 
 
-def _to_jsonable(value: Any) -> Any:
-  """Converts a report (numpy scalars, tuples, NaN...) to strict JSON values.
-
-  Diverged runs produce NaN losses and configs may hold numpy scalars; strict
-  JSON readers (jq, browsers) reject NaN, so non-finite floats become null and
-  anything else unknown becomes its string form instead of failing the report.
-  """
-  if isinstance(value, Mapping):
-    return {str(k): _to_jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_to_jsonable(v) for v in value]
-  if isinstance(value, np.ndarray):
-    return _to_jsonable(value.tolist())
-  if isinstance(value, np.generic):
-    return _to_jsonable(value.item())
-  if isinstance(value, float):
-    return value if math.isfinite(value) else None
-  if value is None or isinstance(value, (bool, int, str)):
-    return value
-  return str(value)
-
-
-@contextlib.contextmanager
-def _atomic_open(path: str, mode: str = 'w') -> Iterator[IO[Any]]:
-  """Opens a temporary sibling of `path` that replaces `path` only once complete.
-
-  The temporary file lives in the same directory so `os.replace` is an atomic
-  rename; on any error it is removed and `path` is left untouched.
-  """
-  directory, name = os.path.split(os.path.abspath(path))
-  stem, ext = os.path.splitext(name)
-  # Same extension, so tools that sniff names see the right type; hidden and unique.
-  tmp_path = os.path.join(directory, f'.{stem}.{uuid.uuid4().hex}.tmp{ext}')
-  try:
-    with open(tmp_path, mode) as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp_path)
-    raise
-
-
-def write_json_atomic(path: str, value: Any) -> None:
-  """Strict JSON, replacing `path` only once fully written."""
-  with _atomic_open(path) as f:
-    json.dump(_to_jsonable(value), f, indent=2)
-    f.write('\n')
-
-
-def _pyplot() -> Any:
-  """Imports pyplot lazily on the headless Agg backend.
-
-  Lazily so importing the library never pays for matplotlib; Agg so reports
-  render on accelerator hosts without a display. If the caller already imported
-  pyplot (e.g. in a notebook) its backend is kept, because switching backends
-  closes the caller's open figures; saving to a file works on any backend.
-  """
-  import matplotlib
-  if 'matplotlib.pyplot' not in sys.modules:
-    matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  return plt
-
-
-def _save_figure(fig: Any, path: str) -> None:
-  """Writes `fig` as a PNG atomically and frees it (pyplot keeps figures alive)."""
-  plt = _pyplot()
-  try:
-    with _atomic_open(path, 'wb') as f:
-      fig.savefig(f, format='png', dpi=100, bbox_inches='tight')
-  finally:
-    plt.close(fig)
-
-
 def _tick_fontsize(num_classes: int) -> float:
   """Tick label size that keeps 10 classes readable and 100 classes from overlapping."""
   return 10.0 if num_classes <= _MAX_ANNOTATED_CLASSES else max(5.0, 10.0 - num_classes / 30)
@@ -252,7 +179,7 @@ def plot_learning_curves(history: Sequence[Mapping[str, Any]], path: str) -> Non
       and optionally "val_loss", "val_accuracy".
     path: PNG file to write.
   """
-  plt = _pyplot()
+  plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   for ax, metric in zip(axes, ('loss', 'accuracy')):
     for prefix, label, style in (('train', 'train', '-'), ('val', 'validation', 'o-')):
@@ -266,7 +193,7 @@ def plot_learning_curves(history: Sequence[Mapping[str, Any]], path: str) -> Non
     if ax.get_legend_handles_labels()[0]:
       ax.legend()
   fig.tight_layout()
-  _save_figure(fig, path)
+  save_figure(fig, path)
 
 
 def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str,
@@ -284,7 +211,7 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str,
     path: PNG file to write.
     title: figure title, e.g. naming the split.
   """
-  plt = _pyplot()
+  plt = pyplot()
   cm = np.asarray(cm, dtype=np.float64)
   num_classes = cm.shape[0]
   normalised = _safe_divide(cm, cm.sum(axis=1, keepdims=True))
@@ -306,7 +233,7 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str,
         ax.text(j, i, f'{value:.2f}', ha='center', va='center', fontsize=8,
                 color='white' if value > 0.5 else 'black')
   fig.tight_layout()
-  _save_figure(fig, path)
+  save_figure(fig, path)
 
 
 def plot_per_class_accuracy(per_class: Sequence[Mapping[str, Any]], path: str,
@@ -320,7 +247,7 @@ def plot_per_class_accuracy(per_class: Sequence[Mapping[str, Any]], path: str,
     path: PNG file to write.
     title: figure title, e.g. naming the split.
   """
-  plt = _pyplot()
+  plt = pyplot()
   names = [entry['class'] for entry in per_class]
   accuracies = [entry['accuracy'] for entry in per_class]
   num_classes = len(names)
@@ -340,19 +267,7 @@ def plot_per_class_accuracy(per_class: Sequence[Mapping[str, Any]], path: str,
   ax.set_title(title)
   ax.grid(axis='y', alpha=0.3)
   fig.tight_layout()
-  _save_figure(fig, path)
-
-
-def _md_cell(value: Any) -> str:
-  """A table cell; pipes would otherwise split the cell."""
-  return str(value).replace('|', '\\|')
-
-
-def _md_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> list[str]:
-  lines = ['| ' + ' | '.join(_md_cell(h) for h in header) + ' |',
-           '|' + '---|' * len(header)]
-  lines += ['| ' + ' | '.join(_md_cell(c) for c in row) + ' |' for row in rows]
-  return lines + ['']
+  save_figure(fig, path)
 
 
 def _pct(value: float) -> str:
@@ -379,10 +294,10 @@ def _split_section(title: str, split: Mapping[str, Any]) -> list[str]:
   macro = split['macro']
   rows.append(['**macro**', f"{macro['precision']:.4f}", f"{macro['recall']:.4f}",
                f"{macro['f1']:.4f}", '', split['num_examples']])
-  lines += _md_table(['Class', 'Precision', 'Recall', 'F1', 'Accuracy', 'Support'], rows)
+  lines += markdown_table(['Class', 'Precision', 'Recall', 'F1', 'Accuracy', 'Support'], rows)
   lines += [f'## {title}: confusion matrix', '',
             'Rows are true classes, columns predicted classes (counts).', '']
-  lines += _md_table(['true \\ predicted', *names],
+  lines += markdown_table(['true \\ predicted', *names],
                      [[f'**{name}**', *row] for name, row in zip(names, split['confusion_matrix'])])
   return lines
 
@@ -421,12 +336,12 @@ def write_markdown(report: Mapping[str, Any], path: str,
   splits = [(name, report[name]) for name in _SPLITS if name in report]
   if splits:
     lines += ['## Results', '']
-    lines += _md_table(['Split', 'Examples', 'Accuracy', 'Top-5 accuracy', 'Loss'],
+    lines += markdown_table(['Split', 'Examples', 'Accuracy', 'Top-5 accuracy', 'Loss'],
                        [[name, f"{s['num_examples']:,}", _pct(s['accuracy']),
                          _pct(s['top5_accuracy']), f"{s['loss']:.4f}"] for name, s in splits])
   if 'timing' in report:
     lines += ['## Timing', '']
-    lines += _md_table(['Measure', 'Value'], [[_TIMING_LABELS.get(k, k), _fmt(v)]
+    lines += markdown_table(['Measure', 'Value'], [[_TIMING_LABELS.get(k, k), _fmt(v)]
                                               for k, v in report['timing'].items()])
   if figures:
     lines += ['## Figures', '']
@@ -436,10 +351,9 @@ def write_markdown(report: Mapping[str, Any], path: str,
     lines += _split_section(name.capitalize(), split)
   if 'config' in report:
     lines += ['## Config', '', '```json',
-              json.dumps(_to_jsonable(report['config']), indent=2), '```', '']
+              json.dumps(to_jsonable(report['config']), indent=2), '```', '']
 
-  with _atomic_open(path) as f:
-    f.write('\n'.join(lines) + '\n')
+  write_text(path, lines)
 
 
 def write_report(workdir: str, report: Mapping[str, Any],

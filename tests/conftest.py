@@ -5,7 +5,6 @@ its resume). JAX's persistent compilation cache, pointed at a directory that liv
 session, lets the later runs load those programs instead of compiling them again.
 """
 
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -14,6 +13,8 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
+
+from se_resnet_jax.config import load_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS_DIR = os.path.join(REPO, 'configs')
@@ -27,15 +28,6 @@ if not jax.config.jax_compilation_cache_dir:  # respect a cache the caller alrea
 
 def pytest_unconfigure(config):
   shutil.rmtree(_CACHE_DIR, ignore_errors=True)
-
-
-def load_config_file(path: str):
-  """`get_config()` of a config file, loaded by path as `--config=path` would."""
-  name = 'config_under_test_' + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def random_variables(module, *args, seed=0, **kwargs):

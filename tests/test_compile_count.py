@@ -14,7 +14,7 @@ import warnings
 import jax
 import pytest
 
-from se_resnet_jax import train
+from se_resnet_jax import train, writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 4
@@ -32,7 +32,7 @@ def config(make_tiny_config):
 class LoopWatcher:
   """Counts compilations; between steps, forbids host-to-device copies and checks donation.
 
-  It stands in for the loop's progress hook, which `train_and_evaluate` calls right after each step.
+  It is a hook of `train_and_evaluate`, called right after each step with the new state.
   Before a step that follows another step of the same epoch with no logging in between, the guard
   is 'disallow', so any host-to-device copy made by that step raises. Epoch ends (permutation,
   evaluation, checkpoints) and logging run with the guard off: they may move scalars.
@@ -48,50 +48,44 @@ class LoopWatcher:
     if event == '/jax/core/compile/backend_compile_duration':  # a compile or a cache load
       self.compiled.append(kwargs.get('fun_name', '?'))
 
-  def eval_variables(self, state):
-    self.evaluated_state = state
-    return _eval_variables(state)
-
-  def hook(self, step):
+  def hook(self, step, state):
     if self.evaluated_state is not None and step % STEPS_PER_EPOCH == 1:
       leaves = jax.tree.leaves((self.evaluated_state.params, self.evaluated_state.opt_state,
                                 self.evaluated_state.batch_stats))
       assert all(x.is_deleted() for x in leaves), 'the train step did not donate its input state'
       self.donation_checked = True
+    if step % STEPS_PER_EPOCH == 0:  # the loop evaluates this very state, then donates it
+      self.evaluated_state = state
     guard = step % STEPS_PER_EPOCH and step % LOG_EVERY
     jax.config.update('jax_transfer_guard_host_to_device', 'disallow' if guard else 'allow')
     self.guarded_steps += bool(guard)
 
 
-_eval_variables = train.eval_variables
-
-
-def run_watched(config, workdir, monkeypatch) -> LoopWatcher:
+def run_watched(config, workdir) -> LoopWatcher:
   """train_and_evaluate from cold in-memory caches, with a LoopWatcher attached."""
   watcher = LoopWatcher()
-  monkeypatch.setattr(train, 'create_writer', lambda *a: (train._LogOnlyWriter(), [watcher.hook]))
-  monkeypatch.setattr(train, 'eval_variables', watcher.eval_variables)
   jax.clear_caches()  # else the second run would find the first run's small programs in memory
   jax.monitoring.register_event_duration_secs_listener(watcher.on_compile)
   try:
     with warnings.catch_warnings():
       warnings.filterwarnings('error', message='.*donated buffers were not usable.*')
-      train.train_and_evaluate(config, workdir)
+      train.train_and_evaluate(config, workdir, writer=writers.LogOnlyWriter(),
+                               hooks=[watcher.hook])
   finally:
     jax.monitoring.unregister_event_duration_listener(watcher.on_compile)
     jax.config.update('jax_transfer_guard_host_to_device', 'allow')
   return watcher
 
 
-def test_no_recompilation_no_copies_and_donation(config, tmp_path, monkeypatch):
+def test_no_recompilation_no_copies_and_donation(config, tmp_path):
   """One epoch and three epochs (steps, epoch boundaries, evaluations) compile the same programs.
 
   Counting programs obtained (compiled, or loaded from the persistent cache the test session may
   use) makes the comparison independent of caching: a program that only the longer run needs
   shows up as an extra entry.
   """
-  one = run_watched(config(1), str(tmp_path / 'one'), monkeypatch)
-  three = run_watched(config(3), str(tmp_path / 'three'), monkeypatch)
+  one = run_watched(config(1), str(tmp_path / 'one'))
+  three = run_watched(config(3), str(tmp_path / 'three'))
   assert sorted(three.compiled) == sorted(one.compiled), (
       f'compiled {len(one.compiled)} programs in 1 epoch but {len(three.compiled)} in 3')
   assert three.guarded_steps == 3 * (STEPS_PER_EPOCH // LOG_EVERY)

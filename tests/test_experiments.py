@@ -13,10 +13,12 @@ import sys
 
 import pytest
 from absl import flags
+from flax import traverse_util
 from ml_collections import config_flags
 
-from se_resnet_jax import input_pipeline, report, train
-from se_resnet_jax.config import ConfigError, base_config
+from se_resnet_jax import files, input_pipeline, train
+from se_resnet_jax.config import ConfigError, base_config, load_config_file
+from se_resnet_jax.errors import Preempted
 from se_resnet_jax.experiments import ablation, common, kfold, search
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +74,7 @@ class FakeTrainer:
   def __call__(self, config, workdir):
     self.calls.append((config, workdir))
     os.makedirs(workdir, exist_ok=True)
-    report.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
+    files.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
     if len(self.calls) == self.kill_on_call:
       raise Killed(workdir)
     val, test = self.metrics(config)
@@ -81,7 +83,7 @@ class FakeTrainer:
               'validation': {'accuracy': val, 'loss': 1 - val}}
     if config.evaluate_test:
       result['test'] = {'accuracy': test, 'loss': 1 - test}
-    report.write_json_atomic(os.path.join(workdir, 'report.json'), result)
+    files.write_json_atomic(os.path.join(workdir, 'report.json'), result)
     return result
 
   @property
@@ -139,7 +141,7 @@ def test_ablation_tables_picture_parameters_and_compilation_cache(tmp_path, cach
   # Same data, same seeds: the variants' configs differ from the full model's only where meant.
   def config_of(variant, seed):
     with open(os.path.join(workdir, variant, f'seed_{seed}', 'config.json')) as f:
-      return common.flatten(json.load(f))
+      return traverse_util.flatten_dict(json.load(f), sep='.')
 
   full = config_of('full', 1)
   assert {k for k, x in config_of('no_dropout', 1).items() if full[k] != x} == {
@@ -258,7 +260,7 @@ def test_two_stage_search_fixes_dropout_then_tunes_it(tmp_path, monkeypatch):
   assert_png(workdir / 'search.png')
 
   # The chosen config starts from the given file (num_epochs 7 there, 3 in the searched config).
-  chosen = common.load_config_file(result['chosen_config'])
+  chosen = load_config_file(result['chosen_config'])
   assert (chosen.num_epochs, chosen.model.se_reduction, chosen.model.dropout_rate) == (3, 2, 0.3)
   assert "BASE_CONFIG = '../base.py'" in (workdir / 'chosen_config.py').read_text()
 
@@ -335,7 +337,7 @@ def test_preempted_run_stops_the_experiment_with_advice(tmp_path, monkeypatch):
 
   def sigterm_at_step_5(config, workdir):
     calls.append(workdir)
-    return {'preempted': True, 'step': 5}
+    raise Preempted(5, workdir)
 
   monkeypatch.setattr(train, 'train_and_evaluate', sigterm_at_step_5)
   with pytest.raises(common.Preempted, match='step 5.*rerun the same command to resume'):

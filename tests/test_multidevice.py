@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from se_resnet_jax import config as config_lib, train
+from se_resnet_jax import config as config_lib, evaluation, steps, train
 from se_resnet_jax.checkpoints import RunCheckpoints
 
 assert jax.device_count() == 8, jax.devices()
@@ -53,14 +53,8 @@ summary = {'devices': result['device']['count'], 'step': result['step'],
            'test': report['test'], 'validation': report['validation']}
 
 # The state the loop checkpointed after 3 steps (momentum and BatchNorm statistics included).
-steps_per_epoch = 16  # 512 training images / 32
-model = train.build_model(config, 100)
-tx = train.create_optimizer(config, steps_per_epoch)
-abstract = jax.eval_shape(functools.partial(train.create_train_state, config, model, tx,
-                                            (32, 32, 3)))
 mesh8 = Mesh(np.array(jax.devices()), ('data',))
-target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                     sharding=NamedSharding(mesh8, P())), abstract)
+target = evaluation.abstract_train_state(config, 100, NamedSharding(mesh8, P()))
 ckpts = RunCheckpoints(workdir)
 state, _ = ckpts.restore(target)
 ckpts.close()
@@ -69,7 +63,7 @@ state = jax.device_get(state)
 rs = np.random.RandomState(0)
 images = rs.randint(0, 256, (32, 32, 32, 3)).astype(np.uint8)
 labels = rs.randint(0, 100, 32).astype(np.int32)
-step = jax.jit(functools.partial(train.train_step, config=config, mean=(0.5, 0.5, 0.5),
+step = jax.jit(functools.partial(steps.train_step, config=config, mean=(0.5, 0.5, 0.5),
                                  std=(0.25, 0.25, 0.25)))
 
 def one_step(devices):
@@ -78,7 +72,7 @@ def one_step(devices):
   x, y = jax.device_put(images, batch), jax.device_put(labels, batch)
   assert len(x.addressable_shards) == len(devices)
   new, metrics = step(jax.device_put(state, replicated),
-                      jax.device_put(train.TrainMetrics.empty(), replicated), x, y,
+                      jax.device_put(steps.Metrics.empty(), replicated), x, y,
                       jax.random.key(7))
   return float(metrics.compute()['loss']), jax.device_get(
       (new.params, new.batch_stats, new.opt_state))

@@ -17,8 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from se_resnet_jax import train
 from se_resnet_jax.checkpoints import RunCheckpoints
+from se_resnet_jax.evaluation import abstract_train_state
+from se_resnet_jax.models import architecture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 8  # (384 - 128 validation) / 32
@@ -103,15 +104,11 @@ def _restore(workdir: str, make_tiny_config) -> dict:
   (shapes only, nothing computed) placed on the first local device.
   """
   config = make_tiny_config(**SMALL)
-  model = train.build_model(config, config.synthetic.num_classes)
-  tx = train.create_optimizer(config, STEPS_PER_EPOCH)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        jax.eval_shape(lambda: train.create_train_state(config, model, tx,
-                                                                        (32, 32, 3))))
+  target = abstract_train_state(config, config.synthetic.num_classes,
+                                jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   ckpts = RunCheckpoints(workdir)
   try:
-    state, _ = ckpts.restore(target, architecture=train.architecture(config, 10))
+    state, _ = ckpts.restore(target, architecture=architecture(config, 10))
   finally:
     ckpts.close()
   return {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,

@@ -6,7 +6,6 @@ run must reproduce exactly. The resumed run reuses its compiled programs through
 cache that conftest.py sets up.
 """
 
-import functools
 import json
 import os
 import signal
@@ -22,8 +21,9 @@ from flax import traverse_util
 from jax.sharding import SingleDeviceSharding
 
 from se_resnet_jax import config as config_lib
-from se_resnet_jax import input_pipeline, train
+from se_resnet_jax import evaluation, input_pipeline, sharding, steps, train
 from se_resnet_jax.checkpoints import RunCheckpoints
+from se_resnet_jax.errors import Preempted
 from se_resnet_jax.models import ResidualBlock, SEResNet
 
 EPOCHS = 6
@@ -52,13 +52,8 @@ def _read_report(workdir):
 
 def _restore_latest(config, workdir, num_classes=10):
   """The latest checkpoint's TrainState, restored onto an abstract target (no initialisation)."""
-  model = train.build_model(config, num_classes)
-  tx = train.create_optimizer(config, STEPS_PER_EPOCH)
-  abstract = jax.eval_shape(functools.partial(train.create_train_state, config, model, tx,
-                                              (32, 32, 3)))
-  device = SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                        abstract)
+  target = evaluation.abstract_train_state(config, num_classes,
+                                           SingleDeviceSharding(jax.devices()[0]))
   ckpts = RunCheckpoints(workdir)
   try:
     return ckpts.restore(target)
@@ -109,27 +104,20 @@ def test_run_writes_report_checkpoints_and_tensorboard_events(reference_run):
     assert tag in content, tag
 
 
-def test_interrupted_and_resumed_run_matches_uninterrupted(reference_run, tmp_path, monkeypatch):
-  """SIGTERM mid-epoch: the loop checkpoints and returns; the rerun finishes bit for bit alike."""
+def test_interrupted_and_resumed_run_matches_uninterrupted(reference_run, tmp_path):
+  """SIGTERM mid-epoch: the loop checkpoints and stops; the rerun finishes bit for bit alike."""
   config, reference_dir, reference = reference_run
   workdir = str(tmp_path / 'interrupted')
-  create_writer = train.create_writer
 
-  def writer_with_a_kill(workdir, total_steps):
-    writer, hooks = create_writer(workdir, total_steps)
+  def kill(step, state):
+    if step == INTERRUPT_AT:
+      # only with the loop's handler in place: the default action would end pytest itself
+      assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+      os.kill(os.getpid(), signal.SIGTERM)
 
-    def kill(step):
-      if step == INTERRUPT_AT:
-        # only with the loop's handler in place: the default action would end pytest itself
-        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    return writer, hooks + [kill]
-
-  with monkeypatch.context() as patch:
-    patch.setattr(train, 'create_writer', writer_with_a_kill)
-    stopped = train.train_and_evaluate(config, workdir)
-  assert stopped == {'preempted': True, 'step': INTERRUPT_AT}
+  with pytest.raises(Preempted) as stopped:
+    train.train_and_evaluate(config, workdir, hooks=[kill])
+  assert (stopped.value.step, stopped.value.workdir) == (INTERRUPT_AT, workdir)
   assert not os.path.exists(os.path.join(workdir, 'report.json'))
   assert str(INTERRUPT_AT) in os.listdir(os.path.join(workdir, 'checkpoints'))
 
@@ -179,7 +167,7 @@ def test_shard_eval_split_pads_and_masks_the_last_batch():
   split = input_pipeline.Split(rs.randint(0, 256, (50, 4, 4, 3)).astype(np.uint8),
                                np.arange(50, dtype=np.int32))
   mesh = jax.make_mesh((1,), ('data',))
-  images, labels, mask = (np.asarray(a) for a in train.shard_eval_split(split, mesh, 16))
+  images, labels, mask = (np.asarray(a) for a in sharding.shard_eval_split(split, mesh, 16))
   assert images.shape == (4, 16, 4, 4, 3) and labels.shape == mask.shape == (4, 16)
   assert mask.sum() == 50
   np.testing.assert_array_equal(labels.reshape(-1)[mask.reshape(-1)], split.labels)
@@ -203,9 +191,9 @@ def test_evaluate_returns_each_example_once_and_averages_over_real_examples():
   config = config_lib.base_config()
   model, mean, std = _Linear(), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
-  chunks = train.shard_eval_split(split, jax.make_mesh((1,), ('data',)), 16)
-  metrics, (pred, in_top5, losses) = train.evaluate(
-      train.make_eval_step(config, model, mean, std), variables, chunks)
+  chunks = sharding.shard_eval_split(split, jax.make_mesh((1,), ('data',)), 16)
+  metrics, (pred, in_top5, losses) = evaluation.evaluate(
+      steps.make_eval_step(config, model, mean, std), variables, chunks)
 
   x = (split.images / 255.0 - np.array(mean)) / np.array(std)
   logits = np.asarray(model.apply(variables, jnp.asarray(x, jnp.float32)))
@@ -238,7 +226,7 @@ def test_weight_decay_skips_batchnorm_and_biases():
   model = SEResNet(stage_sizes=(1, 1), block_cls=ResidualBlock, num_classes=3, num_filters=4,
                    se_reduction=2)
   params = random_variables(model, jnp.zeros((1, 8, 8, 3)), train=False)['params']
-  tx = train.create_optimizer(config, steps_per_epoch=10)
+  tx = steps.create_optimizer(config, steps.create_learning_rate_schedule(config, 10))
 
   @jax.jit  # one program, not one compile per parameter shape
   def step(params):
@@ -258,7 +246,7 @@ def test_weight_decay_skips_batchnorm_and_biases():
 
 
 def test_cosine_schedule_with_warmup():
-  schedule = train.create_learning_rate_schedule(
+  schedule = steps.create_learning_rate_schedule(
       _schedule_config(schedule='cosine', warmup_epochs=1.0), steps_per_epoch=10)
   # linear warmup over 10 steps, then cosine over the remaining 90
   for step, lr in ((0, 0.0), (5, 0.05), (10, 0.1), (55, 0.05), (100, 0.0)):
@@ -268,7 +256,7 @@ def test_cosine_schedule_with_warmup():
 
 @pytest.mark.parametrize('warmup_epochs', [0.0, 1.0])
 def test_multistep_schedule_decays_at_the_epochs_given(warmup_epochs):
-  schedule = train.create_learning_rate_schedule(
+  schedule = steps.create_learning_rate_schedule(
       _schedule_config(schedule='multistep', warmup_epochs=warmup_epochs, lr_decay_epochs=(5, 8),
                        lr_decay_factor=0.1), steps_per_epoch=10)
   expected = {49: 0.1, 50: 0.01, 79: 0.01, 80: 0.001, 99: 0.001}
@@ -281,7 +269,7 @@ def test_multistep_schedule_decays_at_the_epochs_given(warmup_epochs):
 
 
 def test_onecycle_schedule():
-  schedule = train.create_learning_rate_schedule(
+  schedule = steps.create_learning_rate_schedule(
       _schedule_config(schedule='onecycle', warmup_epochs=3.0), steps_per_epoch=10)
   # optax's one-cycle: from lr/25 up to lr at 30% of the 100 steps, then down to lr/25/1e4
   assert float(schedule(0)) == pytest.approx(0.1 / 25, rel=1e-5)

@@ -16,10 +16,10 @@ from typing import Optional, Sequence
 import ml_collections
 from absl import app, flags
 
-from se_resnet_jax import cli, report
-from se_resnet_jax.config import ConfigError
+from se_resnet_jax import cli, files
+from se_resnet_jax.errors import ConfigError
 from se_resnet_jax.experiments import common
-from se_resnet_jax.models import MODELS
+from se_resnet_jax.models import MODELS, has_se
 
 VARIANTS = ('full', 'no_se', 'no_dropout', 'no_augmentation')
 ALL_OFF = 'all_off'
@@ -33,7 +33,7 @@ DESCRIPTIONS = {
 
 
 def _without_se(name: str) -> str:
-  if not name.startswith('SE') or name[2:] not in MODELS:
+  if not has_se(name) or name[2:] not in MODELS:  # SEResNet18 -> ResNet18
     raise ConfigError(f'model.name={name!r} has no SE blocks to remove; the ablation needs an SE '
                       'model such as SEResNet18.')
   return name[2:]
@@ -42,7 +42,7 @@ def _without_se(name: str) -> str:
 def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
   """The config of one ablation variant: the given config with one (or every) part switched off."""
   if variant not in DESCRIPTIONS:
-    raise ValueError(f'Unknown ablation variant {variant!r}; choose from '
+    raise ConfigError(f'Unknown ablation variant {variant!r}; choose from '
                      f'{", ".join(DESCRIPTIONS)}.')
   values = {}
   if variant in ('no_se', ALL_OFF):
@@ -61,7 +61,7 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: int = 3
   Returns the content of ablation.json. Every config is checked before anything trains.
   """
   if seeds < 1:
-    raise ValueError(f'seeds must be >= 1, got {seeds}.')
+    raise ConfigError(f'seeds must be >= 1, got {seeds}.')
   variants = ['full'] + [v for v in dict.fromkeys(variants) if v != 'full']
   seed_list = [config.seed + i for i in range(seeds)]
   configs = {v: variant_config(config, v) for v in variants}
@@ -96,7 +96,7 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: int = 3
 
 def write_outputs(workdir: str, result: dict) -> None:
   """ablation.json, ablation.md and ablation.png (bars with std error bars)."""
-  report.write_json_atomic(os.path.join(workdir, 'ablation.json'), result)
+  files.write_json_atomic(os.path.join(workdir, 'ablation.json'), result)
   split, seeds, variants = result['split'], result['seeds'], result['variants']
   label = split.capitalize()
   lines = ['# Ablation', '',
@@ -114,18 +114,18 @@ def write_outputs(workdir: str, result: dict) -> None:
         '' if is_full else common.fmt(v['accuracy_delta'], 100, 2, signed=True),
         common.fmt(v['loss']), '' if is_full else common.fmt(v['loss_delta'], signed=True),
         common.fmt(v['validation_accuracy'], 100, 2)])
-  lines += common.markdown_table(
+  lines += files.markdown_table(
       ['Variant', 'Parameters', 'Δ parameters', f'{label} accuracy (%)', 'Δ accuracy',
        f'{label} loss', 'Δ loss', 'Validation accuracy (%)'], rows)
   lines += ['![Ablation](ablation.png)', '', '## Variants', '']
   lines += [f'- `{v["name"]}`: {v["description"]}' for v in variants] + ['', '## Runs', '']
-  lines += common.markdown_table(
+  lines += files.markdown_table(
       ['Variant', 'Seed', f'{label} accuracy (%)', f'{label} loss', 'Validation accuracy (%)',
        'Best epoch', 'Epochs'],
       [[f'`{v["name"]}`', r['seed'], f'{100 * r[split]["accuracy"]:.2f}',
         f'{r[split]["loss"]:.4f}', f'{100 * r["validation"]["accuracy"]:.2f}',
         r['best_epoch'], r['epochs_completed']] for v in variants for r in v['runs']])
-  common.write_text(os.path.join(workdir, 'ablation.md'), lines)
+  files.write_text(os.path.join(workdir, 'ablation.md'), lines)
   common.bar_chart(
       os.path.join(workdir, 'ablation.png'), [v['name'] for v in variants],
       [(f'{label} accuracy (%)', [100 * v['accuracy']['mean'] for v in variants],

@@ -7,7 +7,6 @@ experiment is rerun, while finished runs are read back instead of being trained 
 
 import collections
 import contextlib
-import importlib.util
 import json
 import os
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -17,11 +16,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags, logging
+from flax import traverse_util
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 from ml_collections import config_flags
 
-from se_resnet_jax import cli, report, train
-from se_resnet_jax.config import ConfigError, flatten, validate_config
+from se_resnet_jax import cli, files, train
+from se_resnet_jax.config import validate_config
+from se_resnet_jax.errors import ConfigError, Preempted, UserError
+from se_resnet_jax.models import build_model, has_se
 
 REPORT = 'report.json'
 CACHE_SUBDIR = 'jax_cache'
@@ -29,13 +31,11 @@ _CACHE_OPTIONS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile
                   'jax_persistent_cache_min_entry_size_bytes')
 
 
-class Preempted(RuntimeError):
-  """A run saved a checkpoint and stopped on SIGTERM; rerunning the command resumes it."""
+__all__ = ['Preempted']  # raised by `run` when a run stops on SIGTERM, as train raises it
 
 
-class RunConflictError(ValueError):
+class RunConflictError(UserError):
   """A run directory holds a run made with other settings; the message says what to do."""
-
 
 
 @contextlib.contextmanager
@@ -84,7 +84,7 @@ def _cache_counts() -> tuple[int, int]:
 
 def _comparable(config_dict: dict) -> dict:
   """A config as report.json / config.json hold it (tuples become lists), flattened."""
-  return flatten(json.loads(json.dumps(config_dict)))
+  return traverse_util.flatten_dict(json.loads(json.dumps(config_dict)), sep='.')
 
 
 def _check_same_config(saved: Optional[dict], config: ml_collections.ConfigDict,
@@ -124,10 +124,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   _check_same_config(_read_json(os.path.join(run_dir, 'config.json')), config, run_dir)
   requests, hits = _cache_counts()
   logging.info('Training %s (resuming from its checkpoints if it has any).', run_dir)
-  result = train.train_and_evaluate(config, run_dir)
-  if result.get('preempted'):
-    raise Preempted(f'Stopped by SIGTERM during {run_dir} (checkpoint saved at step '
-                    f'{result.get("step")}); rerun the same command to resume.')
+  result = train.train_and_evaluate(config, run_dir)  # raises Preempted on SIGTERM: no further run
   now_requests, now_hits = _cache_counts()
   cache = {'requests': now_requests - requests, 'hits': now_hits - hits}
   cache['misses'] = cache['requests'] - cache['hits']
@@ -161,7 +158,7 @@ def validate_all(configs: Sequence[ml_collections.ConfigDict]) -> None:
 
 def check_reduction_settable(config: ml_collections.ConfigDict) -> None:
   """The model's SE reduction ratio must come from model.se_reduction for a search to set it."""
-  if not config.model.name.startswith('SE'):
+  if not has_se(config.model.name):
     raise ConfigError(f'model.name={config.model.name!r} has no SE blocks, so the reduction ratio '
                       'does nothing; use an SE model such as SEResNet18.')
   if config.model.se_reductions:
@@ -170,17 +167,9 @@ def check_reduction_settable(config: ml_collections.ConfigDict) -> None:
                       'model.se_reductions to () in the config.')
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file, loaded by path as --config=path loads it."""
-  spec = importlib.util.spec_from_file_location('experiment_base_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def count_parameters(config: ml_collections.ConfigDict, num_classes: int) -> int:
   """Parameters of the config's model, from shapes alone (jax.eval_shape computes nothing)."""
-  model = train.build_model(config, num_classes)
+  model = build_model(config, num_classes)
   image = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)  # the count does not depend on H, W
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), image)
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables['params']))
@@ -199,33 +188,9 @@ def fmt(stats: dict, scale: float = 1.0, decimals: int = 4, signed: bool = False
   return f'{scale * stats["mean"]:{sign}.{decimals}f} ± {scale * stats["std"]:.{decimals}f}'
 
 
-def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> list:
-  """Lines of a GitHub Markdown table, columns of numbers right-aligned."""
-  columns = [[c for c in column if c != ''] for column in zip(*rows)]
-  align = ['---:' if column and all(_numeric(c) for c in column) else '---' for column in columns]
-  cell = lambda v: str(v).replace('|', '\\|')
-  return (['| ' + ' | '.join(cell(h) for h in header) + ' |', '|' + '|'.join(align) + '|']
-          + ['| ' + ' | '.join(cell(c) for c in row) + ' |' for row in rows] + [''])
-
-
-def _numeric(cell: Any) -> bool:
-  head = str(cell).strip('*').split(' ')[0].replace(',', '').replace('%', '')
-  try:
-    float(head)
-  except ValueError:
-    return False
-  return True
-
-
-def write_text(path: str, lines: Sequence[str]) -> None:
-  """Replaces `path` atomically, so an interrupted write never leaves half a table."""
-  with report._atomic_open(path) as f:
-    f.write('\n'.join(lines) + '\n')
-
-
 def bar_chart(path: str, labels: Sequence[str], panels: Sequence[tuple], title: str) -> None:
   """Side-by-side bar panels with error bars; `panels` holds (ylabel, means, stds) tuples."""
-  plt = report._pyplot()
+  plt = files.pyplot()
   fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 1.2 * len(labels)) * len(panels), 4),
                            squeeze=False)
   x = np.arange(len(labels))
@@ -238,7 +203,7 @@ def bar_chart(path: str, labels: Sequence[str], panels: Sequence[tuple], title: 
     ax.grid(axis='y', alpha=0.3)
   fig.suptitle(title)
   fig.tight_layout()
-  report._save_figure(fig, path)
+  files.save_figure(fig, path)
 
 
 def setting_name(reduction: int, dropout: float) -> str:

@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import ml_collections
 from absl import app, flags
 
-from se_resnet_jax import cli, report
+from se_resnet_jax import cli, files
+from se_resnet_jax.errors import ConfigError
 from se_resnet_jax.experiments import common
 
 
@@ -27,7 +28,7 @@ def parse_settings(text: str) -> list:
       r, p = item.split(':')
       settings.append((int(r), float(p)))
     except ValueError:
-      raise ValueError(f'Bad setting {item!r} in --settings={text!r}: write reduction:dropout '
+      raise ConfigError(f'Bad setting {item!r} in --settings={text!r}: write reduction:dropout '
                        'pairs separated by commas, e.g. 16:0.5,8:0.3.') from None
   return settings
 
@@ -48,7 +49,7 @@ def run_kfold(config: ml_collections.ConfigDict, workdir: str, folds: int = 5,
   `settings` are (reduction, dropout) pairs; default: the config's own.
   """
   if folds < 2:
-    raise ValueError(f'folds must be >= 2, got {folds}.')
+    raise ConfigError(f'folds must be >= 2, got {folds}.')
   settings = list(dict.fromkeys(settings or [(config.model.se_reduction,
                                               config.model.dropout_rate)]))
   common.check_reduction_settable(config)
@@ -68,7 +69,7 @@ def run_kfold(config: ml_collections.ConfigDict, workdir: str, folds: int = 5,
   rows.sort(key=lambda row: (-row['accuracy']['mean'], row['loss']['mean']))
   result = {'folds': folds, 'validation_seed': config.validation_seed, 'config': config.to_dict(),
             'settings': rows}
-  report.write_json_atomic(os.path.join(workdir, 'kfold.json'), result)
+  files.write_json_atomic(os.path.join(workdir, 'kfold.json'), result)
   write_outputs(workdir, result)
   return result
 
@@ -82,14 +83,14 @@ def write_outputs(workdir: str, result: dict) -> None:
            f'{result["validation_seed"]}); each setting trains {folds} times, validating on one '
            'fold each time. Mean ± sample std over folds, best first; the test set is not used.',
            '']
-  lines += common.markdown_table(
+  lines += files.markdown_table(
       ['Rank', 'r', 'Dropout', 'Validation accuracy (%)', 'Validation loss',
        *[f'Fold {f} (%)' for f in range(folds)]],
       [[i + 1, row['reduction'], f'{row["dropout"]:g}', common.fmt(row['accuracy'], 100, 2),
         common.fmt(row['loss']), *[f'{100 * x["validation"]["accuracy"]:.2f}'
                                    for x in row['runs']]] for i, row in enumerate(rows)])
   lines += ['![k-fold validation accuracy](kfold.png)']
-  common.write_text(os.path.join(workdir, 'kfold.md'), lines)
+  files.write_text(os.path.join(workdir, 'kfold.md'), lines)
   common.bar_chart(os.path.join(workdir, 'kfold.png'), names,
                    [('validation accuracy (%)', [100 * row['accuracy']['mean'] for row in rows],
                      [100 * row['accuracy']['std'] for row in rows])],

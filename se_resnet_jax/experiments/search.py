@@ -17,10 +17,12 @@ from typing import Optional, Sequence
 import ml_collections
 import numpy as np
 from absl import app, flags
+from flax import traverse_util
 from ml_collections import config_flags
 
-from se_resnet_jax import cli, report
-from se_resnet_jax.config import base_config
+from se_resnet_jax import cli, files
+from se_resnet_jax.config import base_config, load_config_file
+from se_resnet_jax.errors import ConfigError
 from se_resnet_jax.experiments import common
 
 REDUCTIONS = (8, 16, 32)  # the study's grid
@@ -60,10 +62,10 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, mode: str = 'gri
   fields `config` changes), else from base_config().
   """
   if mode not in MODES:
-    raise ValueError(f'Unknown search mode {mode!r}; choose one of {", ".join(MODES)}.')
+    raise ConfigError(f'Unknown search mode {mode!r}; choose one of {", ".join(MODES)}.')
   reductions, dropouts = list(dict.fromkeys(reductions)), list(dict.fromkeys(dropouts))
   if not reductions or not dropouts:
-    raise ValueError('The search needs at least one reduction ratio and one dropout rate.')
+    raise ConfigError('The search needs at least one reduction ratio and one dropout rate.')
   common.check_reduction_settable(config)
   axis_dropouts = sorted(set(dropouts) | ({stage1_dropout} if mode == 'two_stage' else set()))
   common.validate_all([cell_config(config, r, p, report_test)
@@ -103,7 +105,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, mode: str = 'gri
                          '--checkpoint=best --split=test',
       'kfold_top3': f'python -m se_resnet_jax.experiments.kfold --config={chosen_path} '
                     f'--workdir={workdir.rstrip("/")}_kfold --folds=5 --settings={top3}'}
-  report.write_json_atomic(os.path.join(workdir, 'search.json'), result)
+  files.write_json_atomic(os.path.join(workdir, 'search.json'), result)
   write_outputs(workdir, result, axis_dropouts)
   return result
 
@@ -123,7 +125,7 @@ def write_outputs(workdir: str, result: dict, axis_dropouts: Sequence[float]) ->
   lines = ['# Hyperparameter search', '',
            f'Mode: {mode}. Choice: {SELECTION}; the test set plays no part.', '',
            '## Validation accuracy (%), r by dropout', '']
-  lines += common.markdown_table(['r \\ dropout', *[f'{p:g}' for p in axis_dropouts]],
+  lines += files.markdown_table(['r \\ dropout', *[f'{p:g}' for p in axis_dropouts]],
                                  [[f'**{r}**', *[cell(r, p) for p in axis_dropouts]]
                                   for r in reductions])
   lines += ['![Validation accuracy](search.png)', '', '## Runs', '']
@@ -131,7 +133,7 @@ def write_outputs(workdir: str, result: dict, axis_dropouts: Sequence[float]) ->
   header = ['r', 'dropout', *(['Stage'] if two_stage else []),
             'Validation accuracy (%)', 'Validation loss', 'Best epoch', 'Epochs',
             *(['Test accuracy (%, not used)'] if has_test else [])]
-  lines += common.markdown_table(header, [
+  lines += files.markdown_table(header, [
       [r['reduction'], f'{r["dropout"]:g}', *([r['stage']] if two_stage else []),
        f'{100 * r["validation"]["accuracy"]:.2f}', f'{r["validation"]["loss"]:.4f}',
        r['best_epoch'], r['epochs_completed'],
@@ -148,7 +150,7 @@ def write_outputs(workdir: str, result: dict, axis_dropouts: Sequence[float]) ->
             result['commands']['test_chosen_run'],
             '# or cross-validate the best three settings:',
             result['commands']['kfold_top3'], '```']
-  common.write_text(os.path.join(workdir, 'search.md'), lines)
+  files.write_text(os.path.join(workdir, 'search.md'), lines)
   plot_heat_map(os.path.join(workdir, 'search.png'), reductions, axis_dropouts, by_cell, key,
                 'Two-stage' if two_stage else 'Grid')
 
@@ -156,7 +158,7 @@ def write_outputs(workdir: str, result: dict, axis_dropouts: Sequence[float]) ->
 def plot_heat_map(path: str, reductions: Sequence[int], dropouts: Sequence[float],
                   by_cell: dict, chosen: tuple, mode: str) -> None:
   """r x dropout validation accuracy, cells not run left blank, the chosen one outlined."""
-  plt = report._pyplot()
+  plt = files.pyplot()
   grid = np.full((len(reductions), len(dropouts)), np.nan)
   for (r, p), run in by_cell.items():
     grid[reductions.index(r), list(dropouts).index(p)] = 100 * run['validation']['accuracy']
@@ -176,7 +178,7 @@ def plot_heat_map(path: str, reductions: Sequence[int], dropouts: Sequence[float
   fig.colorbar(image, ax=ax, label='validation accuracy (%)')
   ax.set_title(f'{mode} search: validation accuracy (chosen: red)')
   fig.tight_layout()
-  report._save_figure(fig, path)
+  files.save_figure(fig, path)
 
 
 def write_config_file(path: str, config: ml_collections.ConfigDict, chosen: dict,
@@ -187,8 +189,9 @@ def write_config_file(path: str, config: ml_collections.ConfigDict, chosen: dict
   the root (a repository's configs/ and runs/), so the pair can move together; else by its
   absolute path.
   """
-  base = common.load_config_file(config_file) if config_file else base_config()
-  base_flat, flat = common.flatten(base.to_dict()), common.flatten(config.to_dict())
+  base = load_config_file(config_file) if config_file else base_config()
+  base_flat = traverse_util.flatten_dict(base.to_dict(), sep='.')
+  flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
   overrides = {k: v for k, v in flat.items() if base_flat.get(k) != v}
   overrides.update(chosen)
   lines = [f'"""Settings chosen by {source}:', ', '.join(f'{k}={v}' for k, v in chosen.items()),
@@ -214,7 +217,7 @@ def write_config_file(path: str, config: ml_collections.ConfigDict, chosen: dict
   else:
     lines += ['  config = base_config()']
   lines += ['  config.update_from_flattened_dict(OVERRIDES)', '  return config']
-  common.write_text(path, lines)
+  files.write_text(path, lines)
 
 
 def define_flags() -> None:
@@ -235,7 +238,7 @@ def _numbers(flag: str, kind: type) -> list:
   try:
     return [kind(v) for v in values]
   except ValueError:
-    raise ValueError(f'--{flag} takes comma-separated {kind.__name__} values, got '
+    raise ConfigError(f'--{flag} takes comma-separated {kind.__name__} values, got '
                      f'{",".join(values)!r}.') from None
 
 

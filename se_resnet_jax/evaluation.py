@@ -1,0 +1,187 @@
+"""Evaluating weights: a split's metrics, the final report's content, inference timing, and a
+finished run's weights restored without its data or optimizer.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from se_resnet_jax import input_pipeline, report
+from se_resnet_jax.checkpoints import CheckpointError, RunCheckpoints
+from se_resnet_jax.config import DATASETS, base_config, validate_config
+from se_resnet_jax.errors import ConfigError
+from se_resnet_jax.models import SEResNet, architecture, build_model
+from se_resnet_jax.sharding import data_mesh, shard_eval_split, to_host
+from se_resnet_jax.steps import (
+    TrainState,
+    create_learning_rate_schedule,
+    create_optimizer,
+    create_train_state,
+)
+
+
+def evaluate(eval_step, variables: dict, chunks: tuple) -> tuple:
+  """({'loss', 'accuracy'}, per-example (predictions, in_top5, losses)) over a padded split."""
+  images, labels, mask = chunks
+  total, outputs = None, []
+  for i in range(images.shape[0]):
+    m, *per_example = eval_step(variables, images[i], labels[i], mask[i])
+    total = m if total is None else total.merge(m)
+    outputs.append(per_example)
+  keep = to_host(mask).reshape(-1)
+  per_example = [np.concatenate([to_host(o[k]) for o in outputs])[keep] for k in range(3)]
+  return total.scalars(), per_example
+
+
+def eval_variables(state: TrainState) -> dict:
+  """The weights to evaluate: the EMA of the parameters when it is kept, else the parameters."""
+  return {'params': state.ema_params or state.params, 'batch_stats': state.batch_stats}
+
+
+def measure_inference(model: SEResNet, variables: dict, image_shape: tuple, batch_size: int,
+                      repeats: int = 10) -> dict:
+  """Images/s at `batch_size` and latency at batch 1, both after compilation."""
+  apply = jax.jit(functools.partial(model.apply, train=False))
+  figures = {}
+  for batch in (batch_size, 1):
+    x = jnp.zeros((batch,) + image_shape, model.dtype)
+    apply(variables, x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      apply(variables, x).block_until_ready()
+      times.append(time.perf_counter() - start)
+    figures[batch] = float(np.median(times))
+  return {'inference_images_per_s': batch_size / figures[batch_size],
+          'inference_batch_size': batch_size,
+          'inference_latency_ms_batch1': 1000 * figures[1]}
+
+
+def final_report(config: ml_collections.ConfigDict, data: input_pipeline.Dataset, model: SEResNet,
+                 variables: dict, step: int, meta: dict, eval_step, mesh: jax.sharding.Mesh,
+                 compile_s: Optional[float] = None,
+                 splits: Sequence[str] = ('validation', 'test')) -> dict:
+  """Metrics of `variables` on `splits`, with timings: the report's content.
+
+  `meta` is the run's record as its checkpoints hold it (epoch, best_epoch, history, early
+  stopping), so a report of a restored checkpoint reads the same fields as the loop's.
+  """
+  result = {'config': config.to_dict(), 'dataset': data.name, 'class_names': list(data.class_names),
+            'device': {'platform': jax.devices()[0].platform,
+                       'kind': jax.devices()[0].device_kind, 'count': jax.device_count()},
+            'epochs_completed': meta['epoch'], 'best_epoch': meta['best_epoch'], 'step': step}
+  for name in splits:
+    split = getattr(data, name)
+    if split is None:
+      continue
+    chunks = shard_eval_split(split, mesh, config.eval_batch_size)
+    _, (pred, in_top5, loss) = evaluate(eval_step, variables, chunks)
+    result[name] = report.split_report(split.labels, pred, loss, in_top5, data.class_names)
+  rows = meta['history']
+  timing = {'device_kind': jax.devices()[0].device_kind}
+  if compile_s is not None:
+    timing['compile_s'] = compile_s
+  if rows:
+    timed = rows[1:] or rows  # the first epoch includes warm-up
+    timing['train_time_per_epoch_s'] = float(np.mean([r['epoch_time_s'] for r in timed]))
+    timing['train_images_per_s'] = float(np.mean([r['train_images_per_s'] for r in timed]))
+  if config.measure_inference:
+    timing.update(measure_inference(model, variables, data.train.images.shape[1:],
+                                    config.eval_batch_size))
+  result['timing'] = timing
+  if config.early_stopping.enabled:
+    result['early_stopping'] = {'stopped_epoch': meta['stopped_epoch'],
+                                'best_epoch': meta['best_epoch'],
+                                'monitor': config.early_stopping.monitor,
+                                'best_value': meta['es_best']}
+  return result
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int,
+                         sharding: jax.sharding.Sharding,
+                         image_shape: tuple = (32, 32, 3)) -> TrainState:
+  """A TrainState of shapes only, placed with `sharding`: a restore target that costs nothing.
+
+  `jax.eval_shape` traces the initialiser without compiling or running it. The optimizer state's
+  structure does not depend on the schedule's length, so one step per epoch stands in for it.
+  """
+  model = build_model(config, num_classes)
+  tx = create_optimizer(config, create_learning_rate_schedule(config, steps_per_epoch=1))
+  shapes = jax.eval_shape(functools.partial(create_train_state, config, model, tx, image_shape))
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with, on top of today's defaults (for fields added since)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise ConfigError(f'{path} not found: is {workdir!r} a training workdir? Pass --config=<the '
+                      'config file the run used> if it was made by an older version.')
+  with open(path) as f:
+    saved = json.load(f)
+  config = base_config()
+  config.update_from_flattened_dict(
+      {k: tuple(v) if isinstance(v, list) else v
+       for k, v in traverse_util.flatten_dict(saved, sep='.').items()})
+  return config
+
+
+def _num_classes(config: ml_collections.ConfigDict) -> int:
+  """The class count the config implies; arrays from --config.npz_path say it themselves."""
+  if config.dataset == 'synthetic':
+    return config.synthetic.num_classes
+  if config.npz_path:
+    return input_pipeline.load_dataset(config).num_classes
+  if config.dataset == 'cifar100' and config.label_key == 'coarse_label':
+    return 20
+  return DATASETS[config.dataset]
+
+
+@dataclasses.dataclass
+class RestoredRun:
+  config: ml_collections.ConfigDict
+  model: SEResNet
+  variables: dict  # the evaluated weights: see eval_variables
+  step: int
+  meta: dict  # the run's record at that step: epoch, best_epoch, history, ...
+
+
+def restore_run(workdir: str, which: str = 'best',
+                config: Optional[ml_collections.ConfigDict] = None) -> RestoredRun:
+  """A run's weights at checkpoint `which` ('best', 'latest' or a step number).
+
+  The config is the run's own (workdir/config.json) unless given. Nothing is compiled and no data
+  is read: the restore target comes from `abstract_train_state`, replicated over all devices.
+  Runs without a validation split keep no best checkpoint: 'best' then means the latest.
+  """
+  if which not in ('best', 'latest') and not which.isdigit():
+    raise CheckpointError(f"--checkpoint must be 'best', 'latest' or a step number, got "
+                          f'{which!r}.')
+  if not os.path.isdir(workdir):
+    raise CheckpointError(f'Workdir {workdir!r} does not exist.')
+  config = config or load_run_config(workdir)
+  validate_config(config, jax.device_count())
+  num_classes = _num_classes(config)
+  target = abstract_train_state(config, num_classes, NamedSharding(data_mesh(), P()))
+  ckpts = RunCheckpoints(workdir)
+  try:
+    manager, step = (which, None) if not which.isdigit() else ('latest', int(which))
+    if which == 'best' and ckpts.latest_step('best') is None:
+      manager = 'latest'
+    state, meta = ckpts.restore(target, which=manager, step=step,
+                                architecture=architecture(config, num_classes))
+  finally:
+    ckpts.close()
+  return RestoredRun(config, build_model(config, num_classes), eval_variables(state),
+                     int(state.step), meta)

@@ -1,0 +1,173 @@
+"""What one compiled step computes: the train state, loss, metrics, optimizer and schedule, and
+the train and eval steps.
+
+Batch order, augmentation and dropout are pure functions of (seed, step), so a resumed run repeats
+an uninterrupted one exactly. BatchNorm statistics and gradients are over the global batch: XLA
+inserts the cross-device reductions, so the same code runs on one device or a pod slice.
+"""
+
+import functools
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from clu import metrics
+from flax.training import train_state
+from jax.sharding import NamedSharding
+
+from se_resnet_jax import augment
+from se_resnet_jax.models import SEResNet, compute_dtype
+from se_resnet_jax.sharding import sample_batch
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any = None
+  ema_params: Any = None  # {} when the EMA of weights is off
+
+
+@flax.struct.dataclass
+class Metrics(metrics.Collection):
+  """Mean loss and accuracy, accumulated on the device over a training epoch or an eval split."""
+  loss: metrics.Average.from_output('loss')
+  accuracy: metrics.Accuracy
+
+  def scalars(self) -> dict:
+    """{'loss', 'accuracy'} as Python floats (waits for the steps that produced them)."""
+    return {k: float(v) for k, v in self.compute().items()}
+
+
+def create_learning_rate_schedule(config: ml_collections.ConfigDict,
+                                  steps_per_epoch: int) -> optax.Schedule:
+  total = config.num_epochs * steps_per_epoch
+  warmup = int(config.warmup_epochs * steps_per_epoch)
+  lr = config.learning_rate
+  if config.schedule == 'onecycle':
+    return optax.cosine_onecycle_schedule(total, lr, pct_start=max(warmup, 1) / total)
+  if config.schedule == 'cosine':
+    main = optax.cosine_decay_schedule(lr, max(total - warmup, 1))
+  elif config.schedule == 'multistep':
+    main = optax.piecewise_constant_schedule(lr, {
+        e * steps_per_epoch - warmup: config.lr_decay_factor for e in config.lr_decay_epochs})
+  else:
+    main = optax.constant_schedule(lr)
+  if not warmup:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     schedule: optax.Schedule) -> optax.GradientTransformation:
+  """SGD with momentum and L2 weight decay on kernels only (not BatchNorm, not biases).
+
+  It takes the schedule rather than building it, so the loop logs the very rates it applies.
+  """
+  if not callable(schedule):  # a number would silently become a constant learning rate
+    raise TypeError('create_optimizer takes a schedule: '
+                    'create_learning_rate_schedule(config, steps_per_epoch).')
+  kernels_only = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask=kernels_only),
+      optax.sgd(schedule, config.momentum, nesterov=config.nesterov))
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: SEResNet,
+                       tx: optax.GradientTransformation, image_shape: tuple,
+                       rng: Optional[jax.Array] = None) -> TrainState:
+  """Fresh weights from `rng` (default: key(config.seed)).
+
+  Passing the key as a jit argument, not a constant, lets runs that differ only in seed share one
+  compiled initialisation (the experiments' seeds reuse it from JAX's compilation cache).
+  """
+  rng = jax.random.key(config.seed) if rng is None else rng
+  variables = model.init({'params': rng}, jnp.zeros((1,) + image_shape, model.dtype), train=False)
+  params = variables['params']
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                           batch_stats=variables['batch_stats'],
+                           ema_params=params if config.ema_decay else {})
+
+
+def init_train_state(config: ml_collections.ConfigDict, model: SEResNet,
+                     tx: optax.GradientTransformation, image_shape: tuple,
+                     sharding: NamedSharding) -> TrainState:
+  """create_train_state compiled once, its output placed with `sharding`.
+
+  On CPU the initialiser is compiled without backend optimisation: its random draws take XLA
+  longer to optimise (about 2.5x at full width) than the unoptimised program takes to run once.
+  """
+  init = jax.jit(functools.partial(create_train_state, config, model, tx, image_shape),
+                 out_shardings=sharding)
+  rng = jax.random.key(config.seed)
+  options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
+  return init.lower(rng).compile(compiler_options=options)(rng)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
+  """Per-example cross-entropy against (optionally smoothed) one-hot labels."""
+  targets = jax.nn.one_hot(labels, logits.shape[-1])
+  if smoothing:
+    targets = optax.smooth_labels(targets, smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(state: TrainState, train_metrics: Metrics, images: jax.Array,
+               labels: jax.Array, rng: jax.Array, *, config: ml_collections.ConfigDict,
+               mean: tuple, std: tuple):
+  """One SGD step on a uint8 batch: augment, forward, backward, update (and EMA)."""
+  aug_rng, dropout_rng = jax.random.split(rng)
+  x = augment.preprocess_for_train(aug_rng, images, config.augment, mean, std,
+                                   compute_dtype(config))
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
+        mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+    loss = cross_entropy(logits, labels, config.label_smoothing)
+    return loss.mean(), (loss, logits, updates['batch_stats'])
+
+  grads, (loss, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if config.ema_decay:
+    new_state = new_state.replace(ema_params=optax.incremental_update(
+        new_state.params, state.ema_params, 1.0 - config.ema_decay))
+  step_metrics = Metrics.single_from_model_output(loss=loss, logits=logits, labels=labels)
+  return new_state, train_metrics.merge(step_metrics)
+
+
+def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: int, per_device: int,
+                    mean: tuple, std: tuple):
+  """The compiled step of the training loop: draw the batch on the device(s), augment, update.
+
+  Its arguments are (state, train_metrics, images, labels, perm, step_rng); the state is donated.
+  The seed's key is an argument, not a constant, so runs differing only in seed compile alike, and
+  the step number is read from `state.step`, already on the device, so nothing is copied per step.
+  """
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def compiled_step(state, train_metrics, images, labels, perm, step_rng):
+    x, y = sample_batch(images, labels, perm, state.step % steps_per_epoch, per_device)
+    return train_step(state, train_metrics, x, y, jax.random.fold_in(step_rng, state.step),
+                      config=config, mean=mean, std=std)
+
+  return compiled_step
+
+
+def make_eval_step(config: ml_collections.ConfigDict, model: SEResNet, mean: tuple, std: tuple):
+  """Per-example predictions, top-5 hits and losses, plus masked clu metrics, for one chunk."""
+
+  @jax.jit
+  def eval_step(variables, images, labels, mask):
+    x = augment.preprocess_for_eval(images, mean, std, compute_dtype(config))
+    logits = model.apply(variables, x, train=False)
+    if config.tta_flip:  # average the two views' probabilities
+      flipped = model.apply(variables, x[:, :, ::-1], train=False)
+      logits = jnp.logaddexp(jax.nn.log_softmax(logits), jax.nn.log_softmax(flipped)) - jnp.log(2)
+    loss = cross_entropy(logits, labels)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    in_top5 = jnp.any(top5 == labels[:, None], axis=-1)
+    m = Metrics.single_from_model_output(loss=loss, logits=logits, labels=labels, mask=mask)
+    return m, jnp.argmax(logits, -1), in_top5, loss
+
+  return eval_step
