@@ -25,7 +25,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import se_resnet_jax
-from se_resnet_jax import cli, inference, report
+from se_resnet_jax import cli, files, inference
+from se_resnet_jax.errors import UserError
+from se_resnet_jax.models import architecture
 
 FLAGS = flags.FLAGS
 
@@ -40,7 +42,7 @@ PROBABILITIES_ATOL = 1e-5
 ONNX_OPSET = 18  # ONNX Runtime >= 1.14 reads it
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
   """An export that cannot be made or does not compute what the library computes."""
 
 
@@ -58,15 +60,15 @@ def check_destination(out: str, overwrite: bool) -> None:
   if not os.path.isdir(directory):
     raise ExportError(f'Directory {directory} of --out does not exist; create it first.')
   if not os.access(directory, os.W_OK):
-    raise PermissionError(f'Cannot write to {directory}: choose a writable --out.')
+    raise ExportError(f'Cannot write to {directory}: choose a writable --out.')
 
 
 def check_images(run: inference.RunModel, count: int = CHECK_IMAGES) -> tuple:
-  """(images, where they came from): the run's first test images, else seeded random ones."""
-  if run.test_images is not None and len(run.test_images):
-    return np.asarray(run.test_images[:count], np.uint8), 'test split'
-  rng = np.random.RandomState(0)
-  return rng.randint(0, 256, (count,) + inference.IMAGE_SHAPE, np.uint8), 'generated (random)'
+  """(images, where they came from): the run's first test images.
+
+  The dataset is always at hand here: the normalisation constants are computed from it.
+  """
+  return np.asarray(run.test_images[:count], np.uint8), 'test split'
 
 
 def compare(outputs: tuple, reference: tuple) -> dict:
@@ -171,15 +173,13 @@ def export_onnx(infer: Callable, metadata: dict) -> tuple:
 
 def model_card(run: inference.RunModel, fmt: str, out: str, check: dict) -> dict:
   """The JSON written beside the export: what a user of the file needs to know."""
-  from se_resnet_jax import train
-
   num_classes = len(run.class_names)
   card = {
       'format': {'jax': 'jax.export', 'onnx': 'onnx'}[fmt],
       'file': os.path.basename(out),
       'library': {'name': 'se_resnet_jax', 'version': se_resnet_jax.__version__},
       'jax_version': jax.__version__,
-      'model': train.architecture(run.config, num_classes),
+      'model': architecture(run.config, num_classes),
       'dataset': run.config.dataset,
       'checkpoint': run.checkpoint,
       'test_accuracy': run.test_accuracy,
@@ -231,9 +231,9 @@ def export_run(workdir: str, fmt: str, out: str, checkpoint: str = 'best',
         f'{result["max_abs_diff_probabilities"]:.3g} (allowed {PROBABILITIES_ATOL:g}). Nothing '
         'was written.')
   card = {**model_card(run, fmt, out, check), **extra}
-  with report._atomic_open(out, 'wb') as f:  # noqa: SLF001 - files.atomic_open after issue 12
+  with files.atomic_open(out, 'wb') as f:
     f.write(data)
-  report.write_json_atomic(sidecar_path(out), card)
+  files.write_json_atomic(sidecar_path(out), card)
   logging.info('Wrote %s (%d bytes) and %s', out, len(data), sidecar_path(out))
   return card
 

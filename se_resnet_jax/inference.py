@@ -37,7 +37,7 @@ class RunModel:
   std: tuple
   class_names: Sequence[str]
   checkpoint: dict  # {'which', 'step'}
-  test_images: Optional[np.ndarray]  # the run's test split, uint8 NHWC; None if unavailable
+  test_images: np.ndarray  # the run's test split, uint8 NHWC
   test_accuracy: Optional[float]  # from the run's report.json
 
 
@@ -53,21 +53,21 @@ def restore_run(workdir: str, checkpoint: str = 'best',
                 config: Optional[ml_collections.ConfigDict] = None) -> RunModel:
   """A run's eval-mode network with its normalisation constants and class names.
 
-  The constants are the training split's statistics, computed when the dataset is loaded, so the
-  dataset is loaded here too; its test images serve the export's equality check.
+  The checkpoint is restored (and checked against the config) first; then the dataset is loaded,
+  because the constants are the training split's statistics and are kept nowhere else. Its test
+  images serve the export's equality check.
   """
-  from se_resnet_jax import evaluate, train  # the training code: only for restoring
+  from se_resnet_jax import evaluation, input_pipeline
 
-  if not os.path.isdir(workdir):
-    raise CheckpointError(f'Workdir {workdir!r} does not exist.')
-  if not any(os.path.isdir(os.path.join(workdir, d)) for d in ('checkpoints', 'best')):
+  if os.path.isdir(workdir) and not any(os.path.isdir(os.path.join(workdir, d))
+                                        for d in ('checkpoints', 'best')):
     raise CheckpointError(f'{workdir!r} holds no checkpoints (no checkpoints/ or best/ in it): '
                           'pass the --workdir of a training run.')
-  config = config or evaluate.load_run_config(workdir)
-  model, state, _, data = evaluate.restore_model(config, workdir, checkpoint)
-  return RunModel(config=config, model=model, variables=jax.device_get(train.eval_variables(state)),
+  run = evaluation.restore_run(workdir, checkpoint, config)
+  data = input_pipeline.load_dataset(run.config)
+  return RunModel(config=run.config, model=run.model, variables=jax.device_get(run.variables),
                   mean=tuple(data.mean), std=tuple(data.std), class_names=list(data.class_names),
-                  checkpoint={'which': checkpoint, 'step': int(state.step)},
+                  checkpoint={'which': checkpoint, 'step': run.step},
                   test_images=data.test.images, test_accuracy=_report_test_accuracy(workdir))
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from se_resnet_jax import cli
+from se_resnet_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 
@@ -27,7 +28,7 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 BATCH = 256
 
 
-class PredictError(ValueError):
+class PredictError(UserError):
   """Input the command cannot use; the message says what to give instead."""
 
 
@@ -165,11 +166,11 @@ def top_k(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list
 
 
 def write_csv(path: str, image_paths: Sequence[str], ranked: list) -> None:
-  from se_resnet_jax import report
+  from se_resnet_jax import files
 
   k = len(ranked[0])
   header = ['image'] + [f'{what}_{r}' for r in range(1, k + 1) for what in ('class', 'probability')]
-  with report._atomic_open(path, 'w') as f:  # noqa: SLF001 - files.atomic_open after issue 12
+  with files.atomic_open(path, 'w') as f:
     writer = csv.writer(f)
     writer.writerow(header)
     for image, row in zip(image_paths, ranked):
