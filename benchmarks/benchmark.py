@@ -21,8 +21,9 @@ How it measures, and why:
 - "JAX pre-made" is the same step fed a pre-made uint8 batch with augmentation off (only the /255
   and normalisation remain); 1 - (pre-made step time / train step time) is the share of the step
   spent on sampling and augmentation.
-- PyTorch runs exactly the same network (parameter count checked) on a pre-made float batch already
-  on the device, so it gets no input pipeline at all: the JAX/PyTorch ratios are conservative.
+- PyTorch runs exactly the same network (`se_resnet_jax.torch_models`, the same function as the
+  Flax model; parameter count checked) on a pre-made float batch already on the device, so it gets
+  no input pipeline at all: the JAX/PyTorch ratios are conservative.
 - All contenders of one batch size and dtype are timed in interleaved rounds in one process, and
   each ratio is the median of per-round ratios: load from other processes on a shared machine then
   hits both sides alike instead of whichever happened to run while the machine was busy.
@@ -69,7 +70,7 @@ flags.DEFINE_bool('quick', False, 'One timed round, a short minimum round time; 
 flags.DEFINE_integer('rounds', 3, 'Interleaved timing rounds per configuration (median taken).')
 flags.DEFINE_float('min_round_s', 2.0, 'Each contender runs enough steps per round to take at '
                    'least this long (at least one step).')
-flags.DEFINE_bool('torch', True, 'Measure the PyTorch reference (needs the `benchmark` extra).')
+flags.DEFINE_bool('torch', True, 'Measure the PyTorch reference (needs the `torch` extra).')
 flags.DEFINE_bool('torch_compile', True, 'Include torch.compile (slow to compile on CPU).')
 flags.DEFINE_string('json_out', None, 'Also write every figure, with per-round times, as JSON.')
 
@@ -255,7 +256,8 @@ def torch_contenders(config, dtype: str) -> tuple:
   """PyTorch eager, channels-last and torch.compile train steps on a pre-made batch."""
   import torch
 
-  from benchmarks import torch_se_resnet as ts
+  from benchmarks import torch_step as ts
+  from se_resnet_jax import torch_models
 
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   batch = config.batch_size
@@ -266,12 +268,11 @@ def torch_contenders(config, dtype: str) -> tuple:
   contenders = []
   for name, channels_last, compile_model in modes:
     torch.manual_seed(0)
-    model = ts.SEResNet18(num_classes=10, reduction=config.model.se_reduction,
-                          dropout_rate=config.model.dropout_rate).to(device)  # before fused SGD
-    figures['params'] = ts.count_parameters(model)
-    if figures['params'] != ts.SE_RESNET18_PARAMS:
-      raise AssertionError(f'PyTorch SE-ResNet18 has {figures["params"]} parameters, expected '
-                           f'{ts.SE_RESNET18_PARAMS}: the networks differ.')
+    model = torch_models.create_model(
+        config.model.name, num_classes=10, num_filters=config.model.num_filters,
+        se_reduction=config.model.se_reduction,
+        dropout_rate=config.model.dropout_rate).to(device)  # before fused SGD
+    figures['params'] = torch_models.count_parameters(model)  # measure() compares with JAX's
     optimizer = ts.make_optimizer(model, lr=config.learning_rate, momentum=config.momentum,
                                   weight_decay=config.weight_decay)
     step = ts.make_train_step(model, optimizer, channels_last=channels_last,
@@ -450,11 +451,11 @@ def main(argv):
     raise app.UsageError(f'--dtypes must be from {", ".join(DTYPES)}, got {dtypes}.')
   if FLAGS.torch:
     try:
-      from benchmarks import torch_se_resnet
+      from benchmarks import torch_step
     except ImportError:
-      sys.exit('PyTorch is not installed: pip install -e .[benchmark], or pass --notorch.')
-    torch_se_resnet.set_threads()
-    if jax.default_backend() != 'cpu' and not torch_se_resnet.torch.cuda.is_available():
+      sys.exit('PyTorch is not installed: pip install -e ".[torch]", or pass --notorch.')
+    torch_step.set_threads()
+    if jax.default_backend() != 'cpu' and not torch_step.torch.cuda.is_available():
       print(f'PyTorch sees no GPU while JAX runs on {jax.default_backend()}: a ratio against the '
             'host CPU would mean nothing, so the PyTorch columns are skipped.', file=sys.stderr)
       FLAGS.torch = False

@@ -3,6 +3,11 @@
 Squeeze, Excitation and SEBlock are separate modules so they can be reused in other networks. The
 residual units take `conv` and `norm` constructors, as in Flax's ImageNet example, so the network
 decides dtype, BatchNorm momentum and train/eval mode in one place.
+
+Every convolution pads like PyTorch's `padding=k//2`: one pixel on each side for a 3x3, none for a
+1x1. Flax's default 'SAME' pads a stride-2 3x3 by (0, 1) on an even input, which shifts every
+output pixel of that layer by one against the PyTorch network of the same weights
+(`se_resnet_jax.torch_models`); symmetric padding makes the two the same function.
 """
 
 from functools import partial
@@ -14,6 +19,9 @@ import ml_collections
 
 ModuleDef = Any
 Reduction = Optional[Union[int, Sequence[Optional[int]]]]
+
+PAD_3X3 = ((1, 1), (1, 1))  # PyTorch's padding=1
+PAD_1X1 = ((0, 0), (0, 0))
 
 
 def se_hidden_width(channels: int, reduction: int) -> int:
@@ -68,46 +76,65 @@ class SEBlock(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-  """Basic unit (3x3, 3x3) with SE on the residual branch before the addition."""
+  """Basic unit (3x3, 3x3) with SE on the residual branch before the addition.
+
+  `relu_before_se` puts a ReLU between the branch's last BatchNorm and the SE block, the layout of
+  widely used public PyTorch CIFAR SE-ResNets (not the paper's), so their weights compute the
+  function they were trained as.
+  """
   filters: int
   conv: ModuleDef
   norm: ModuleDef
   act: Callable = nn.relu
   strides: int = 1
   se_reduction: Optional[int] = 16
+  relu_before_se: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    y = self.act(self.norm()(self.conv(self.filters, (3, 3), (self.strides,) * 2)(x)))
-    y = self.norm(scale_init=nn.initializers.zeros)(self.conv(self.filters, (3, 3))(y))
+    strides = (self.strides,) * 2
+    y = self.act(self.norm()(self.conv(self.filters, (3, 3), strides, padding=PAD_3X3)(x)))
+    y = self.norm(scale_init=nn.initializers.zeros)(
+        self.conv(self.filters, (3, 3), padding=PAD_3X3)(y))
+    if self.relu_before_se:
+      y = self.act(y)
     if self.se_reduction:
       y = SEBlock(self.se_reduction, dtype=self.dtype)(y)
     if x.shape != y.shape:
-      x = self.conv(self.filters, (1, 1), (self.strides,) * 2, name='conv_proj')(x)
+      x = self.conv(self.filters, (1, 1), strides, padding=PAD_1X1, name='conv_proj')(x)
       x = self.norm(name='norm_proj')(x)
     return self.act(x + y)
 
 
 class BottleneckBlock(nn.Module):
-  """Bottleneck unit (1x1, 3x3, 1x1 x4) with SE on the residual branch before the addition."""
+  """Bottleneck unit (1x1, 3x3, 1x1 x4) with SE on the residual branch before the addition.
+
+  The stride sits on the 3x3, as in the PyTorch CIFAR ResNets; `relu_before_se` as in
+  ResidualBlock.
+  """
   filters: int
   conv: ModuleDef
   norm: ModuleDef
   act: Callable = nn.relu
   strides: int = 1
   se_reduction: Optional[int] = 16
+  relu_before_se: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    y = self.act(self.norm()(self.conv(self.filters, (1, 1))(x)))
-    y = self.act(self.norm()(self.conv(self.filters, (3, 3), (self.strides,) * 2)(y)))
-    y = self.norm(scale_init=nn.initializers.zeros)(self.conv(self.filters * 4, (1, 1))(y))
+    strides = (self.strides,) * 2
+    y = self.act(self.norm()(self.conv(self.filters, (1, 1), padding=PAD_1X1)(x)))
+    y = self.act(self.norm()(self.conv(self.filters, (3, 3), strides, padding=PAD_3X3)(y)))
+    y = self.norm(scale_init=nn.initializers.zeros)(
+        self.conv(self.filters * 4, (1, 1), padding=PAD_1X1)(y))
+    if self.relu_before_se:
+      y = self.act(y)
     if self.se_reduction:
       y = SEBlock(self.se_reduction, dtype=self.dtype)(y)
     if x.shape != y.shape:
-      x = self.conv(self.filters * 4, (1, 1), (self.strides,) * 2, name='conv_proj')(x)
+      x = self.conv(self.filters * 4, (1, 1), strides, padding=PAD_1X1, name='conv_proj')(x)
       x = self.norm(name='norm_proj')(x)
     return self.act(x + y)
 
@@ -131,6 +158,7 @@ class SEResNet(nn.Module):
   num_filters: int = 64
   se_reduction: Reduction = 16
   dropout_rate: float = 0.0
+  relu_before_se: bool = False  # see ResidualBlock; for weights of that PyTorch layout
   dtype: Any = jnp.float32
   act: Callable = nn.relu
   conv: ModuleDef = nn.Conv
@@ -152,13 +180,15 @@ class SEResNet(nn.Module):
     conv = partial(self.conv, use_bias=False, dtype=self.dtype)
     norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                    dtype=self.dtype)
-    x = self.act(norm(name='bn_init')(conv(self.num_filters, (3, 3), name='conv_init')(x)))
+    x = self.act(norm(name='bn_init')(
+        conv(self.num_filters, (3, 3), padding=PAD_3X3, name='conv_init')(x)))
     reductions = stage_reductions(self.se_reduction, len(self.stage_sizes))
     for i, block_size in enumerate(self.stage_sizes):
       for j in range(block_size):
         strides = 2 if i > 0 and j == 0 else 1
         x = self.block_cls(self.num_filters * 2**i, conv=conv, norm=norm, act=self.act,
-                           strides=strides, se_reduction=reductions[i], dtype=self.dtype)(x)
+                           strides=strides, se_reduction=reductions[i],
+                           relu_before_se=self.relu_before_se, dtype=self.dtype)(x)
     x = Squeeze()(x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype)(x)

@@ -56,6 +56,17 @@ def random_variables(module, *args, seed=0, **kwargs):
   return traverse_util.unflatten_dict({k: jax.numpy.asarray(draw(k, s)) for k, s in flat.items()})
 
 
+def randomise_batch_stats(variables: dict, seed: int = 0) -> dict:
+  """`variables` with BatchNorm running means ~ N(0, 0.2) and variances ~ U(0.5, 2): tests that
+  compare two implementations would not notice swapped or ignored statistics at 0 and 1."""
+  rs = np.random.RandomState(seed + 1)
+  stats = jax.tree_util.tree_map_with_path(
+      lambda path, v: jax.numpy.asarray((rs.normal(0.0, 0.2, v.shape) if path[-1].key == 'mean'
+                                         else rs.uniform(0.5, 2.0, v.shape)).astype(np.float32)),
+      variables['batch_stats'])
+  return dict(variables, batch_stats=stats)
+
+
 @pytest.fixture(scope='session')
 def make_tiny_config():
   """Factory of fresh configs: configs/smoke.py shrunk to a few hundred images and steps.

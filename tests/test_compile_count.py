@@ -7,8 +7,6 @@ XLA compilations through jax.monitoring, host-to-device copies through a transfe
 on between steps, and donation through the state the loop hands to evaluation.
 """
 
-import importlib.util
-import os
 import warnings
 
 import jax
@@ -16,7 +14,6 @@ import pytest
 
 from se_resnet_jax import train, writers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 4
 LOG_EVERY = 2
 
@@ -91,14 +88,3 @@ def test_no_recompilation_no_copies_and_donation(config, tmp_path):
   assert three.guarded_steps == 3 * (STEPS_PER_EPOCH // LOG_EVERY)
   assert three.donation_checked
 
-
-def test_torch_reference_has_the_same_parameter_count():
-  """The PyTorch benchmark network is SE-ResNet18 as specified (and as the Flax model)."""
-  torch = pytest.importorskip('torch')
-  path = os.path.join(REPO, 'benchmarks', 'torch_se_resnet.py')
-  spec = importlib.util.spec_from_file_location('torch_se_resnet', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  model = module.SEResNet18().eval()
-  assert module.count_parameters(model) == 11_263_042 == module.SE_RESNET18_PARAMS
-  assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

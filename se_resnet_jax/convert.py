@@ -1,0 +1,455 @@
+"""PyTorch weights <-> Flax variables for the library's ten networks, both ways.
+
+`torch_to_flax(state_dict, model)` turns a PyTorch `state_dict` into the `{'params', 'batch_stats'}`
+that `model.apply` takes; `flax_to_torch(variables, model)` does the reverse, in the names of
+`se_resnet_jax.torch_models`, which computes the same function. `load_torch_file(path)` reads the
+files people have: a `state_dict`, a whole pickled model, a dict holding either
+(`{'state_dict': ...}`, `{'model': ...}`, `{'net': ...}`), `.pth`/`.pt` or `.safetensors`.
+
+The mapping is the table LAYERS below, in the names of `se_resnet_jax.torch_models` (the common
+kuangliu/pytorch-cifar layout). A `module.` (DataParallel) or `_orig_mod.` (torch.compile) prefix is
+dropped, and PUBLIC_LAYOUTS renames the other public CIFAR layouts into those names first. The
+layouts read (S: stage 1-4, U: unit in the stage from 0, [..]: bottleneck units only):
+
+- se_resnet_jax.torch_models and kuangliu/pytorch-cifar resnet.py (BasicBlock, Bottleneck): stem
+  `conv1`, `bn1`; units `layerS.U.conv1/bn1/conv2/bn2[/conv3/bn3]`, `layerS.U.shortcut.0/1`
+  (projection conv, BN); SE `layerS.U.se.reduce/expand`; head `linear`.
+- kuangliu/pytorch-cifar senet.py (BasicBlock): as above, SE as `layerS.U.fc1/fc2`, 1x1 Conv2d.
+- weiaicunzai/pytorch-cifar100 senet.py: stem `pre.0/1`; units `stageS.U.residual.0/1/3/4[/6/7]`
+  (conv, BN, conv, BN, ReLUs between), `stageS.U.shortcut.0/1`; SE `stageS.U.excitation.0/2`; head
+  `linear`. Its convolutions have biases, and its residual branch ends in a ReLU before the SE:
+  the model must be built with relu_before_se=True.
+- weiaicunzai/pytorch-cifar100 resnet.py: stem `conv1.0/1`; units
+  `conv{S+1}_x.U.residual_function.0/1/3/4[/6/7]`, `conv{S+1}_x.U.shortcut.0/1`; head `fc`.
+
+Conv biases before a BatchNorm are folded into that BatchNorm's running mean, mean' = mean - bias:
+exact in eval mode; in train mode a bias before BatchNorm cancels out of the normalised output and
+shifts the batch mean, hence the running-mean update, by exactly the bias. The returned
+ConversionReport lists every folded bias.
+Pre-activation units (kuangliu's PreActBlock, its SENet18 and old ResNet18) are a different network
+and are refused with a message saying so.
+"""
+
+import dataclasses
+import os
+import re
+from collections import OrderedDict
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from se_resnet_jax import models
+
+# One row per layer: PyTorch module, Flax module path, kind. '{u}' is a residual unit: in PyTorch
+# 'layer{stage}.{unit}', stages from 1 and units from 0 (layer1.0 is the first unit), in Flax
+# '{BlockClass}_{n}', n counting units across all stages from 0 (ResidualBlock_0 is layer1.0).
+LAYERS = (
+    ('conv1', 'conv_init', 'conv'),
+    ('bn1', 'bn_init', 'bn'),
+    ('{u}.conv1', '{u}/Conv_0', 'conv'),
+    ('{u}.bn1', '{u}/BatchNorm_0', 'bn'),
+    ('{u}.conv2', '{u}/Conv_1', 'conv'),
+    ('{u}.bn2', '{u}/BatchNorm_1', 'bn'),
+    ('{u}.conv3', '{u}/Conv_2', 'conv'),  # bottleneck units only
+    ('{u}.bn3', '{u}/BatchNorm_2', 'bn'),
+    ('{u}.shortcut.0', '{u}/conv_proj', 'conv'),  # units that change shape only
+    ('{u}.shortcut.1', '{u}/norm_proj', 'bn'),
+    ('{u}.se.reduce', '{u}/SEBlock_0/Excitation_0/reduce', 'linear'),  # SE models only
+    ('{u}.se.expand', '{u}/SEBlock_0/Excitation_0/expand', 'linear'),
+    ('linear', 'Dense_0', 'linear'),
+)
+
+# Per kind: (PyTorch tensor, Flax collection, Flax name, PyTorch axes of the Flax array).
+TENSORS = {
+    'conv': (('weight', 'params', 'kernel', (3, 2, 0, 1)),),  # OIHW <-> HWIO
+    'linear': (('weight', 'params', 'kernel', (1, 0)),  # (out, in) <-> (in, out)
+               ('bias', 'params', 'bias', None)),
+    'bn': (('weight', 'params', 'scale', None),
+           ('bias', 'params', 'bias', None),
+           ('running_mean', 'batch_stats', 'mean', None),
+           ('running_var', 'batch_stats', 'var', None)),
+}
+# The BatchNorm that follows each convolution, into which a conv bias folds.
+BN_AFTER_CONV = {'conv1': 'bn1', 'conv2': 'bn2', 'conv3': 'bn3', 'shortcut.0': 'shortcut.1'}
+PREFIXES = ('module.', '_orig_mod.')  # DataParallel / DistributedDataParallel, torch.compile
+WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model', 'net')
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """A public PyTorch layout: regex renames into LAYERS' names, and what its forward implies."""
+  name: str
+  renames: tuple  # (pattern, replacement) pairs, tried in order on each key
+  relu_before_se: bool = False
+
+
+def _sequential(prefix: str, target: str, indices: dict) -> tuple:
+  return tuple((rf'^{prefix}\.{i}\.', f'{target}.{name}.') for i, name in indices.items())
+
+
+# nn.Sequential indices of the conv/BN layers in weiaicunzai's residual branches (ReLUs between).
+_RESIDUAL = {0: 'conv1', 1: 'bn1', 3: 'conv2', 4: 'bn2', 6: 'conv3', 7: 'bn3'}
+PUBLIC_LAYOUTS = (
+    Layout('weiaicunzai/pytorch-cifar100 senet.py', (
+        (r'^pre\.0\.', 'conv1.'), (r'^pre\.1\.', 'bn1.'),
+        *_sequential(r'stage(\d+)\.(\d+)\.residual', r'layer\1.\2', _RESIDUAL),
+        (r'^stage(\d+)\.(\d+)\.excitation\.0\.', r'layer\1.\2.se.reduce.'),
+        (r'^stage(\d+)\.(\d+)\.excitation\.2\.', r'layer\1.\2.se.expand.'),
+        (r'^stage(\d+)\.(\d+)\.shortcut\.', r'layer\1.\2.shortcut.')),
+        relu_before_se=True),
+    Layout('weiaicunzai/pytorch-cifar100 resnet.py', (
+        (r'^conv1\.0\.', 'conv1.'), (r'^conv1\.1\.', 'bn1.'), (r'^fc\.', 'linear.'),
+        *((rf'^conv{s + 1}_x\.(\d+)\.residual_function\.{i}\.', rf'layer{s}.\1.{name}.')
+          for s in range(1, 5) for i, name in _RESIDUAL.items()),
+        *((rf'^conv{s + 1}_x\.(\d+)\.shortcut\.', rf'layer{s}.\1.shortcut.')
+          for s in range(1, 5)))),
+    Layout('kuangliu/pytorch-cifar senet.py', (
+        (r'^(layer\d+\.\d+)\.fc1\.', r'\1.se.reduce.'),
+        (r'^(layer\d+\.\d+)\.fc2\.', r'\1.se.expand.'))),
+)
+NATIVE_LAYOUT = 'se_resnet_jax.torch_models / kuangliu/pytorch-cifar'
+
+
+class ConversionError(ValueError):
+  """Weights that do not fit the model; the message names each key and what would fit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionReport:
+  """What a conversion did beyond copying: the layouts read and the biases folded."""
+  layouts: tuple
+  folded_biases: tuple  # the file's keys of conv biases folded into the next BatchNorm's mean
+  dropped_prefix: Optional[str]
+
+  def summary(self) -> str:
+    lines = [f'Read layout: {", ".join(self.layouts)}.']
+    if self.dropped_prefix:
+      lines.append(f'Dropped the {self.dropped_prefix!r} prefix of every key.')
+    if self.folded_biases:
+      lines.append(f'Folded {len(self.folded_biases)} convolution biases into the running mean of '
+                   'the BatchNorm after each (mean - bias: the same function in eval and train '
+                   'mode): ' + ', '.join(self.folded_biases) + '.')
+    return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model's tensors, by PyTorch name.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+  collection: str
+  path: tuple  # Flax path inside the collection
+  axes: Optional[tuple]  # transpose from the Flax array to the PyTorch one
+  flax_shape: tuple
+  torch_shape: tuple
+
+
+def _unit_names(model: models.SEResNet) -> dict:
+  """Flax unit name -> PyTorch unit name, e.g. 'ResidualBlock_2' -> 'layer2.0'."""
+  names, n = {}, 0
+  for stage, units in enumerate(model.stage_sizes):
+    for unit in range(units):
+      names[f'{model.block_cls.__name__}_{n}'] = f'layer{stage + 1}.{unit}'
+      n += 1
+  return names
+
+
+def variable_shapes(model: models.SEResNet) -> dict:
+  """The model's {'params', 'batch_stats'} as shapes, traced for 32x32 inputs without compute."""
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                           train=False))
+
+
+def torch_slots(model: models.SEResNet) -> dict:
+  """PyTorch tensor name -> where and how it sits in the Flax variables, from LAYERS."""
+  by_flax = {flax: (torch, kind) for torch, flax, kind in LAYERS}
+  units = _unit_names(model)
+  modules = {}
+  for (collection, *path), leaf in traverse_util.flatten_dict(variable_shapes(model)).items():
+    *module, name = path
+    unit = units.get(module[0])
+    key = '/'.join(['{u}', *module[1:]] if unit else module)
+    if key not in by_flax:
+      raise AssertionError(f'Flax module {"/".join(module)} has no row in convert.LAYERS.')
+    torch_module, kind = by_flax[key]
+    torch_module = torch_module.format(u=unit)
+    modules.setdefault(torch_module, kind)
+    for torch_name, coll, flax_name, axes in TENSORS[kind]:
+      if (coll, flax_name) == (collection, name):
+        shape = tuple(leaf.shape[a] for a in axes) if axes else tuple(leaf.shape)
+        modules[f'{torch_module}.{torch_name}'] = _Slot(collection, tuple(path), axes,
+                                                        tuple(leaf.shape), shape)
+  slots = {k: v for k, v in modules.items() if isinstance(v, _Slot)}
+  return dict(sorted(slots.items(), key=lambda kv: _natural(kv[0])))
+
+
+def _natural(name: str) -> list:
+  return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', name)]
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch -> Flax.
+
+
+def _numpy(tensor) -> np.ndarray:
+  if hasattr(tensor, 'detach'):  # a torch.Tensor; numpy has no bfloat16, so floats go to fp32
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
+  return np.asarray(tensor)
+
+
+def normalise_names(state_dict: Mapping[str, Any]) -> tuple:
+  """(state dict in LAYERS' names, {new name: name in the file}, layouts read, prefix dropped)."""
+  names = list(state_dict)
+  dropped = None
+  for prefix in PREFIXES:
+    if names and all(n.startswith(prefix) for n in names):
+      names = [n[len(prefix):] for n in names]
+      dropped = prefix
+  renamed, origin, layouts = {}, {}, []
+  for original, name in zip(state_dict, names):
+    for layout in PUBLIC_LAYOUTS:
+      new = _rename(name, layout)
+      if new != name:
+        name = new
+        if layout.name not in layouts:
+          layouts.append(layout.name)
+        break
+    renamed[name] = state_dict[original]
+    origin[name] = original
+  return renamed, origin, tuple(layouts) or (NATIVE_LAYOUT,), dropped
+
+
+def _rename(name: str, layout: Layout) -> str:
+  for pattern, replacement in layout.renames:
+    new, count = re.subn(pattern, replacement, name)
+    if count:
+      return new
+  return name
+
+
+def _bn_of_conv_bias(name: str) -> Optional[str]:
+  """'layer1.0.conv2.bias' -> 'layer1.0.bn2' (the BatchNorm the bias folds into), else None."""
+  for conv, bn in BN_AFTER_CONV.items():
+    if name.endswith(f'{conv}.bias') and (name == f'{conv}.bias' or name.endswith(f'.{conv}.bias')):
+      return name[:-len(f'{conv}.bias')] + bn
+  return None
+
+
+def infer_options(state_dict: Mapping[str, Any]) -> dict:
+  """The create_model name and options a state dict (in LAYERS' names) was built with, as far as
+  its shapes tell; used to say which option would fit when the weights and the model disagree."""
+  shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
+  found = {}
+  if len(shapes.get('conv1.weight', ())) == 4:
+    found['num_filters'] = shapes['conv1.weight'][0]
+  if len(shapes.get('linear.weight', ())) == 2:
+    found['num_classes'] = shapes['linear.weight'][0]
+  units = {}
+  for name in shapes:
+    m = re.match(r'layer(\d+)\.(\d+)\.', name)
+    if m:
+      stage, unit = int(m[1]), int(m[2])
+      units[stage] = max(units.get(stage, 0), unit + 1)
+  stage_sizes = [units.get(s, 0) for s in range(1, max(units, default=0) + 1)]
+  bottleneck = any(re.match(r'layer\d+\.\d+\.conv3\.weight$', n) for n in shapes)
+  ratios = []
+  for stage in range(1, len(stage_sizes) + 1):
+    reduce = shapes.get(f'layer{stage}.0.se.reduce.weight')  # (C/r, C)
+    ratios.append(reduce[1] // reduce[0] if reduce and reduce[0] else None)
+  for name, constructor in models.MODELS.items():
+    keywords = constructor.keywords
+    if (list(keywords['stage_sizes']) == stage_sizes
+        and (keywords['block_cls'] is models.BottleneckBlock) == bottleneck
+        and (keywords.get('se_reduction', 16) is None) == all(r is None for r in ratios)):
+      found['name'] = name
+  if stage_sizes:
+    found['se_reduction'] = ratios[0] if len(set(ratios)) == 1 else ratios
+  return found
+
+
+def _model_name(model: models.SEResNet) -> str:
+  for name, constructor in models.MODELS.items():
+    keywords = constructor.keywords
+    if (list(keywords['stage_sizes']) == list(model.stage_sizes)
+        and keywords['block_cls'] is model.block_cls
+        and (keywords.get('se_reduction', 16) is None) == (model.se_reduction is None)):
+      return name
+  return type(model).__name__
+
+
+def _fitting_options(state_dict: Mapping[str, Any], model: models.SEResNet) -> str:
+  """'num_classes=100, num_filters=8': the options the weights have and the model has not."""
+  found = infer_options(state_dict)
+  wanted = []
+  if found.get('name') not in (None, _model_name(model)):
+    wanted.append(f'model {found["name"]}')
+  for option in ('num_classes', 'num_filters', 'se_reduction'):
+    mine = getattr(model, option)
+    if option == 'se_reduction':
+      mine = models.stage_reductions(mine, len(model.stage_sizes))
+      mine = mine[0] if len(set(mine)) == 1 else mine
+    if option in found and found[option] != mine:
+      wanted.append(f'{option}={found[option]!r}')
+  return ', '.join(wanted)
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], model: models.SEResNet) -> tuple:
+  """(Flax {'params', 'batch_stats'} for `model`, ConversionReport) from a PyTorch state dict.
+
+  Raises ConversionError, naming every key that cannot be mapped, is missing or has the wrong
+  shape, and the model options that would fit the file, before anything is converted.
+  """
+  renamed, origin, layouts, dropped = normalise_names(state_dict)
+  slots = torch_slots(model)
+  problems, folds = [], {}
+
+  def key(name):  # the file's key, and the name it was read as when a layout renamed it
+    return origin[name] if origin[name] == name else f'{origin[name]} (read as {name})'
+
+  for name, value in renamed.items():
+    if name.endswith('num_batches_tracked'):
+      continue  # only used by momentum=None BatchNorm; both sides use a fixed momentum
+    bn = _bn_of_conv_bias(name)
+    if bn is not None and f'{bn}.running_mean' in slots:
+      folds[name] = bn
+      continue
+    slot = slots.get(name)
+    if slot is None:
+      problems.append(f'{key(name)}: no such tensor in {_model_name(model)} (shape '
+                      f'{tuple(np.shape(value))})')
+      continue
+    shape = tuple(np.shape(value))
+    if len(shape) == 4 and shape[2:] == (1, 1) and len(slot.torch_shape) == 2:
+      shape = shape[:2]  # a 1x1 Conv2d used as the SE's Linear (kuangliu's fc1/fc2)
+    if shape != slot.torch_shape:
+      problems.append(f'{key(name)}: expected shape {slot.torch_shape}, found '
+                      f'{tuple(np.shape(value))}')
+  problems += [f'{name}: missing (expected shape {slot.torch_shape})'
+               for name, slot in slots.items() if name not in renamed]
+  for name, bn in folds.items():
+    if np.shape(renamed[name]) != slots[f'{bn}.running_mean'].torch_shape:
+      problems.append(f'{key(name)}: expected shape {slots[f"{bn}.running_mean"].torch_shape}, '
+                      f'found {tuple(np.shape(renamed[name]))}')
+  if problems:
+    raise ConversionError(_problem_message(problems, renamed, model, layouts))
+  implied = [layout for layout in PUBLIC_LAYOUTS
+             if layout.name in layouts and layout.relu_before_se]
+  if implied and not model.relu_before_se:
+    raise ConversionError(
+        f'Weights in the {implied[0].name} layout come from a network with a ReLU between each '
+        'residual branch\'s last BatchNorm and its SE block: build the model with '
+        'relu_before_se=True (in a config, model.relu_before_se=True) to compute their function.')
+
+  bias_of_mean = {f'{bn}.running_mean': bias for bias, bn in folds.items()}
+  flat = {}
+  for name, slot in slots.items():
+    array = _numpy(renamed[name]).astype(np.float32).reshape(slot.torch_shape)
+    if name in bias_of_mean:
+      array = array - _numpy(renamed[bias_of_mean[name]]).astype(np.float32)
+    if slot.axes:
+      array = np.transpose(array, np.argsort(slot.axes))
+    flat[(slot.collection, *slot.path)] = jnp.asarray(array)
+  report = ConversionReport(layouts, tuple(origin[name] for name in folds), dropped)
+  return traverse_util.unflatten_dict(flat), report
+
+
+def _problem_message(problems: list, renamed: Mapping, model: models.SEResNet,
+                     layouts: tuple) -> str:
+  shown = problems[:12]
+  lines = [f'These PyTorch weights do not fit {_model_name(model)}(num_classes='
+           f'{model.num_classes}, num_filters={model.num_filters}, se_reduction='
+           f'{model.se_reduction!r}) (layout read: {", ".join(layouts)}):']
+  lines += [f'  {p}' for p in shown]
+  if len(problems) > len(shown):
+    lines.append(f'  ... and {len(problems) - len(shown)} more.')
+  if any(re.match(r'layer\d+\.\d+\.shortcut\.0\.weight$', n) for n in renamed) and not any(
+      re.match(r'layer\d+\.\d+\.shortcut\.1\.weight$', n) for n in renamed):
+    lines.append('The shortcuts have a convolution but no BatchNorm: these are pre-activation '
+                 'units (BN-ReLU before each conv, as kuangliu\'s PreActBlock), a different '
+                 'network that this library does not build.')
+  else:
+    fitting = _fitting_options(renamed, model)
+    if fitting:
+      lines.append(f'The file\'s shapes fit: {fitting}.')
+  return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Flax -> PyTorch.
+
+
+def flax_to_torch(variables: Mapping[str, Any], model: models.SEResNet) -> 'OrderedDict':
+  """A state dict of torch tensors that `torch_models.create_model(...)` of the same name and
+  options loads with `load_state_dict` (strict), computing the same function."""
+  import torch
+
+  flat = traverse_util.flatten_dict(
+      {k: jax.device_get(variables[k]) for k in ('params', 'batch_stats')})
+  state = OrderedDict()
+  for name, slot in torch_slots(model).items():
+    key = (slot.collection, *slot.path)
+    if key not in flat:
+      raise ConversionError(f'The Flax variables have no {"/".join(key)} (PyTorch {name}): they '
+                            f'are not {_model_name(model)} variables.')
+    array = np.asarray(flat[key], np.float32)
+    if array.shape != slot.flax_shape:
+      raise ConversionError(f'{"/".join(key)} (PyTorch {name}): expected shape {slot.flax_shape}, '
+                            f'found {array.shape}.')
+    if slot.axes:
+      array = np.transpose(array, slot.axes)
+    state[name] = torch.from_numpy(np.array(array, order='C'))
+    if name.endswith('.running_var'):
+      state[name[:-len('running_var')] + 'num_batches_tracked'] = torch.tensor(0)
+  return state
+
+
+# ------------------------------------------------------------------------------------------------
+# Files.
+
+
+def load_torch_file(path: str, trust_pickle: bool = False) -> 'OrderedDict':
+  """The state dict in a .pth/.pt or .safetensors file, unwrapped from whatever holds it.
+
+  A .pth holding a whole pickled model (or any object beyond tensors and containers) can only be
+  read by running code from the file, so that needs `trust_pickle=True`: use it only on files
+  from a source you trust. The model's class must be importable, as for any pickled model.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No PyTorch weights file at {path}.')
+  if path.endswith('.safetensors'):
+    from safetensors.torch import load_file
+    return OrderedDict(load_file(path))
+  import pickle
+
+  import torch
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=not trust_pickle)
+  except pickle.UnpicklingError as e:
+    raise ConversionError(
+        f'{path} holds pickled Python objects beyond tensors (a whole model, for one), which only '
+        'loading with code execution can read. If you trust the file\'s source, pass '
+        'trust_pickle=True (--trust_pickle on the command line); or save model.state_dict() '
+        f'instead. ({str(e).splitlines()[0][:200]})') from None
+  return unwrap_state_dict(obj, path)
+
+
+def unwrap_state_dict(obj: Any, where: str = 'the object') -> 'OrderedDict':
+  """A state dict from a module, a state dict, or a dict holding either under WRAPPER_KEYS."""
+  for _ in range(4):
+    if hasattr(obj, 'state_dict') and callable(obj.state_dict):  # a whole nn.Module
+      obj = obj.state_dict()
+    if isinstance(obj, Mapping):
+      if obj and all(hasattr(v, 'shape') for v in obj.values()):
+        return OrderedDict(obj)
+      key = next((k for k in WRAPPER_KEYS if k in obj), None)
+      if key is None:
+        break
+      obj = obj[key]
+  keys = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+  raise ConversionError(f'Found no state dict in {where}: expected a model, a state dict, or a '
+                        f'dict holding one under one of {WRAPPER_KEYS}; found {keys}.')
