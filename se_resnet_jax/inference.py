@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import traverse_util
 
 from se_resnet_jax import augment
@@ -25,6 +26,10 @@ from se_resnet_jax.checkpoints import CheckpointError
 from se_resnet_jax.models import SEResNet
 
 IMAGE_SHAPE = (32, 32, 3)
+# XLA:CPU hands convolutions to YNNPACK by default; for these eval-mode networks its own (Eigen)
+# convolutions were faster on the CPU of BENCHMARKS.md ("Inference on a CPU"). Compile-time only:
+# the same numbers up to float rounding, checked by the benchmark.
+CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
 @dataclasses.dataclass
@@ -170,6 +175,23 @@ def inference_function(model: SEResNet, variables: dict, mean: Sequence[float],
     return logits, jax.nn.softmax(logits)
 
   return infer
+
+
+def compile_inference(infer: Callable[[jax.Array], tuple], batch_size: int,
+                      image_shape: tuple = IMAGE_SHAPE):
+  """`infer` compiled for uint8 batches of `batch_size`; on a CPU with CPU_COMPILER_OPTIONS.
+
+  A jax that no longer knows an option compiles with its defaults instead (and says so).
+  """
+  spec = jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.uint8)
+  lowered = jax.jit(infer).lower(spec)
+  if jax.default_backend() != 'cpu':
+    return lowered.compile()
+  try:
+    return lowered.compile(compiler_options=CPU_COMPILER_OPTIONS)
+  except Exception as e:  # noqa: BLE001 - an option this XLA lacks costs speed, not correctness
+    logging.warning('Compiling with XLA defaults: %s', str(e).splitlines()[0][:200])
+    return lowered.compile()
 
 
 def reference_outputs(model: SEResNet, variables: dict, mean: Sequence[float],

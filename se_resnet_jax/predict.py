@@ -90,6 +90,20 @@ def _check_signature(path: str, inputs: Sequence[tuple], num_outputs: int) -> No
                        '(batch, 32, 32, 3) input and logits, probabilities).')
 
 
+def compiled_per_batch(infer: Callable) -> Callable:
+  """Probabilities from `infer`, compiled once per batch size as the library compiles inference."""
+  from se_resnet_jax import inference
+
+  compiled = {}
+
+  def predict(images: np.ndarray) -> np.ndarray:
+    if len(images) not in compiled:
+      compiled[len(images)] = inference.compile_inference(infer, len(images), images.shape[1:])
+    return np.asarray(compiled[len(images)](images)[1])
+
+  return predict
+
+
 def load_exported(path: str) -> tuple:
   """(predict function uint8 images -> probabilities, class names, a description) of a file."""
   if not os.path.isfile(path):
@@ -108,7 +122,7 @@ def load_exported(path: str) -> tuple:
     _check_signature(path, shapes, len(exported.out_avals))
     num_classes = exported.out_avals[1].shape[-1]
     names = _sidecar_class_names(path) or _numbered(num_classes)
-    return (lambda images: np.asarray(exported.call(images)[1]), names,
+    return (compiled_per_batch(exported.call), names,
             f'jax.export ({", ".join(exported.platforms)})')
   try:
     import onnxruntime as ort
@@ -137,14 +151,12 @@ def load_exported(path: str) -> tuple:
 
 def load_run(workdir: str, checkpoint: str, config) -> tuple:
   """(predict function, class names, description) of a training run's checkpoint."""
-  import jax
-
   from se_resnet_jax import inference
 
   run = inference.restore_run(workdir, checkpoint, config)
-  infer = jax.jit(inference.inference_function(run.model, run.variables, run.mean, run.std,
-                                               tta_flip=bool(run.config.tta_flip)))
-  return (lambda images: np.asarray(infer(images)[1]), list(run.class_names),
+  infer = inference.inference_function(run.model, run.variables, run.mean, run.std,
+                                       tta_flip=bool(run.config.tta_flip))
+  return (compiled_per_batch(infer), list(run.class_names),
           f'{workdir} ({checkpoint} checkpoint, step {run.checkpoint["step"]})')
 
 
