@@ -65,7 +65,7 @@ def from_linen(module: nn.Module, variables: Optional[dict] = None, *,
   for collection in expected:  # each collection's leaves into the module's nested attributes
     for key, value in traverse_util.flatten_dict(given[collection]).items():
       state[key] = jnp.asarray(value)
-  nnx.update(model, nnx.State(traverse_util.unflatten_dict(state)))
+  nnx.update(model, traverse_util.unflatten_dict(state))
   return model
 
 
@@ -73,8 +73,7 @@ def linen_variables(model: bridge.ToNNX) -> dict:
   """The NNX module's variables as linen's {'params': ..., 'batch_stats': ...} (for `apply`)."""
   out = {}
   for collection, kind in COLLECTIONS.items():
-    state = nnx.state(model, kind)
-    pure = state.to_pure_dict()
+    pure = nnx.to_pure_dict(nnx.state(model, kind))
     if pure:
       out[collection] = pure
   return out
