@@ -52,7 +52,7 @@ from se_resnet_jax import cli, files, models
 from se_resnet_jax.checkpoints import CheckpointError, RunCheckpoints
 from se_resnet_jax.config import validate_config
 from se_resnet_jax.errors import ConfigError, UserError
-from se_resnet_jax.evaluation import _num_classes, restore_run
+from se_resnet_jax.evaluation import dataset_num_classes, restore_run
 from se_resnet_jax.steps import TrainState, create_learning_rate_schedule, create_optimizer
 from se_resnet_jax.train import Progress
 
@@ -486,7 +486,7 @@ def import_torch_weights(path: str, config: ml_collections.ConfigDict, workdir: 
     if os.path.isdir(directory) and os.listdir(directory):
       raise CheckpointError(f'{directory} already holds checkpoints: convert into a new --workdir. '
                             'Nothing was written.')
-  num_classes = _num_classes(config)
+  num_classes = dataset_num_classes(config)
   model = models.build_model(config, num_classes)
   variables, report = torch_to_flax(load_torch_file(path, trust_pickle), model)
   files.prepare_workdir(workdir)

@@ -13,9 +13,9 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 from se_resnet_jax import summary, usage
 from se_resnet_jax.config import base_config
@@ -49,23 +49,12 @@ importlib.machinery.PathFinder.find_spec = classmethod(_not_installed)
 '''
 
 
-def _env(**extra) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
-  env.pop('XLA_FLAGS', None)
-  if jax.config.jax_compilation_cache_dir:
-    env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir
-  env.update(extra)
-  return env
-
-
-def _main(workdir, overrides=(), cwd=REPO, module='se_resnet_jax.main', env=None, args=()):
+def _main(workdir, overrides=(), cwd=REPO, env=None):
   flags = {**SMALL, **dict(overrides)}
-  command = [sys.executable, '-m', module, '--config=configs/smoke.py', f'--workdir={workdir}',
-             *[f'--config.{k}={v}' for k, v in flags.items()], *args]
-  return subprocess.run(command, cwd=cwd, env=env or _env(), capture_output=True, text=True,
-                        timeout=TIMEOUT_S)
+  command = [sys.executable, '-m', 'se_resnet_jax.main', '--config=configs/smoke.py',
+             f'--workdir={workdir}', *[f'--config.{k}={v}' for k, v in flags.items()]]
+  return subprocess.run(command, cwd=cwd, env=env or subprocess_env(), capture_output=True,
+                        text=True, timeout=TIMEOUT_S)
 
 
 def _report(workdir):
@@ -143,7 +132,7 @@ def test_core_install_runs_to_the_end_without_matplotlib_and_tensorflow(tmp_path
   hide = tmp_path / 'hide'
   hide.mkdir()
   (hide / 'sitecustomize.py').write_text(HIDE_PACKAGES)
-  env = _env(PYTHONPATH=os.pathsep.join([str(hide), os.environ.get('PYTHONPATH', REPO)]))
+  env = subprocess_env(PYTHONPATH=os.pathsep.join([str(hide), os.environ.get('PYTHONPATH', REPO)]))
   check = subprocess.run([sys.executable, '-c', 'import matplotlib'], env=env,
                          capture_output=True, text=True)
   assert 'ModuleNotFoundError' in check.stderr  # the packages are hidden indeed
@@ -191,7 +180,7 @@ def test_core_install_runs_to_the_end_without_matplotlib_and_tensorflow(tmp_path
 def test_help_lists_every_config_field_with_default_and_meaning(tmp_path):
   # From another folder, with the README's relative --config path.
   run = subprocess.run([sys.executable, '-m', 'se_resnet_jax.main', '--help',
-                        '--config=configs/smoke.py'], cwd=tmp_path, env=_env(),
+                        '--config=configs/smoke.py'], cwd=tmp_path, env=subprocess_env(),
                        capture_output=True, text=True, timeout=TIMEOUT_S)
   assert run.returncode == 0, run.stderr
   assert '--workdir' in run.stdout and 'configs/smoke.py' in run.stdout

@@ -21,6 +21,7 @@ from se_resnet_jax.checkpoints import CheckpointError
 from se_resnet_jax.evaluate import evaluate_checkpoint
 from se_resnet_jax.models import architecture
 
+pytestmark = pytest.mark.slow  # the convert and evaluate commands run in subprocesses
 torch.set_num_threads(2)
 OVERRIDES = {'synthetic.num_train': 256, 'synthetic.num_test': 64, 'validation_size': 64,
              'eval_batch_size': 64, 'measure_inference': False, 'model.num_filters': 4,
