@@ -39,14 +39,14 @@ from se_resnet_jax.evaluation import (
     load_run_config,
 )
 from se_resnet_jax.models import architecture, build_model
-from se_resnet_jax.workdir import workdir_lock
+from se_resnet_jax.workdir import prepare_workdir, workdir_lock
 
 
 @dataclasses.dataclass
 class Progress:
   """What a resumed run must remember; saved in each checkpoint as its JSON `meta` item."""
   architecture: dict
-  data: dict  # input_pipeline.data_identity: which images are train/validation/test
+  data: Optional[dict] = None  # input_pipeline.data_identity: which images are train/val/test
   epoch: int = 0
   history: list = dataclasses.field(default_factory=list)
   best_val_accuracy: Optional[float] = None
@@ -203,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   `allow_changed_data`.
   """
   validate_config(config, jax.device_count())
-  files.prepare_workdir(workdir)
+  prepare_workdir(workdir)
   console = console or Console()
   finished = summary.finished_report(workdir, config)
   if finished is not None:
