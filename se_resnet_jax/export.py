@@ -174,7 +174,7 @@ def export_onnx(infer: Callable, metadata: dict) -> tuple:
 def model_card(run: inference.RunModel, fmt: str, out: str, check: dict) -> dict:
   """The JSON written beside the export: what a user of the file needs to know."""
   num_classes = len(run.class_names)
-  card = {
+  return {
       'format': {'jax': 'jax.export', 'onnx': 'onnx'}[fmt],
       'file': os.path.basename(out),
       'library': {'name': 'se_resnet_jax', 'version': se_resnet_jax.__version__},
@@ -195,7 +195,6 @@ def model_card(run: inference.RunModel, fmt: str, out: str, check: dict) -> dict
       'compute_dtype': 'float32',
       'check': check,
   }
-  return card
 
 
 def export_run(workdir: str, fmt: str, out: str, checkpoint: str = 'best',

@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from se_resnet_jax import augment
+from se_resnet_jax import augment, evaluation, input_pipeline
 from se_resnet_jax.checkpoints import CheckpointError
 from se_resnet_jax.models import SEResNet
 
@@ -62,8 +62,6 @@ def restore_run(workdir: str, checkpoint: str = 'best',
   because the constants are the training split's statistics and are kept nowhere else. Its test
   images serve the export's equality check.
   """
-  from se_resnet_jax import evaluation, input_pipeline
-
   if os.path.isdir(workdir) and not any(os.path.isdir(os.path.join(workdir, d))
                                         for d in ('checkpoints', 'best')):
     raise CheckpointError(f'{workdir!r} holds no checkpoints (no checkpoints/ or best/ in it): '
