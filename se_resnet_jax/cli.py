@@ -10,15 +10,13 @@ from typing import Any, Callable, Sequence
 
 from absl import app, flags, logging
 
-from se_resnet_jax.checkpoints import CheckpointError
 from se_resnet_jax.config import base_config
 from se_resnet_jax.errors import Preempted, UserError
-from se_resnet_jax.input_pipeline import DatasetUnavailableError
 
 FLAGS = flags.FLAGS
 
 # What a user can fix, said in one line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (UserError, CheckpointError, DatasetUnavailableError)
+USER_ERRORS = (UserError,)
 
 
 def _quiet_libraries(record) -> bool:
@@ -118,6 +116,8 @@ def run(argv: Sequence[str], command: Callable[[], Any]) -> Any:
   """Runs a command's body with the quiet log; user errors end in one `error:` line.
 
   A preempted run is no error: it saved its checkpoint, says how to resume and exits with 0.
+  Ctrl-C (SIGINT) stops the same way with status 130; outside the training loop, and on a second
+  Ctrl-C, the command ends at once, with status 130 too.
   """
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
@@ -127,7 +127,12 @@ def run(argv: Sequence[str], command: Callable[[], Any]) -> Any:
     return command()
   except Preempted as e:
     logging.warning('%s', e)
+    if e.exit_code:
+      sys.exit(e.exit_code)
     return None
   except USER_ERRORS as e:
     logging.error('%s: %s', type(e).__name__, e)
     sys.exit(f'error: {e}')
+  except KeyboardInterrupt:
+    print('error: interrupted (Ctrl-C).', file=sys.stderr)
+    sys.exit(130)

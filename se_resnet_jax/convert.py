@@ -1,5 +1,9 @@
 """PyTorch weights <-> Flax variables for the library's ten networks, both ways.
 
+  python -m se_resnet_jax.convert --from_torch=weights.pth --config=configs/cifar100.py \
+      --workdir=runs/from_torch          # a run directory that `se_resnet_jax.evaluate` reports on
+  python -m se_resnet_jax.convert --to_torch=weights.pth --workdir=runs/cifar100  # its best weights
+
 `torch_to_flax(state_dict, model)` turns a PyTorch `state_dict` into the `{'params', 'batch_stats'}`
 that `model.apply` takes; `flax_to_torch(variables, model)` does the reverse, in the names of
 `se_resnet_jax.torch_models`, which computes the same function. `load_torch_file(path)` reads the
@@ -38,10 +42,21 @@ from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from absl import app, flags
 from flax import traverse_util
+from ml_collections import config_flags
 
-from se_resnet_jax import models
+from se_resnet_jax import cli, files, models
+from se_resnet_jax.checkpoints import CheckpointError, RunCheckpoints
+from se_resnet_jax.config import validate_config
+from se_resnet_jax.errors import ConfigError, UserError
+from se_resnet_jax.evaluation import dataset_num_classes, restore_run
+from se_resnet_jax.steps import TrainState, create_learning_rate_schedule, create_optimizer
+from se_resnet_jax.train import Progress
+
+FLAGS = flags.FLAGS
 
 # One row per layer: PyTorch module, Flax module path, kind. '{u}' is a residual unit: in PyTorch
 # 'layer{stage}.{unit}', stages from 1 and units from 0 (layer1.0 is the first unit), in Flax
@@ -113,8 +128,8 @@ PUBLIC_LAYOUTS = (
 NATIVE_LAYOUT = 'se_resnet_jax.torch_models / kuangliu/pytorch-cifar'
 
 
-class ConversionError(ValueError):
-  """Weights that do not fit the model; the message names each key and what would fit."""
+class ConversionError(UserError, ValueError):
+  """Weights that do not fit the model, or a file that cannot be read; the message says why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +183,7 @@ def torch_slots(model: models.SEResNet) -> dict:
   """PyTorch tensor name -> where and how it sits in the Flax variables, from LAYERS."""
   by_flax = {flax: (torch, kind) for torch, flax, kind in LAYERS}
   units = _unit_names(model)
-  modules = {}
+  slots = {}
   for (collection, *path), leaf in traverse_util.flatten_dict(variable_shapes(model)).items():
     *module, name = path
     unit = units.get(module[0])
@@ -177,13 +192,11 @@ def torch_slots(model: models.SEResNet) -> dict:
       raise AssertionError(f'Flax module {"/".join(module)} has no row in convert.LAYERS.')
     torch_module, kind = by_flax[key]
     torch_module = torch_module.format(u=unit)
-    modules.setdefault(torch_module, kind)
     for torch_name, coll, flax_name, axes in TENSORS[kind]:
       if (coll, flax_name) == (collection, name):
         shape = tuple(leaf.shape[a] for a in axes) if axes else tuple(leaf.shape)
-        modules[f'{torch_module}.{torch_name}'] = _Slot(collection, tuple(path), axes,
-                                                        tuple(leaf.shape), shape)
-  slots = {k: v for k, v in modules.items() if isinstance(v, _Slot)}
+        slots[f'{torch_module}.{torch_name}'] = _Slot(collection, tuple(path), axes,
+                                                      tuple(leaf.shape), shape)
   return dict(sorted(slots.items(), key=lambda kv: _natural(kv[0])))
 
 
@@ -235,7 +248,7 @@ def _rename(name: str, layout: Layout) -> str:
 def _bn_of_conv_bias(name: str) -> Optional[str]:
   """'layer1.0.conv2.bias' -> 'layer1.0.bn2' (the BatchNorm the bias folds into), else None."""
   for conv, bn in BN_AFTER_CONV.items():
-    if name.endswith(f'{conv}.bias') and (name == f'{conv}.bias' or name.endswith(f'.{conv}.bias')):
+    if name == f'{conv}.bias' or name.endswith(f'.{conv}.bias'):
       return name[:-len(f'{conv}.bias')] + bn
   return None
 
@@ -419,8 +432,8 @@ def load_torch_file(path: str, trust_pickle: bool = False) -> 'OrderedDict':
   read by running code from the file, so that needs `trust_pickle=True`: use it only on files
   from a source you trust. The model's class must be importable, as for any pickled model.
   """
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'No PyTorch weights file at {path}.')
+  if not os.path.isfile(path):
+    raise ConversionError(f'No PyTorch weights file at {path}.')
   if path.endswith('.safetensors'):
     from safetensors.torch import load_file
     return OrderedDict(load_file(path))
@@ -453,3 +466,120 @@ def unwrap_state_dict(obj: Any, where: str = 'the object') -> 'OrderedDict':
   keys = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
   raise ConversionError(f'Found no state dict in {where}: expected a model, a state dict, or a '
                         f'dict holding one under one of {WRAPPER_KEYS}; found {keys}.')
+
+
+# ------------------------------------------------------------------------------------------------
+# The command.
+
+
+def import_torch_weights(path: str, config: ml_collections.ConfigDict, workdir: str,
+                         trust_pickle: bool = False) -> ConversionReport:
+  """Writes PyTorch weights as step 0 of a new run in `workdir` (its latest and best checkpoint,
+  and config.json), so `se_resnet_jax.evaluate` reports on them and training can start from them.
+
+  Everything is checked (config, workdir, file, every tensor) before anything is written; a
+  workdir that already holds checkpoints is refused, never touched.
+  """
+  validate_config(config, jax.device_count())
+  for which in ('checkpoints', 'best'):
+    directory = os.path.join(workdir, which)
+    if os.path.isdir(directory) and os.listdir(directory):
+      raise CheckpointError(f'{directory} already holds checkpoints: convert into a new --workdir. '
+                            'Nothing was written.')
+  num_classes = dataset_num_classes(config)
+  model = models.build_model(config, num_classes)
+  variables, report = torch_to_flax(load_torch_file(path, trust_pickle), model)
+  files.prepare_workdir(workdir)
+
+  tx = create_optimizer(config, create_learning_rate_schedule(config, steps_per_epoch=1))
+  state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                            batch_stats=variables['batch_stats'],
+                            ema_params=variables['params'] if config.ema_decay else {})
+  meta = Progress(models.architecture(config, num_classes)).to_meta(
+      config.early_stopping.monitor)
+  meta['converted_from'] = {'file': os.path.abspath(path), 'layouts': list(report.layouts),
+                            'folded_biases': list(report.folded_biases)}
+  if jax.process_index() == 0:
+    files.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
+  checkpoints = RunCheckpoints(workdir)
+  try:
+    checkpoints.save(0, state, meta, best=True)
+  finally:
+    checkpoints.close()
+  return report
+
+
+def export_torch_weights(workdir: str, path: str, checkpoint: str = 'best') -> str:
+  """Writes the weights of a run's checkpoint as a PyTorch state dict (.pth/.pt: torch.save;
+  .safetensors) for `se_resnet_jax.torch_models`; returns the call that builds that model."""
+  import torch
+  from safetensors.torch import save as safetensors_bytes
+
+  if not path.endswith(('.pth', '.pt', '.safetensors')):
+    raise ConversionError(f'--to_torch={path}: name the file .pth, .pt or .safetensors.')
+  if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+    raise ConversionError(f'--to_torch={path}: the directory {os.path.dirname(path)!r} does not '
+                          'exist.')
+  run = restore_run(workdir, checkpoint)
+  state_dict = flax_to_torch(run.variables, run.model)
+  if jax.process_index() == 0:
+    with files.atomic_open(path, 'wb') as f:
+      if path.endswith('.safetensors'):
+        f.write(safetensors_bytes(state_dict))
+      else:
+        torch.save(state_dict, f)
+  model = run.model
+  options = [f'num_classes={model.num_classes}', f'num_filters={model.num_filters}']
+  if models.has_se(run.config.model.name):
+    options.append(f'se_reduction={model.se_reduction!r}')
+  if model.relu_before_se:
+    options.append('relu_before_se=True')
+  if model.dropout_rate:
+    options.append(f'dropout_rate={model.dropout_rate}')
+  return f'torch_models.create_model({run.config.model.name!r}, {", ".join(options)})'
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so importing this module defines none."""
+  flags.DEFINE_string('from_torch', None, 'PyTorch weights (.pth/.pt/.safetensors) to write as '
+                      'a checkpoint in --workdir; needs --config.')
+  flags.DEFINE_string('to_torch', None, 'Where to write the PyTorch state dict (.pth/.pt/'
+                      '.safetensors) of a checkpoint of the run in --workdir.')
+  flags.DEFINE_string('workdir', None, 'The run directory to write (--from_torch) or read.')
+  flags.DEFINE_string('checkpoint', 'best', "With --to_torch: 'best', 'latest' or a step number.")
+  flags.DEFINE_bool('trust_pickle', False, 'Read a .pth holding a whole pickled model: this runs '
+                    'code from the file, so only for files from a source you trust.')
+  config_flags.DEFINE_config_file('config', None, 'With --from_torch: the config the weights fit '
+                                  '(model, dataset); it is saved as the run\'s config.json.')
+  flags.mark_flag_as_required('workdir')
+
+
+def main(argv):
+  def command():
+    if bool(FLAGS.from_torch) == bool(FLAGS.to_torch):
+      raise ConfigError('Give exactly one of --from_torch=FILE (PyTorch -> a run in --workdir) '
+                        'and --to_torch=FILE (a run in --workdir -> PyTorch).')
+    if FLAGS.from_torch:
+      if FLAGS.config is None:
+        raise ConfigError('--from_torch needs --config=<config file>: it says which network '
+                          '(model.*) and dataset the weights are for.')
+      report = import_torch_weights(FLAGS.from_torch, FLAGS.config, FLAGS.workdir,
+                                    FLAGS.trust_pickle)
+      print(report.summary())
+      print(f'Wrote the weights as step 0 of a run in {FLAGS.workdir}. Report on them with:\n'
+            f'  python -m se_resnet_jax.evaluate --workdir={FLAGS.workdir}')
+    else:
+      constructor = export_torch_weights(FLAGS.workdir, FLAGS.to_torch, FLAGS.checkpoint)
+      read = ('safetensors.torch.load_file' if FLAGS.to_torch.endswith('.safetensors')
+              else 'torch.load')
+      print(f'Wrote {FLAGS.to_torch}. Load it with:\n'
+            f'  from se_resnet_jax import torch_models\n'
+            f'  model = {constructor}\n'
+            f'  model.load_state_dict({read}({FLAGS.to_torch!r}))')
+
+  cli.run(argv, command)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -245,14 +245,24 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> SEResNet:
   """The network `config.model` describes; SEResNet's own checks refuse impossible SE widths."""
   kwargs = dict(num_classes=num_classes, num_filters=config.model.num_filters,
-                dropout_rate=config.model.dropout_rate, dtype=compute_dtype(config))
+                dropout_rate=config.model.dropout_rate,
+                relu_before_se=config.model.relu_before_se, dtype=compute_dtype(config))
   if has_se(config.model.name):
     kwargs['se_reduction'] = model_se_reduction(config)
   return create_model(config.model.name, **kwargs)
 
 
 def architecture(config: ml_collections.ConfigDict, num_classes: int) -> dict:
-  """What a checkpoint's weights depend on; a resume refuses a mismatch."""
+  """What a checkpoint's weights depend on; a resume or an evaluation refuses a mismatch.
+
+  `relu_before_se` changes the function, not the weights' shapes, so only the fingerprint tells
+  the two apart. It is recorded only when on: checkpoints written before the option existed hold
+  no such key, and they were made without the ReLU.
+  """
   se = model_se_reduction(config)
-  return dict(name=config.model.name, num_filters=config.model.num_filters,
-              se_reduction=list(se) if isinstance(se, list) else se, num_classes=num_classes)
+  fingerprint = dict(name=config.model.name, num_filters=config.model.num_filters,
+                     se_reduction=list(se) if isinstance(se, list) else se,
+                     num_classes=num_classes)
+  if config.model.relu_before_se:
+    fingerprint['relu_before_se'] = True
+  return fingerprint

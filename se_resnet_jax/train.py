@@ -2,7 +2,11 @@
 
 Each compiled step (see `steps.make_train_step`) draws its batch from the device-resident uint8
 training set, augments it and updates the state; this module only drives it: resuming, logging,
-evaluating, early stopping, the NaN guard, checkpointing and stopping on SIGTERM.
+evaluating, early stopping, the NaN guard, checkpointing and stopping on SIGTERM or SIGINT.
+
+Whatever can be wrong is found before any compute, in this order: the config, the workdir (and its
+lock: one process per run), the data, then the checkpoints (their checksums, the best one too, and
+that they are this network and these data settings). Only then is anything compiled.
 """
 
 import dataclasses
@@ -26,14 +30,22 @@ from se_resnet_jax import files, input_pipeline, report, sharding, steps, writer
 from se_resnet_jax.checkpoints import RunCheckpoints
 from se_resnet_jax.config import ConfigError, validate_config
 from se_resnet_jax.errors import DivergedError, Preempted
-from se_resnet_jax.evaluation import eval_variables, evaluate, final_report
+from se_resnet_jax.evaluation import (
+    abstract_train_state,
+    eval_variables,
+    evaluate,
+    final_report,
+    load_run_config,
+)
 from se_resnet_jax.models import architecture, build_model
+from se_resnet_jax.workdir import workdir_lock
 
 
 @dataclasses.dataclass
 class Progress:
   """What a resumed run must remember; saved in each checkpoint as its JSON `meta` item."""
   architecture: dict
+  data: dict  # input_pipeline.data_identity: which images are train/validation/test
   epoch: int = 0
   history: list = dataclasses.field(default_factory=list)
   best_val_accuracy: Optional[float] = None
@@ -46,15 +58,18 @@ class Progress:
     """The checkpoint's `meta`, in the key layout every earlier version wrote and reads."""
     es, sign = self.early_stopping, _sign(monitor)
     return {'epoch': self.epoch, 'history': self.history, 'architecture': self.architecture,
-            'best_val_accuracy': self.best_val_accuracy, 'best_epoch': self.best_epoch,
-            'stopped_epoch': self.stopped_epoch, 'es_bad_epochs': es.patience_count,
+            'data': self.data, 'best_val_accuracy': self.best_val_accuracy,
+            'best_epoch': self.best_epoch, 'stopped_epoch': self.stopped_epoch,
+            'es_bad_epochs': es.patience_count,
             'es_best': None if np.isinf(es.best_metric) else sign * es.best_metric}
 
   @classmethod
   def from_meta(cls, meta: dict, config: ml_collections.ConfigDict) -> 'Progress':
+    """The progress a checkpoint recorded; from now on under this config's data settings."""
     es = config.early_stopping
     best = meta['es_best']
-    return cls(meta['architecture'], meta['epoch'], meta['history'], meta['best_val_accuracy'],
+    return cls(meta['architecture'], input_pipeline.data_identity(config), meta['epoch'],
+               meta['history'], meta['best_val_accuracy'],
                meta['best_epoch'], meta['stopped_epoch'],
                _early_stopping(es).replace(
                    best_metric=float('inf') if best is None else _sign(es.monitor) * best,
@@ -70,44 +85,67 @@ def _early_stopping(es: ml_collections.ConfigDict) -> EarlyStopping:
   return EarlyStopping(min_delta=es.min_delta, patience=es.patience - 1)
 
 
-class _Preemption:
-  """Remembers a SIGTERM so the loop can checkpoint and exit between steps.
+class _Interruption:
+  """Remembers a SIGTERM (preemption) or SIGINT (Ctrl-C): the loop saves and exits between steps.
 
-  With several processes the SIGTERMs reach them at different steps, and a process that starts a
+  Installed before anything is compiled: a Ctrl-C then never lands inside XLA's compiler (which
+  used to crash the process), it stops the run at the next step instead. After the first Ctrl-C
+  the default action is back, so a second one ends the process at once.
+
+  With several processes the signals reach them at different steps, and a process that starts a
   (collective) save while the others run another step deadlocks; there JAX's preemption service
-  (which jax.distributed installs on SIGTERM) agrees on one step for all of them instead.
+  (which jax.distributed installs on SIGTERM) agrees on one step for all of them instead, and a
+  Ctrl-C is passed on to it as a SIGTERM.
   """
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signal_name: Optional[str] = None
+    self._previous = {}
     self._multiprocess = jax.process_count() > 1
 
   def __enter__(self):
-    if self._multiprocess:
-      return self
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler, as for any library call
-      self._previous = None
+    handlers = {signal.SIGINT: self._on_sigint}
+    if not self._multiprocess:
+      handlers[signal.SIGTERM] = self._on_sigterm
+    for signum, handler in handlers.items():
+      try:
+        self._previous[signum] = signal.signal(signum, handler)
+      except ValueError:  # not the main thread: no handler, as for any library call
+        pass
     return self
 
-  def _handle(self, signum, frame):
-    self.requested = True
+  def _on_sigterm(self, signum, frame):
+    self.signal_name = self.signal_name or 'SIGTERM'
+
+  def _on_sigint(self, signum, frame):
+    self.signal_name = 'SIGINT'
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    logging.warning('SIGINT: finishing the current step and saving a checkpoint; press Ctrl-C '
+                    'again to abort at once (losing the steps since the last checkpoint).')
+    if self._multiprocess:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def before_training(self) -> bool:
+    """Whether a signal came before the first step (only a single process stops there)."""
+    return self.signal_name is not None and not self._multiprocess
 
   def reached(self, step: int) -> bool:
     """Whether to save and stop after `step`; called after every step, by every process."""
     if self._multiprocess:
       try:
-        self.requested = multihost_utils.reached_preemption_sync_point(step)
+        synced = multihost_utils.reached_preemption_sync_point(step)
       except RuntimeError as e:  # jax_enable_preemption_service=False
         logging.warning('No preemption checkpoints: %s', e)
         self._multiprocess = False
-    return self.requested
+      else:
+        if synced:
+          self.signal_name = self.signal_name or 'SIGTERM'
+        return synced
+    return self.signal_name is not None
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 @jax.jit
@@ -128,11 +166,12 @@ def _check_finite(loss: float, step: int, ckpts: RunCheckpoints, workdir: str,
   if np.isfinite(loss) and (state is None or bool(_all_finite(
       (state.params, state.batch_stats, state.opt_state, state.ema_params)))):
     return
-  last = ckpts.latest_step()
+  last = ckpts.latest_intact_step()  # never a step whose checksums were not verified
   what = f'Training loss became {loss}' if not np.isfinite(loss) else 'The weights became NaN/Inf'
+  where = (f'the last good checkpoint (step {last}, its checksums verified) in {workdir} is intact'
+           if last is not None else f'no checkpoint in {workdir} is verified intact')
   raise DivergedError(
-      f'{what} by step {step}. Nothing was saved after this; the last good checkpoint '
-      f'({"step " + str(last) if last is not None else "none yet"}) in {workdir} is intact. Lower '
+      f'{what} by step {step}. Nothing was saved after this; {where}. Lower '
       '--config.learning_rate (or add warmup) and rerun with the same --workdir to resume from it.')
 
 
@@ -142,15 +181,37 @@ def _format_eta(seconds: float) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       writer: Optional[Any] = None, hooks: Sequence[writers.Hook] = ()) -> dict:
+                       writer: Optional[Any] = None, hooks: Sequence[writers.Hook] = (),
+                       allow_changed_data: bool = False) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints), then writes the full report.
 
-  Returns the report. On SIGTERM it saves a checkpoint and raises `Preempted`; rerunning resumes.
-  `writer` (default: clu's TensorBoard writer in `workdir`) receives the epoch scalars; after every
-  step, clu's progress report and then each of `hooks` is called with (step, state).
+  Returns the report. On SIGTERM or SIGINT it saves a checkpoint and raises `Preempted`; rerunning
+  resumes. `writer` (default: clu's TensorBoard writer in `workdir`) receives the epoch scalars;
+  after every step, clu's progress report and then each of `hooks` is called with (step, state).
+  A resume with other data settings (`input_pipeline.data_identity`) than the checkpoints record
+  is refused unless `allow_changed_data`.
   """
   validate_config(config, jax.device_count())
   files.prepare_workdir(workdir)
+  with workdir_lock(workdir, jax.process_index()), _Interruption() as interruption:
+    return _train_and_evaluate(config, workdir, writer, hooks, allow_changed_data, interruption)
+
+
+def _recorded_data(ckpts: RunCheckpoints, workdir: str) -> Optional[dict]:
+  """The data settings the run's checkpoints were made with (older runs: from its config.json)."""
+  meta = ckpts.newest_meta()
+  if meta is None:
+    return None
+  if 'data' in meta:
+    return meta['data']
+  if os.path.exists(os.path.join(workdir, 'config.json')):
+    return input_pipeline.data_identity(load_run_config(workdir))
+  return None
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer: Optional[Any],
+                        hooks: Sequence[writers.Hook], allow_changed_data: bool,
+                        interruption: _Interruption) -> dict:
   data = input_pipeline.load_dataset(config)
   mesh = sharding.data_mesh()
   replicated = NamedSharding(mesh, P())
@@ -167,13 +228,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = build_model(config, data.num_classes)
   schedule = steps.create_learning_rate_schedule(config, steps_per_epoch)
   tx = steps.create_optimizer(config, schedule)
-  state = steps.init_train_state(config, model, tx, image_shape, replicated)
   monitor = config.early_stopping.monitor
-  progress = Progress(architecture(config, data.num_classes),
+  progress = Progress(architecture(config, data.num_classes), input_pipeline.data_identity(config),
                       early_stopping=_early_stopping(config.early_stopping))
   ckpts = RunCheckpoints(workdir, config.keep_checkpoints)
-  if ckpts.latest_step() is not None:
-    state, meta = ckpts.restore(state, architecture=progress.architecture)
+  recorded = _recorded_data(ckpts, workdir)
+  try:
+    input_pipeline.check_same_data(recorded, progress.data, f'The run in {workdir}')
+  except input_pipeline.DataSettingsChangedError as e:
+    if not allow_changed_data:
+      raise
+    logging.warning('%s Going on, as --allow_changed_data asks.', str(e).split(' They decide')[0])
+  # Restored onto shapes only: a damaged or mismatched checkpoint is found before any compiling.
+  target = abstract_train_state(config, data.num_classes, replicated, image_shape, steps_per_epoch)
+  state, meta = ckpts.resume(target, progress.architecture)
+  if interruption.before_training():  # a signal while the data loaded
+    raise Preempted(0 if state is None else int(state.step), workdir, interruption.signal_name,
+                    saved=False)
+  logging.info('Config, data and checkpoints checked; compiling.')
+  if state is None:
+    state = steps.init_train_state(config, model, tx, image_shape, replicated)
+  else:
     progress = Progress.from_meta(meta, config)
     logging.info('Resumed from %s at step %d (epoch %d).', workdir, int(state.step), progress.epoch)
   start_step = int(state.step)
@@ -202,61 +277,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   compile_s = time.perf_counter() - compile_start
   logging.info('Compiled the train step in %.1fs; %d steps/epoch, %d devices, global batch %d.',
                compile_s, steps_per_epoch, mesh.size, config.batch_size)
+  if interruption.before_training():  # a signal while data loaded or the step compiled
+    raise Preempted(start_step, workdir, interruption.signal_name, saved=False)
 
   epoch_metrics, perm_epoch, perm = empty_metrics, None, None
   epoch_start, epoch_first_step = time.perf_counter(), start_step
   log_time, log_step = time.perf_counter(), start_step
   step = start_step
-  with _Preemption() as preemption:
-    while step < total_steps and progress.stopped_epoch is None:
-      epoch = step // steps_per_epoch
-      if perm_epoch != epoch:
-        perm, perm_epoch = permutation(data_rng, epoch), epoch
-      state, epoch_metrics = step_fn(state, epoch_metrics, train_images, train_labels, perm,
-                                     step_rng)
-      step += 1
-      for hook in hooks:
-        hook(step, state)
-      if step % config.log_every_steps == 0:
-        current = epoch_metrics.scalars()  # waits for the step
-        now = time.perf_counter()
-        rate = (step - log_step) / (now - log_time)
-        logging.info('step %d/%d  epoch %d  loss %.4f  acc %.4f  |  %.2f steps/s  %.0f img/s  '
-                     'ETA %s', step, total_steps, epoch + 1, current['loss'], current['accuracy'],
-                     rate, rate * config.batch_size, _format_eta((total_steps - step) / rate))
-        _check_finite(current['loss'], step, ckpts, workdir)
-        log_time, log_step = now, step
-      preempted = preemption.reached(step)
-      save = best = False
-      if step % steps_per_epoch == 0 or step == total_steps:  # the end of an epoch
-        train = epoch_metrics.scalars()
-        _check_finite(train['loss'], step, ckpts, workdir, state)
-        epoch_time = time.perf_counter() - epoch_start
-        row = {'epoch': epoch + 1, 'step': step, 'train_loss': train['loss'],
-               'train_accuracy': train['accuracy'], 'learning_rate': float(schedule(step)),
-               'epoch_time_s': epoch_time,
-               'train_images_per_s': (step - epoch_first_step) * config.batch_size / epoch_time}
-        is_last = step == total_steps
-        if val_chunks is not None and ((epoch + 1) % config.eval_every_epochs == 0 or is_last):
-          best = _validate(config, progress, row, evaluate(eval_step, eval_variables(state),
-                                                           val_chunks)[0])
-        progress.history.append(row)
-        progress.epoch = epoch + 1
-        writer.write_scalars(step, {k: v for k, v in row.items() if k not in ('epoch', 'step')})
-        logging.info('epoch %d: %s', epoch + 1,
-                     ', '.join(f'{k}={v:.4g}' for k, v in row.items() if k != 'epoch'))
-        save = ((epoch + 1) % config.checkpoint_every_epochs == 0 or is_last or best
-                or progress.stopped_epoch is not None)
-        epoch_metrics = empty_metrics
-        epoch_start, epoch_first_step = time.perf_counter(), step
-      elif preempted:
-        _check_finite(epoch_metrics.scalars()['loss'], step, ckpts, workdir, state)
-      if save or preempted:
-        ckpts.save(step, state, progress.to_meta(monitor), best=best)
-      if preempted:
-        writer.flush()
-        ckpts.close()
-        raise Preempted(step, workdir)
+  while step < total_steps and progress.stopped_epoch is None:
+    epoch = step // steps_per_epoch
+    if perm_epoch != epoch:
+      perm, perm_epoch = permutation(data_rng, epoch), epoch
+    state, epoch_metrics = step_fn(state, epoch_metrics, train_images, train_labels, perm,
+                                   step_rng)
+    step += 1
+    for hook in hooks:
+      hook(step, state)
+    if step % config.log_every_steps == 0:
+      current = epoch_metrics.scalars()  # waits for the step
+      now = time.perf_counter()
+      rate = (step - log_step) / (now - log_time)
+      logging.info('step %d/%d  epoch %d  loss %.4f  acc %.4f  |  %.2f steps/s  %.0f img/s  '
+                   'ETA %s', step, total_steps, epoch + 1, current['loss'], current['accuracy'],
+                   rate, rate * config.batch_size, _format_eta((total_steps - step) / rate))
+      _check_finite(current['loss'], step, ckpts, workdir)
+      log_time, log_step = now, step
+    preempted = interruption.reached(step)
+    save = best = False
+    if step % steps_per_epoch == 0 or step == total_steps:  # the end of an epoch
+      train = epoch_metrics.scalars()
+      _check_finite(train['loss'], step, ckpts, workdir, state)
+      epoch_time = time.perf_counter() - epoch_start
+      row = {'epoch': epoch + 1, 'step': step, 'train_loss': train['loss'],
+             'train_accuracy': train['accuracy'], 'learning_rate': float(schedule(step)),
+             'epoch_time_s': epoch_time,
+             'train_images_per_s': (step - epoch_first_step) * config.batch_size / epoch_time}
+      is_last = step == total_steps
+      if val_chunks is not None and ((epoch + 1) % config.eval_every_epochs == 0 or is_last):
+        best = _validate(config, progress, row, evaluate(eval_step, eval_variables(state),
+                                                         val_chunks)[0])
+      progress.history.append(row)
+      progress.epoch = epoch + 1
+      writer.write_scalars(step, {k: v for k, v in row.items() if k not in ('epoch', 'step')})
+      logging.info('epoch %d: %s', epoch + 1,
+                   ', '.join(f'{k}={v:.4g}' for k, v in row.items() if k != 'epoch'))
+      save = ((epoch + 1) % config.checkpoint_every_epochs == 0 or is_last or best
+              or progress.stopped_epoch is not None)
+      epoch_metrics = empty_metrics
+      epoch_start, epoch_first_step = time.perf_counter(), step
+    elif preempted:
+      _check_finite(epoch_metrics.scalars()['loss'], step, ckpts, workdir, state)
+    if save or preempted:
+      ckpts.save(step, state, progress.to_meta(monitor), best=best)
+    if preempted:
+      writer.flush()
+      ckpts.close()
+      raise Preempted(step, workdir, interruption.signal_name)
   writer.flush()
 
   final = state

@@ -1,13 +1,17 @@
-"""Shared test helpers: tiny configs and a compilation cache, so the suite fits 2 CPU cores.
+"""Shared test helpers: tiny configs, a compilation cache, and commands run in subprocesses.
 
 Training tests compile the same small programs more than once (a run, the same run interrupted,
 its resume). JAX's persistent compilation cache, pointed at a directory that lives for one test
-session, lets the later runs load those programs instead of compiling them again.
+session, lets the later runs load those programs instead of compiling them again; the commands
+that tests start in subprocesses share it through `subprocess_env`.
 """
 
 import os
 import shutil
+import subprocess
 import tempfile
+import time
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -28,6 +32,44 @@ if not jax.config.jax_compilation_cache_dir:  # respect a cache the caller alrea
 
 def pytest_unconfigure(config):
   shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+def subprocess_env(**extra: str) -> dict:
+  """Environment of a command under test: one CPU device, quiet TensorFlow, this session's cache."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+  env.pop('XLA_FLAGS', None)
+  if jax.config.jax_compilation_cache_dir:
+    env['JAX_COMPILATION_CACHE_DIR'] = jax.config.jax_compilation_cache_dir
+  env.update(extra)
+  return env
+
+
+def checkpoint_steps(workdir: str, which: str = 'checkpoints') -> list:
+  """Completed checkpoint steps: orbax renames a step directory into place only when complete."""
+  directory = os.path.join(workdir, which)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def wait_until(procs: Sequence[subprocess.Popen], condition: Callable[[], bool], timeout: float,
+               interval: float = 0.05) -> None:
+  """Waits on the running commands until `condition()` holds, looking every `interval` seconds.
+
+  Each look waits on the first process instead of sleeping, so a command that ends early fails
+  the test at once rather than at the timeout.
+  """
+  deadline = time.monotonic() + timeout
+  while not condition():
+    ended = [p.returncode for p in procs if p.poll() is not None]
+    assert not ended, f'the run ended (exit {ended}) before the moment awaited'
+    assert time.monotonic() < deadline, 'timed out waiting for the run'
+    try:
+      procs[0].wait(timeout=interval)
+    except subprocess.TimeoutExpired:
+      pass
 
 
 def random_variables(module, *args, seed=0, **kwargs):

@@ -382,5 +382,5 @@ def test_file_formats(tmp_path, seresnet18_state_dict):
   torch.save({'accuracy': 0.9}, tmp_path / 'other.pth')
   with pytest.raises(convert.ConversionError, match='Found no state dict'):
     convert.load_torch_file(str(tmp_path / 'other.pth'), trust_pickle=True)
-  with pytest.raises(FileNotFoundError, match='No PyTorch weights file'):
+  with pytest.raises(convert.ConversionError, match='No PyTorch weights file'):
     convert.load_torch_file(str(tmp_path / 'absent.pth'))

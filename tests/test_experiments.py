@@ -13,6 +13,7 @@ import sys
 
 import pytest
 from absl import flags
+from conftest import REPO
 from flax import traverse_util
 from ml_collections import config_flags
 
@@ -21,7 +22,6 @@ from se_resnet_jax.config import ConfigError, base_config, load_config_file
 from se_resnet_jax.errors import Preempted
 from se_resnet_jax.experiments import ablation, common, kfold, search
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 TINY = {
     'dataset': 'synthetic', 'synthetic.num_train': 320, 'synthetic.num_test': 64,
@@ -161,6 +161,7 @@ def write_config_file(path, values):
   return str(path)
 
 
+@pytest.mark.slow
 def test_search_command_writes_tables_heat_map_and_a_config_that_reruns(tmp_path, cache_dir):
   # r=2 at dropout 0 and 0.1: the programs the tests above compiled, loaded from the shared cache.
   config_file = write_config_file(tmp_path / 'tiny.py', {**TINY, 'num_epochs': 7})
@@ -200,6 +201,7 @@ def test_kfold_runs_validate_on_complementary_folds():
   assert not kfold.fold_config(tiny_config(), 2, 0.1, 2, 0).evaluate_test
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line(tmp_path):
   config_file = write_config_file(tmp_path / 'tiny.py', TINY)
   done = subprocess.run(

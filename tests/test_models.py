@@ -365,9 +365,10 @@ def test_package_exports_every_constructor():
 
 
 def test_import_is_light():
-  """Importing the models must not pull in TensorFlow, tfds or matplotlib (seconds, and GBs)."""
+  """Importing the models must not pull in TensorFlow, tfds, matplotlib or PyTorch (seconds, and
+  GBs); PyTorch comes only with `se_resnet_jax.torch_models` or a conversion."""
   code = ('import sys, se_resnet_jax; '
-          'print(sorted(m for m in ("tensorflow", "tensorflow_datasets", "matplotlib") '
+          'print(sorted(m for m in ("tensorflow", "tensorflow_datasets", "matplotlib", "torch") '
           'if m in sys.modules))')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == '[]', out.stdout + out.stderr

@@ -16,6 +16,8 @@ import sys
 import pytest
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # a subprocess with 8 devices runs the loop
+
 SCRIPT = r'''
 import functools, json, sys
 
@@ -53,8 +55,10 @@ summary = {'devices': result['device']['count'], 'step': result['step'],
            'test': report['test'], 'validation': report['validation']}
 
 # The state the loop checkpointed after 3 steps (momentum and BatchNorm statistics included).
+steps_per_epoch = 16  # 512 training images / 32
 mesh8 = Mesh(np.array(jax.devices()), ('data',))
-target = evaluation.abstract_train_state(config, 100, NamedSharding(mesh8, P()))
+target = evaluation.abstract_train_state(config, 100, NamedSharding(mesh8, P()),
+                                         steps_per_epoch=steps_per_epoch)
 ckpts = RunCheckpoints(workdir)
 state, _ = ckpts.restore(target)
 ckpts.close()

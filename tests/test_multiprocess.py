@@ -11,17 +11,16 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, checkpoint_steps, wait_until
 
 from se_resnet_jax.checkpoints import RunCheckpoints
 from se_resnet_jax.evaluation import abstract_train_state
 from se_resnet_jax.models import architecture
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 8  # (384 - 128 validation) / 32
 EPOCHS = 2
 SMALL = {
@@ -32,9 +31,9 @@ SMALL = {
 }
 TIMEOUT_S = 600  # a guard against hangs only
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     'jax_cpu_collectives_implementation' not in jax.config.values,
-    reason='this jaxlib has no cross-process CPU collectives (jax_cpu_collectives_implementation)')
+    reason='this jaxlib has no cross-process CPU collectives (jax_cpu_collectives_implementation)')]
 
 
 def _env(devices: int) -> dict:
@@ -91,12 +90,6 @@ def _wait(procs: list, logs: str) -> list:
   return [p.returncode for p in procs], outputs
 
 
-def _steps(workdir: str) -> list:
-  directory = os.path.join(workdir, 'checkpoints')
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(
-      directory) else []
-
-
 def _restore(workdir: str, make_tiny_config) -> dict:
   """The latest checkpoint read with the library's RunCheckpoints onto this process's one device.
 
@@ -119,10 +112,8 @@ def test_two_processes_stop_together_on_one_sigterm_and_match_one_process(
     tmp_path, make_tiny_config):
   multi, logs = str(tmp_path / 'multi'), str(tmp_path / 'log')
   procs = _launch(multi, logs)
-  deadline = time.monotonic() + TIMEOUT_S
-  while not _steps(multi):  # the first epoch's checkpoint, written by both processes together
-    assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
-    time.sleep(0.01)
+  # the first epoch's checkpoint, written by both processes together
+  wait_until(procs, lambda: checkpoint_steps(multi), TIMEOUT_S)
   procs[1].send_signal(signal.SIGTERM)  # a preemption notice reaching one host first
   codes, outputs = _wait(procs, logs)
   assert codes == [0, 0], [o[-2000:] for o in outputs]
@@ -131,7 +122,7 @@ def test_two_processes_stop_together_on_one_sigterm_and_match_one_process(
             if 'SIGTERM: saved a checkpoint at step' in line] for o in outputs]
   assert len(saved[0]) == 1 and saved[0] == saved[1], saved
   step = int(saved[0][0])
-  assert STEPS_PER_EPOCH <= step < EPOCHS * STEPS_PER_EPOCH and _steps(multi)[-1] == step
+  assert STEPS_PER_EPOCH <= step < EPOCHS * STEPS_PER_EPOCH and checkpoint_steps(multi)[-1] == step
 
   # One process with all 4 devices, stopped at the same step (max_steps leaves the schedule alone).
   single = str(tmp_path / 'single')

@@ -59,6 +59,7 @@ def test_notebook_is_saved_without_outputs():
   assert len(tagged) == 1 and 'SE_RESNET_NOTEBOOK_QUICK' in tagged[0].source
 
 
+@pytest.mark.slow
 def test_notebook_runs_offline_on_cpu(tmp_path, monkeypatch):
   monkeypatch.setenv('JUPYTER_PATH', str(_write_kernelspec(tmp_path / 'jupyter')))
   monkeypatch.setenv('IPYTHONDIR', str(tmp_path / 'ipython'))  # no user startup files or history

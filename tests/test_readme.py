@@ -20,3 +20,13 @@ def test_readme_commands_are_the_ones_ci_runs():
   for command in ('pip install -e ".[test]"', 'python -m pytest -q tests'):
     assert command in text
     assert command.replace('pip install', 'pip install --quiet') in ci or command in ci
+
+
+def test_readme_pytorch_example_runs():
+  section = README.read_text().split('## Coming from PyTorch', 1)[1]
+  code = re.findall(r'```python\n(.*?)```', section.split('\n## ', 1)[0], re.S)[0]
+  assert len(code.strip().splitlines()) == 5
+  namespace = {}
+  exec(compile(code, str(README), 'exec'), namespace)
+  assert namespace['report'].folded_biases == ()
+  assert set(namespace['variables']) == {'params', 'batch_stats'}

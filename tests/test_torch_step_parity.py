@@ -1,9 +1,10 @@
 """The library's training step is PyTorch's training step (issue 11).
 
 From identical weights (random, BatchNorm statistics and scales randomised), batch and labels, with
-augmentation and dropout off, three steps of the training loop's own compiled step on the product
-recipe (configs/cifar10.py: Nesterov SGD with momentum 0.9, weight decay 5e-4 on kernels only, label
-smoothing 0.1, linear warm-up of the learning rate) against the same three steps written the usual
+augmentation and dropout off, three steps of the training loop's own compiled step
+(`steps.make_train_step`) on the product recipe (configs/cifar10.py: Nesterov SGD with momentum
+0.9, weight decay 5e-4 on kernels only, label smoothing 0.1, linear warm-up of the learning rate)
+against the same three steps written the usual
 PyTorch way: `torch.optim.SGD` with a decay and a no-decay parameter group, the learning rate set
 from the same schedule before each step, `CrossEntropyLoss(label_smoothing=0.1)`, the PyTorch twin
 (`se_resnet_jax.torch_models`) in train mode.
@@ -34,7 +35,8 @@ import torch
 from conftest import CONFIGS_DIR, load_config_file, random_variables, randomise_batch_stats
 from flax import traverse_util
 
-from se_resnet_jax import augment, convert, torch_models, train
+from se_resnet_jax import augment, convert, steps, torch_models
+from se_resnet_jax.models import build_model
 
 torch.set_num_threads(2)
 BATCH, STEPS, STEPS_PER_EPOCH = 8, 3, 4  # warm-up over one epoch: lr 0, 0.025, 0.05
@@ -56,11 +58,11 @@ def product_config():
 
 def run_library(config, model, variables, images, labels):
   """STEPS steps of the loop's compiled step; the batch is the whole (one-shard) training set."""
-  tx = train.create_optimizer(config, STEPS_PER_EPOCH)
-  state = train.TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+  tx = steps.create_optimizer(config, steps.create_learning_rate_schedule(config, STEPS_PER_EPOCH))
+  state = steps.TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                                   batch_stats=variables['batch_stats'], ema_params={})
-  step = train.make_train_step(config, 1, BATCH, MEAN, STD)  # one batch per "epoch": the same one
-  metrics = train.TrainMetrics.empty()
+  step = steps.make_train_step(config, 1, BATCH, MEAN, STD)  # one batch per "epoch": the same one
+  metrics = steps.Metrics.empty()
   perm = jnp.arange(BATCH)[None]
   for _ in range(STEPS):
     state, metrics = step(state, metrics, images[None], labels[None], perm, jax.random.key(1))
@@ -81,7 +83,7 @@ def run_torch(config, model, variables, images, labels):
                                {'params': no_decay, 'weight_decay': 0.0}],
                               lr=0.0, momentum=config.momentum, nesterov=config.nesterov)
   loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-  schedule = train.create_learning_rate_schedule(config, STEPS_PER_EPOCH)
+  schedule = steps.create_learning_rate_schedule(config, STEPS_PER_EPOCH)
   x = np.asarray(augment.preprocess_for_eval(images, MEAN, STD))  # = train's with augment off
   x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
   y = torch.from_numpy(np.asarray(labels)).long()
@@ -110,7 +112,7 @@ def run_torch(config, model, variables, images, labels):
 
 def test_three_training_steps_match_pytorch():
   config = product_config()
-  model = train.build_model(config, 10)
+  model = build_model(config, 10)
   rs = np.random.RandomState(4)
   images = rs.randint(0, 256, (BATCH, 32, 32, 3)).astype(np.uint8)
   variables = jax.device_get(  # host copies: the library's step donates its device buffers
