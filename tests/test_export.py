@@ -65,6 +65,7 @@ def test_model_card_says_what_the_file_holds(exports, tiny_run):  # noqa: F811
   assert {'cpu', 'cuda'} <= set(cards['jax']['platforms'])
 
 
+@pytest.mark.slow  # a fresh Python process
 @pytest.mark.parametrize('fmt, heading, call', [
     ('jax', '### Load it with jax alone', 'model.call(images)'),
     ('onnx', '### ONNX', "session.run(None, {'images': images})")])
@@ -150,6 +151,7 @@ def test_a_batch_norm_without_a_convolution_before_it_is_refused():
     inference.fold_batch_norm(model, variables, (4, 4, 3))
 
 
+@pytest.mark.slow  # runs the command in a subprocess
 def test_the_command_writes_both_files_and_refuses_to_overwrite(tiny_run, tmp_path):  # noqa: F811
   out = str(tmp_path / 'model.jax')
   result = run_command('export', f'--workdir={tiny_run}', '--format=jax', f'--out={out}')
@@ -163,6 +165,7 @@ def test_the_command_writes_both_files_and_refuses_to_overwrite(tiny_run, tmp_pa
   assert {name: os.path.getmtime(tmp_path / name) for name in os.listdir(tmp_path)} == written
 
 
+@pytest.mark.slow  # runs the command in a subprocess
 def test_a_workdir_without_checkpoints_is_one_line(tmp_path):
   error = one_line_error(run_command('export', f'--workdir={tmp_path}', '--format=jax',
                                      f'--out={tmp_path / "m.jax"}'))
