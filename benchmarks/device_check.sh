@@ -17,8 +17,10 @@
 # benchmark stop gracefully inside their budgets and report how far they got.
 #
 # Settings (environment): OUT, WORK, STAGES ("twin fast bench"), DEADLINE_S (470), TWIN_EPOCHS
-# (30), TWIN_S (240), FAST_S (125), BENCH_S (80), TORCH_COMPILE (0: eager twin), BENCH_ARGS,
-# TWIN_ARGS / FAST_ARGS (extra --config overrides), NPZ (data/cifar10_jpeg.npz).
+# (30), TWIN_S (240), FAST_S (125), BENCH_S (80), TORCH_COMPILE (0: eager twin), TORCH_INIT
+# (torch: PyTorch's default initial weights; flax: drawn as the library draws them), BENCH_ARGS,
+# TWIN_ARGS / FAST_ARGS (extra --config overrides), NPZ (data/cifar10_jpeg.npz), HIDE_TENSORFLOW
+# (1 with --quick: a stub package makes `import tensorflow` fail in every stage, as on the GPU).
 set -uo pipefail  # no -e: a failed stage must not cost the stages after it
 cd "$(dirname "$0")/.."
 
@@ -30,6 +32,7 @@ OUT=${OUT:-./device_out}
 WORK=${WORK:-$(mktemp -d /tmp/device_check.XXXXXX)}
 STAGES=${STAGES:-twin fast bench}
 TORCH_COMPILE=${TORCH_COMPILE:-0}
+TORCH_INIT=${TORCH_INIT:-torch}
 NPZ=${NPZ:-data/cifar10_jpeg.npz}
 if [[ $QUICK == 1 ]]; then
   # Generated images, width 8 (16 for the benchmark's r=16), fp32 (bf16 convolutions are slow on
@@ -45,6 +48,7 @@ if [[ $QUICK == 1 ]]; then
   export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
   # Same-shaped programs in the stages compile once, into a cache of this run.
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$WORK/jax_cache}
+  HIDE_TENSORFLOW=${HIDE_TENSORFLOW:-1}  # run every stage as on the GPU image: no TensorFlow
 else
   DEADLINE_S=${DEADLINE_S:-470} TWIN_S=${TWIN_S:-240} FAST_S=${FAST_S:-125} BENCH_S=${BENCH_S:-80}
   TWIN_EPOCHS=${TWIN_EPOCHS:-30}
@@ -54,6 +58,12 @@ else
 fi
 
 mkdir -p "$OUT" "$WORK"
+if [[ ${HIDE_TENSORFLOW:-0} == 1 ]]; then
+  mkdir -p "$WORK/no_tensorflow/tensorflow"
+  echo "raise ImportError('TensorFlow is hidden by device_check.sh (HIDE_TENSORFLOW=1)')" \
+    > "$WORK/no_tensorflow/tensorflow/__init__.py"
+  export PYTHONPATH=$WORK/no_tensorflow${PYTHONPATH:+:$PYTHONPATH}
+fi
 START=$SECONDS
 LOG="$OUT/device_check.log"
 log() { echo "[device_check +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
@@ -134,7 +144,8 @@ run_twin() {
     --config.num_epochs="$TWIN_EPOCHS" --config.learning_rate=0.4 --config.warmup_epochs=2 \
     --config.half_precision=True $TWIN_ARGS \
     --out_dir="$OUT/twin" --runs_dir="$WORK/twin" --time_budget_s=$((STAGE_LIMIT - 15)) \
-    --torch_compile="$([[ $TORCH_COMPILE == 1 ]] && echo True || echo False)"
+    --torch_compile="$([[ $TORCH_COMPILE == 1 ]] && echo True || echo False)" \
+    --torch_init="$TORCH_INIT"
 }
 
 run_fast() {
@@ -152,7 +163,7 @@ run_bench() {
 }
 
 export -f run_twin run_fast run_bench
-export OUT WORK DATA TWIN_EPOCHS TWIN_ARGS FAST_ARGS BENCH_ARGS TORCH_COMPILE
+export OUT WORK DATA TWIN_EPOCHS TWIN_ARGS FAST_ARGS BENCH_ARGS TORCH_COMPILE TORCH_INIT
 for s in $STAGES; do
   case $s in
     twin) stage twin "$TWIN_S" run_twin ;;

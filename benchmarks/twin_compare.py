@@ -38,11 +38,11 @@ COLUMNS = ('framework', 'epochs', 'best epoch', 'final train acc', 'final val ac
 
 def framework_command(framework: str, config_args: Sequence[str], run_dir: str,
                       torch_time_budget_s: Optional[float] = None,
-                      torch_compile: bool = False) -> list:
+                      torch_compile: bool = False, torch_init: str = 'torch') -> list:
   if framework == 'jax':
     return [sys.executable, '-m', 'se_resnet_jax.main', *config_args, f'--workdir={run_dir}']
   command = [sys.executable, os.path.join(REPO, 'benchmarks', 'torch_train.py'), *config_args,
-             f'--out_dir={run_dir}', f'--torch_compile={torch_compile}']
+             f'--out_dir={run_dir}', f'--torch_compile={torch_compile}', f'--init={torch_init}']
   if torch_time_budget_s is not None:
     command.append(f'--time_budget_s={torch_time_budget_s}')
   return command
@@ -152,7 +152,7 @@ def markdown(rows: Sequence[dict], config_args: Sequence[str]) -> str:
 def compare(config_args: Sequence[str], out_dir: str, frameworks: Sequence[str] = FRAMEWORKS,
             timeout_s: Optional[float] = None, runs_dir: Optional[str] = None,
             time_budget_s: Optional[float] = None, torch_time_budget_s: Optional[float] = None,
-            torch_compile: bool = False) -> list:
+            torch_compile: bool = False, torch_init: str = 'torch') -> list:
   """Trains each framework in turn; twin.json / twin.md are rewritten after each one.
 
   With time_budget_s, PyTorch's training budget is cut to what the sides before it left (less a
@@ -172,7 +172,8 @@ def compare(config_args: Sequence[str], out_dir: str, frameworks: Sequence[str] 
       if time_budget_s is not None:
         left = time_budget_s - (time.perf_counter() - start) - TORCH_MARGIN_S
         budget = max(0.0, left if budget is None else min(budget, left))
-      options = dict(torch_time_budget_s=budget, torch_compile=torch_compile)
+      options = dict(torch_time_budget_s=budget, torch_compile=torch_compile,
+                     torch_init=torch_init)
     rows.append(run_framework(framework, config_args, out_dir, timeout_s, runs_dir, **options))
     table = markdown(rows, config_args)
     files.write_json_atomic(os.path.join(out_dir, 'twin.json'),
@@ -196,7 +197,8 @@ def main(argv):
                        f'{sorted(unknown)}.')
     out_dir = FLAGS.out_dir or os.path.join('runs', time.strftime('twin_%Y%m%d_%H%M%S'))
     compare(config_args, out_dir, frameworks, FLAGS.timeout_s, FLAGS.runs_dir,
-            FLAGS.time_budget_s, FLAGS.torch_time_budget_s, FLAGS.torch_compile)
+            FLAGS.time_budget_s, FLAGS.torch_time_budget_s, FLAGS.torch_compile,
+            FLAGS.torch_init)
 
   cli.run(argv, command)
 
@@ -214,6 +216,8 @@ if __name__ == '__main__':
   flags.DEFINE_float('torch_time_budget_s', None, 'PyTorch stops training between epochs when '
                      'the next would end after this many seconds, and reports how far it got.')
   flags.DEFINE_bool('torch_compile', False, 'torch.compile the PyTorch model.')
+  flags.DEFINE_enum('torch_init', 'torch', ('torch', 'flax'), 'PyTorch\'s initial weights: its '
+                    'defaults, or drawn as Flax draws them.')
   flags.DEFINE_float('timeout_s', None, 'Kill a side that runs longer than this (its row then '
                      'says so).')
   config_flags.DEFINE_config_file('config', None, 'Training configuration file, as for '
