@@ -1,84 +1,437 @@
-"""Orbax checkpoints of a run: the last K states and the best one by validation accuracy.
+"""Orbax checkpoints of a run: the last K states and the best one, each verified when read back.
 
-Orbax writes each checkpoint into a temporary directory and renames it when complete, so a process
-killed mid-write leaves the previous checkpoints intact and the partial one is ignored on resume.
-Each checkpoint carries a JSON `meta` item (epoch, history, early-stopping state, architecture) so a
-resumed run continues its curves and refuses weights from a different network.
+One orbax `CheckpointManager` keeps `workdir/checkpoints/<step>`: its preservation policy keeps the
+latest K steps plus the step with the best validation accuracy (the `metrics` a new best is saved
+with). Orbax writes each step into a temporary directory and renames it when complete, so a process
+killed mid-write leaves the previous steps intact and the partial one is ignored on resume.
+
+Orbax does not detect damaged bytes: a flipped bit in an array file restores silently as a wrong
+weight, and zeroed blocks can restore as Inf/NaN. So each saved step also gets `checksums.json`
+(SHA-256 of every file), and every restore checks the checksums and then that the restored arrays
+are finite. A damaged step is reported by name; on resume the run falls back to the newest intact
+step, moving the unusable ones to `workdir/set_aside/` (nothing is deleted).
+
+Each step carries a JSON `meta` item (epoch, history, early-stopping state, architecture) so a
+resumed run continues its curves and refuses weights from a different network. Runs made before
+this layout kept their best state in a second directory, `workdir/best`; it is still read.
 """
 
+import errno
+import glob
+import hashlib
+import json
+import logging as std_logging
 import os
+import shutil
 from typing import Any, Optional
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+from se_resnet_jax.errors import UserError
+
+CHECKSUMS = 'checksums.json'
+SET_ASIDE = 'set_aside'
+BEST_METRIC = 'val_accuracy'
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint that cannot be used; the message says what to do. Nothing was deleted."""
 
 
-def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      os.path.abspath(directory),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=False),
-      item_names=('state', 'meta'))
+class DamagedCheckpointError(CheckpointError):
+  """A step whose files fail their checksums, cannot be read, or hold NaN/Inf."""
+
+  def __init__(self, where: str, step: int, reason: str):
+    super().__init__(f'Checkpoint {where} is damaged: {reason}.')
+    self.where, self.step, self.reason = where, step, reason
+
+
+def _manager(directory: str, keep: Optional[int]):
+  """Latest `keep` steps plus the best by validation accuracy, in one directory.
+
+  With `keep=None` the manager only reads (it never saves, so it never deletes). Directories are
+  created by the first save, not here: reading a run (evaluate) leaves no empty directories behind.
+  orbax's own read_only mode is not used: it logs three warnings each time it opens.
+  """
+  policies = ocp.checkpoint_managers
+  preserve = None if keep is None else policies.AnyPreservationPolicy([
+      policies.LatestN(keep),
+      policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                     keep_checkpoints_without_metrics=False)])
+  options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False,
+                                         best_fn=lambda m: m[BEST_METRIC],
+                                         preservation_policy=preserve)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=('state', 'meta'))
 
 
 def _reason(error: Exception) -> str:
   """The first line of a restore error, without TensorStore's unprintable spec dump."""
   text = str(error).splitlines()[0] if str(error) else ''
-  text = text.split(' See full TensorStore details')[0].rstrip('. ')
-  return f'{type(error).__name__}: {text[:300]}'
+  text = text.split(' See full TensorStore details')[0].split(' [tensorstore_spec=')[0]
+  return f'{type(error).__name__}: {text.rstrip(". ")[:300]}'
+
+
+def file_checksums(directory: str) -> dict:
+  """{relative path: sha256} of every file under `directory` except the checksum file itself."""
+  sums = {}
+  for path in sorted(glob.glob(os.path.join(directory, '**'), recursive=True)):
+    relative = os.path.relpath(path, directory)
+    if os.path.isfile(path) and relative != CHECKSUMS:
+      digest = hashlib.sha256()
+      with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+          digest.update(block)
+      sums[relative] = digest.hexdigest()
+  return sums
+
+
+def verify_checksums(directory: str) -> Optional[str]:
+  """None when every file matches its recorded checksum, else what is wrong.
+
+  A step without a checksum file (made by an older version, or a process killed between the save
+  and the checksums) raises FileNotFoundError: it can be restored, but not called verified.
+  """
+  with open(os.path.join(directory, CHECKSUMS)) as f:
+    try:
+      recorded = json.load(f)['files']
+    except (ValueError, KeyError, TypeError):
+      return f'its {CHECKSUMS} is unreadable'
+  actual = file_checksums(directory)
+  missing = sorted(set(recorded) - set(actual))
+  if missing:
+    return f'{missing[0]} is missing' + (f' (and {len(missing) - 1} more)' if missing[1:] else '')
+  changed = sorted(k for k in recorded if recorded[k] != actual[k])
+  if changed:
+    return (f'{changed[0]} does not match its checksum' +
+            (f' (and {len(changed) - 1} more files)' if changed[1:] else ''))
+  return None
+
+
+def nonfinite_leaves(tree: Any) -> list:
+  """Paths of the floating-point arrays in `tree` holding NaN or Inf (this process's shards)."""
+  bad = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not jax.numpy.issubdtype(getattr(leaf, 'dtype', np.asarray(leaf).dtype), np.inexact):
+      continue
+    if isinstance(leaf, jax.Array):  # each distinct shard once (replicas hold the same values)
+      parts = [np.asarray(s.data) for s in
+               {str(s.index): s for s in leaf.addressable_shards}.values()]
+    else:
+      parts = [np.asarray(leaf)]
+    if not all(np.isfinite(p).all() for p in parts):
+      bad.append(jax.tree_util.keystr(path))
+  return bad
+
+
+def _disk_full(error: BaseException) -> bool:
+  """Whether an error (or one it came from) is ENOSPC; TensorStore wraps it in a ValueError."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return True
+    if 'No space left on device' in str(error) or "os_error_code='28'" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _size(num_bytes: float) -> str:
+  for unit in ('bytes', 'KB', 'MB', 'GB'):
+    if num_bytes < 1024 or unit == 'GB':
+      return f'{num_bytes:.0f} {unit}' if unit == 'bytes' else f'{num_bytes:.1f} {unit}'
+    num_bytes /= 1024
+
+
+def _directory_bytes(directory: str) -> int:
+  return sum(os.path.getsize(p) for p in glob.glob(os.path.join(directory, '**'), recursive=True)
+             if os.path.isfile(p))
+
+
+class _OrbaxSaveLogs(std_logging.Filter):
+  """Holds orbax's error logs during a save, to replay them unless the save failed on a full disk.
+
+  Orbax logs each failed background write with a traceback (about 120 lines for a full disk)
+  before the save raises; the run then says the one thing that matters in one line. Its warning
+  for each save without metrics is dropped: only a new best carries metrics, by design.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.records = []
+
+  def filter(self, record):
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.levelno >= std_logging.ERROR:
+      self.records.append(record)
+      return False
+    return 'did not provide metrics' not in record.getMessage()
 
 
 class RunCheckpoints:
-  """`workdir/checkpoints` keeps the latest K states; `workdir/best` keeps the best one."""
+  """`workdir/checkpoints`: the latest K states and the best one, checked when read back.
 
-  def __init__(self, workdir: str, keep: int = 3):
-    self.latest = _manager(os.path.join(workdir, 'checkpoints'), keep)
-    self.best = _manager(os.path.join(workdir, 'best'), 1)
+  `read_only` is for reading a run (evaluate): it never saves, so nothing is deleted or created.
+  """
 
-  def save(self, step: int, state: Any, meta: dict, best: bool = False) -> None:
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    self.latest.save(step, args=args, force=True)
-    if best:
-      if step in self.best.all_steps():  # left by an earlier life of a run resumed from before it
-        self.best.delete(step)
-      self.best.save(step, args=args, force=True)
+  def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
+    self.workdir = workdir
+    self._manager = _manager(os.path.join(workdir, 'checkpoints'), None if read_only else keep)
+    legacy = os.path.join(workdir, 'best')
+    self._legacy_best = _manager(legacy, None) if os.path.isdir(legacy) else None
+    self._read_only = read_only
+    self._verified = {}  # (directory, step) -> None (intact), reason (damaged) or 'unverified'
+
+  # Where the steps are.
+
+  def steps(self) -> list:
+    return list(self._manager.all_steps())
 
   def latest_step(self, which: str = 'latest') -> Optional[int]:
-    return getattr(self, which).latest_step()
+    """The newest step ('latest') or the best one ('best'), whether or not it was verified."""
+    return self._locate(which)[1]
+
+  def _locate(self, which: str, step: Optional[int] = None):
+    """(manager, step) for 'latest' or 'best' (the legacy `best/` when no step holds metrics)."""
+    if which not in ('latest', 'best'):
+      raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
+    if step is not None:
+      return self._manager, step
+    if which == 'latest':
+      return self._manager, self._manager.latest_step()
+    has_metrics = any(self._manager.metrics(s) for s in self._manager.all_steps())
+    if not has_metrics and self._legacy_best is not None:
+      return self._legacy_best, self._legacy_best.latest_step()
+    return self._manager, self._manager.best_step() if has_metrics else None
+
+  def newest_meta(self) -> Optional[dict]:
+    """The `meta` of the newest step whose meta reads (unverified): what the run last recorded.
+
+    Cheap (a small JSON file), so a resume can refuse a changed setting before it restores or
+    moves anything.
+    """
+    for step in reversed(self.steps()):
+      try:
+        return self._manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))['meta']
+      except Exception:  # noqa: BLE001 - a damaged step: resume() reports it
+        continue
+    return None
+
+  def _where(self, manager, step) -> str:
+    return os.path.join(str(manager.directory), str(step))
+
+  # Integrity.
+
+  def _status(self, manager, step: int) -> Optional[str]:
+    """None when intact, 'unverified' without checksums, else what is damaged (cached)."""
+    key = (str(manager.directory), step)
+    if key not in self._verified:
+      try:
+        self._verified[key] = verify_checksums(self._where(manager, step))
+      except FileNotFoundError:
+        self._verified[key] = 'unverified'
+    return self._verified[key]
+
+  def verify(self, which: str = 'latest', step: Optional[int] = None) -> Optional[str]:
+    """None when the step's files match their checksums; else why not ('unverified': no sums)."""
+    manager, step = self._locate(which, step)
+    if step is None:
+      raise CheckpointError(f'No {which} checkpoint in {manager.directory}.')
+    return self._status(manager, step)
+
+  def latest_intact_step(self) -> Optional[int]:
+    """The newest step whose files match their checksums: the only kind a message calls intact."""
+    for step in reversed(self.steps()):
+      if self._status(self._manager, step) is None:
+        return step
+    return None
+
+  # Saving.
+
+  def save(self, step: int, state: Any, meta: dict, best: bool = False) -> None:
+    """Saves `state` and `meta` at `step`, with checksums; `best` marks a new best validation
+    accuracy (meta['best_val_accuracy']), which the manager keeps past the latest K. A best
+    without a value (imported weights) is no best: 'best' then means the latest step.
+
+    A full disk ends in one CheckpointError saying how much space the checkpoint needs.
+    """
+    if self._read_only:
+      raise ValueError('RunCheckpoints(read_only=True) cannot save.')
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    best_value = meta.get('best_val_accuracy')
+    metrics = {BEST_METRIC: float(best_value)} if best and best_value is not None else None
+    held = _OrbaxSaveLogs()
+    absl_logger = std_logging.getLogger('absl')
+    absl_logger.addFilter(held)
+    try:
+      os.makedirs(self._manager.directory, exist_ok=True)
+      self._manager.save(step, args=args, metrics=metrics, force=True)
+      if jax.process_index() == 0:
+        self._write_checksums(step)
+    except Exception as e:  # noqa: BLE001 - only a full disk is turned into a user error
+      if not _disk_full(e):
+        absl_logger.removeFilter(held)
+        for record in held.records:
+          absl_logger.handle(record)
+        raise
+      raise self._disk_full_error(step, state) from None
+    finally:
+      absl_logger.removeFilter(held)
+    self._verified[(str(self._manager.directory), step)] = None
+
+  def _write_checksums(self, step: int) -> None:
+    directory = self._where(self._manager, step)
+    sums = {'algorithm': 'sha256', 'files': file_checksums(directory)}
+    temporary = os.path.join(directory, CHECKSUMS + '.tmp')
+    with open(temporary, 'w') as f:
+      json.dump(sums, f, indent=1)
+    os.replace(temporary, os.path.join(directory, CHECKSUMS))
+
+  def _disk_full_error(self, step: int, state: Any) -> CheckpointError:
+    directory = str(self._manager.directory)
+    for partial in glob.glob(os.path.join(directory, f'{step}.orbax-checkpoint-tmp*')):
+      shutil.rmtree(partial, ignore_errors=True)  # this save's own partial copy, never a step
+    previous = [s for s in self.steps() if s != step]
+    free = shutil.disk_usage(directory).free
+    if previous:  # the best estimate: the size of the run's last complete step
+      need = (f'needs about {_size(_directory_bytes(self._where(self._manager, previous[-1])))} '
+              f'in {directory}, which has {_size(free)} free')
+    else:
+      arrays = sum(x.nbytes if isinstance(x, jax.Array) else np.asarray(x).nbytes
+                   for x in jax.tree.leaves(state))
+      need = (f'needs at least {_size(arrays)} (its arrays, uncompressed) in {directory}, which '
+              f'has {_size(free)} free' if arrays > free else
+              f'does not fit in the {_size(free)} free in {directory} (its arrays alone take '
+              f'{_size(arrays)}; orbax adds metadata)')
+    resume = (f'rerun the same command to resume from step {previous[-1]}' if previous else
+              'rerun the same command')
+    return CheckpointError(
+        f'Disk full: the checkpoint of step {step} {need}. Free some space (or move the workdir), '
+        f'then {resume}. '
+        'No checkpoint was deleted.')
+
+  # Restoring.
 
   def restore(self, target: Any, which: str = 'latest', step: Optional[int] = None,
               architecture: Optional[dict] = None):
-    """(state, meta) restored onto `target`'s structure and shardings; clear errors otherwise."""
-    manager = getattr(self, which)
-    step = manager.latest_step() if step is None else step
-    where = os.path.join(str(manager.directory), str(step))
+    """(state, meta) of one step, restored onto `target`'s structure and shardings and checked.
+
+    Raises DamagedCheckpointError when the files fail their checksums, cannot be read, or the
+    state holds NaN/Inf; CheckpointError for a missing step or another network.
+    """
+    manager, step = self._locate(which, step)
     if step is None or step not in manager.all_steps():
       raise CheckpointError(f'No {which} checkpoint{"" if step is None else f" at step {step}"} in '
                             f'{manager.directory} (have steps {list(manager.all_steps())}).')
+    return self._restore(manager, step, target, architecture)
+
+  def _restore(self, manager, step: int, target: Any, architecture: Optional[dict]):
+    meta = self._check_readable(manager, step, architecture)
+    where = self._where(manager, step)
+    try:
+      state = manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
+    except Exception as e:  # noqa: BLE001 - any read failure means the same to the user
+      raise DamagedCheckpointError(where, step,
+                                   f'it could not be restored ({_reason(e)})') from None
+    bad = nonfinite_leaves(state)
+    if bad:
+      raise DamagedCheckpointError(where, step, f'{bad[0]} holds NaN/Inf' +
+                                   (f' (and {len(bad) - 1} more arrays)' if bad[1:] else ''))
+    return state, meta
+
+  def _check_readable(self, manager, step: int, architecture: Optional[dict]) -> dict:
+    """The step's meta, once its checksums pass and it is the config's network."""
+    where = self._where(manager, step)
+    status = self._status(manager, step)
+    if status == 'unverified':
+      logging.warning('Checkpoint %s has no %s (made by an older version, or the run was killed '
+                      'just after saving it): it is read unverified.', where, CHECKSUMS)
+    elif status is not None:
+      raise DamagedCheckpointError(where, step, status)
     try:
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    except Exception as e:  # noqa: BLE001 - any read failure means the same to the user
-      raise CheckpointError(
-          f'Checkpoint {where} is unreadable or damaged ({_reason(e)}). Move that step '
-          'directory aside to resume from an earlier one, or use a new --workdir. '
-          'Nothing was deleted.') from None
+    except Exception as e:  # noqa: BLE001
+      raise DamagedCheckpointError(where, step, f'its meta is unreadable ({_reason(e)})') from None
     if architecture is not None and meta.get('architecture') != architecture:
       raise CheckpointError(
           f'Checkpoint {where} holds a different network ({meta.get("architecture")}) than the '
           f'config asks for ({architecture}). Use the config that made it, or a new --workdir.')
-    try:
-      state = manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
-    except Exception as e:  # noqa: BLE001
-      raise CheckpointError(
-          f'Checkpoint {where} could not be restored ({_reason(e)}). It is damaged or from another '
-          'network: move that step directory aside, or use a new --workdir. '
-          'Nothing was deleted.') from None
-    return state, meta
+    return meta
+
+  def resume(self, target: Any, architecture: Optional[dict] = None):
+    """(state, meta) to resume from, or (None, None) for a fresh run; call before compiling.
+
+    Restores the newest intact step (checksums, readable, finite). The best step is checked too
+    (its state as well when it has no checksums): if it is damaged, the run must recompute it, so
+    it resumes from a step before it. Steps after the resume point (damaged, or made unreachable
+    that way) are moved to `workdir/set_aside/`, each named in a warning; a run with no usable
+    step stops with a CheckpointError.
+    """
+    steps = self.steps()
+    if not steps:
+      return None, None
+    damaged = {}  # where -> reason
+    limit = None  # resume strictly before this step: the damaged best one
+    best_manager, best = self._locate('best')
+    if best is not None:
+      try:
+        if self._status(best_manager, best) == 'unverified':
+          self._restore(best_manager, best, None, architecture)
+        else:
+          self._check_readable(best_manager, best, architecture)
+      except DamagedCheckpointError as e:
+        damaged[e.where] = e.reason
+        limit = best
+    for step in reversed(steps):
+      if limit is not None and step >= limit:
+        continue
+      try:
+        state, meta = self._restore(self._manager, step, target, architecture)
+      except DamagedCheckpointError as e:
+        damaged[e.where] = e.reason
+        continue
+      moves = [self._where(self._manager, s) for s in steps if s > step]
+      if limit is not None and best_manager is self._legacy_best:
+        moves.append(self._where(best_manager, best))
+      self._set_aside(moves, damaged, step)
+      return state, meta
+    listed = '; '.join(f'{where}: {reason}' for where, reason in damaged.items())
+    raise CheckpointError(
+        f'No usable checkpoint to resume from in {self.workdir} ({listed}). Use a new --workdir, '
+        f'or move {os.path.join(self.workdir, "checkpoints")} aside to start this run over. '
+        'Nothing was deleted.')
+
+  def _set_aside(self, moves: list, damaged: dict, resumed: int) -> None:
+    """Moves step directories out of the manager's sight into `workdir/set_aside/`."""
+    aside = os.path.join(self.workdir, SET_ASIDE)
+    for where in moves:
+      base = os.path.join(aside, f'{os.path.basename(os.path.dirname(where))}-'
+                                 f'{os.path.basename(where)}')
+      destination, copy = base, 1
+      while os.path.exists(destination):
+        destination, copy = f'{base}.{copy}', copy + 1
+      why = damaged.get(where, 'intact, but after the damaged best step, which the run recomputes')
+      if jax.process_index() == 0:
+        os.makedirs(aside, exist_ok=True)
+        os.replace(where, destination)
+      logging.warning('Checkpoint %s is unusable (%s): moved it to %s; resuming from step %d, the '
+                      'newest intact one.', where, why, destination, resumed)
+    if moves:
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices('se_resnet_jax: checkpoints set aside')
+      self._manager.reload()
+      if self._legacy_best is not None:
+        self._legacy_best.reload()
 
   def close(self) -> None:
-    self.latest.close()
-    self.best.close()
+    self._manager.close()
+    if self._legacy_best is not None:
+      self._legacy_best.close()

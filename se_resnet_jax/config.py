@@ -6,6 +6,7 @@ clear message before any data is loaded or anything is compiled.
 """
 
 import importlib.util
+import math
 import os
 from typing import Any
 
@@ -13,6 +14,7 @@ import ml_collections
 
 from se_resnet_jax import augment
 from se_resnet_jax.errors import ConfigError
+from se_resnet_jax.input_pipeline import IMAGE_SHAPE
 from se_resnet_jax.models import MODELS, build_model
 
 DATASETS = {'cifar10': 10, 'cifar100': 100, 'synthetic': None}
@@ -104,9 +106,26 @@ def _require(ok: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+def _first_nonfinite(config: Any, path: str = ''):
+  """(name, value) of the first float field (or tuple of them) that is NaN or Inf, else None."""
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      found = _first_nonfinite(value, f'{path}{key}.')
+      if found:
+        return found
+    elif any(isinstance(v, float) and not math.isfinite(v)
+             for v in (value if isinstance(value, (tuple, list)) else (value,))):
+      return f'{path}{key}', value
+  return None
+
+
 def validate_config(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
   """Raises ConfigError naming the first impossible value and how to fix it."""
   _check_keys_and_types(config, base_config())
+  nonfinite = _first_nonfinite(config)
+  if nonfinite:
+    raise ConfigError(f'{nonfinite[0]} must be a finite number, got {nonfinite[1]}.')
   _require(config.dataset in DATASETS, f'Unknown dataset {config.dataset!r}; choose one of '
            f'{", ".join(DATASETS)}.')
   m = config.model
@@ -122,6 +141,11 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int = 1) ->
     augment.validate_augment_config(config.augment)
   except ValueError as e:
     raise ConfigError(f'augment: {e}') from None
+  size = IMAGE_SHAPE[0]
+  _require(config.augment.cutout_size <= size,
+           f'augment.cutout_size={config.augment.cutout_size} is larger than the {size}x{size} '
+           'images: cutout would blank most or all of every image. Use at most '
+           f'{size} (16 is the usual CIFAR-10 value), or 0 to disable it.')
   for key in ('learning_rate', 'weight_decay', 'label_smoothing', 'warmup_epochs'):
     _require(config[key] >= 0, f'{key} must be >= 0, got {config[key]}.')
   _require(0.0 <= config.momentum < 1.0, f'momentum must be in [0, 1), got {config.momentum}.')
@@ -130,12 +154,33 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int = 1) ->
   _require(config.schedule in SCHEDULES,
            f'Unknown schedule {config.schedule!r}; choose one of {", ".join(SCHEDULES)}.')
   _require(config.num_epochs >= 1, f'num_epochs must be >= 1, got {config.num_epochs}.')
+  if config.schedule == 'onecycle':
+    _require(config.warmup_epochs < config.num_epochs,
+             f'schedule=onecycle warms up for warmup_epochs={config.warmup_epochs} of '
+             f'num_epochs={config.num_epochs}; its warm-up must end before the run does '
+             f'(warmup_epochs < num_epochs; 30% of the run is usual: {0.3 * config.num_epochs:g}).')
+  _require(config.warmup_epochs <= config.num_epochs,
+           f'warmup_epochs={config.warmup_epochs} is longer than the run (num_epochs='
+           f'{config.num_epochs}): the learning rate would never reach learning_rate. Use '
+           'warmup_epochs <= num_epochs (1 to 5 is usual).')
   _require(config.batch_size >= 1 and config.eval_batch_size >= 1, 'batch sizes must be positive.')
   for key in ('batch_size', 'eval_batch_size'):
     _require(config[key] % device_count == 0,
              f'{key}={config[key]} is not divisible by the {device_count} devices; use a multiple '
              f'of {device_count} (e.g. {max(1, config[key] // device_count) * device_count}).')
   _require(config.validation_size >= 0, 'validation_size must be >= 0.')
+  synthetic = config.synthetic
+  if config.dataset == 'synthetic':
+    _require(not config.npz_path,
+             f'npz_path={config.npz_path!r} is set, but dataset=synthetic generates its images and '
+             'would ignore it: set --config.dataset to what the arrays hold (cifar10 or cifar100), '
+             'or clear npz_path.')
+    _require(synthetic.noise >= 0,
+             f'synthetic.noise must be >= 0 (the standard deviation of the noise added to the '
+             f'generated images), got {synthetic.noise}.')
+    _require(synthetic.num_classes >= 2 and synthetic.num_train >= 1 and synthetic.num_test >= 1,
+             'synthetic needs num_classes >= 2 and num_train, num_test >= 1, got '
+             f'{synthetic.num_classes}, {synthetic.num_train} and {synthetic.num_test}.')
   _require(config.kfold.num_folds == 0 or (config.kfold.num_folds >= 2
                                            and 0 <= config.kfold.fold < config.kfold.num_folds),
            f'kfold needs num_folds >= 2 and 0 <= fold < num_folds (or num_folds=0 to disable), got '

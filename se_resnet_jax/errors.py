@@ -22,10 +22,22 @@ class DivergedError(UserError, FloatingPointError):
 
 
 class Preempted(Exception):
-  """The run saved a checkpoint on SIGTERM and stopped; rerunning the same command resumes it."""
+  """The run stopped on SIGTERM or SIGINT with its progress saved; rerunning the command resumes.
 
-  def __init__(self, step: int, workdir: str):
-    super().__init__(f'SIGTERM: saved a checkpoint at step {step} in {workdir}; rerun the same '
-                     'command to resume.')
+  `saved` is False when the signal came before the first step of this (re)start: there was nothing
+  new to save. The command exits with `exit_code`: 0 for SIGTERM (a preemption is no failure), 130
+  for SIGINT (Ctrl-C), as shells report an interrupted command.
+  """
+
+  def __init__(self, step: int, workdir: str, signal_name: str = 'SIGTERM', saved: bool = True):
+    if saved:
+      text = f'saved a checkpoint at step {step} in {workdir}; rerun the same command to resume.'
+    else:
+      text = (f'stopped before training (nothing new to save; the latest checkpoint in {workdir} '
+              f'is step {step}); rerun the same command to resume.' if step else
+              'stopped before training, nothing saved; rerun the same command to start.')
+    super().__init__(f'{signal_name}: {text}')
     self.step = step
     self.workdir = workdir
+    self.signal_name = signal_name
+    self.exit_code = 130 if signal_name == 'SIGINT' else 0

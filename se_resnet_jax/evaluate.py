@@ -3,52 +3,111 @@
   python -m se_resnet_jax.evaluate --workdir=runs/cifar10 --checkpoint=best --split=test
 
 The run's config is read from `workdir/config.json` (written when training starts) unless --config
-is given. The report goes to `workdir/evaluation/<checkpoint>-<step>/` so the training report stays.
+is given; it names where the training read its data (absolute paths, $TFDS_DATA_DIR filled in), so
+no environment needs repeating. --data_dir or --npz_path point at the data where it has moved.
+The report goes to `workdir/evaluation/<checkpoint>-<step>/` so the training report stays.
+Writing into the workdir takes its lock (a run training there makes this wait its turn); with
+--output_dir elsewhere the workdir is only read.
 """
 
+import contextlib
+import errno
 import os
+import tempfile
 from typing import Optional
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from se_resnet_jax import cli, input_pipeline, report
-from se_resnet_jax.errors import ConfigError
+from se_resnet_jax import cli, input_pipeline, report, summary
+from se_resnet_jax.console import Console
+from se_resnet_jax.errors import ConfigError, WorkdirError
 from se_resnet_jax.evaluation import final_report, restore_run
 from se_resnet_jax.sharding import data_mesh
 from se_resnet_jax.steps import make_eval_step
+from se_resnet_jax.workdir import WorkdirLockedError, workdir_lock
 
 FLAGS = flags.FLAGS
+
+
+def _check_writable(directory: str) -> None:
+  """Fails before any work when the report could not be written (a read-only run, say).
+
+  Creates nothing: it writes (and removes) a temporary file in the nearest existing directory.
+  """
+  existing = os.path.abspath(directory)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  try:
+    if not os.path.isdir(existing):
+      raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as e:
+    raise WorkdirError(f'Cannot write the report to {directory!r} ({e.strerror} in {existing!r}): '
+                       'pass --output_dir=<a writable directory>.') from None
+
+
+@contextlib.contextmanager
+def _lock_if_inside(workdir: str, directory: str):
+  """The workdir's lock while writing into it; nothing when the report goes elsewhere."""
+  if not os.path.realpath(directory).startswith(os.path.realpath(workdir) + os.sep):
+    yield
+    return
+  try:
+    with workdir_lock(workdir, jax.process_index()):
+      yield
+  except WorkdirLockedError as e:
+    raise WorkdirLockedError(f'{e} Or pass --output_dir outside it to evaluate while it trains.'
+                             ) from None
 
 
 def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'both',
                         output_dir: Optional[str] = None,
                         config: Optional[ml_collections.ConfigDict] = None,
-                        tta_flip: Optional[bool] = None) -> dict:
-  """Writes report.json/.md and the pictures for one checkpoint; returns the report.
+                        tta_flip: Optional[bool] = None,
+                        allow_changed_data: bool = False, data_dir: Optional[str] = None,
+                        npz_path: Optional[str] = None) -> dict:
+  """Writes report.json/.md and the pictures for one checkpoint; returns the report (and where).
 
-  `config` defaults to the run's own (workdir/config.json); `tta_flip` overrides its setting.
-  The checkpoint is restored (and checked against the config) before any data is read.
+  `config` defaults to the run's own (workdir/config.json); `tta_flip` overrides its setting, and
+  `data_dir` or `npz_path` say where its data is now (after the checkpoint's data settings were
+  checked against the config's: the same data, moved). Before any work: the report's directory
+  must be writable, and the checkpoint is restored (and checked against the config, data settings
+  included) before any data is read.
   """
-  run = restore_run(workdir, checkpoint, config)
-  config = run.config
-  if tta_flip is not None:
-    config.tta_flip = tta_flip
-  data = input_pipeline.load_dataset(config)
-  if split == 'validation' and data.validation is None:
-    raise ConfigError('This run has no validation split (validation_size=0); use --split=test.')
-  splits = (('validation',) if data.validation is not None else ()) + ('test',)
-  splits = splits if split == 'both' else (split,)
-  eval_step = make_eval_step(config, run.model, data.mean, data.std)
-  result = final_report(config, data, run.model, run.variables, run.step, run.meta, eval_step,
-                        data_mesh(), None, splits)
-  result['checkpoint'] = {'which': checkpoint, 'step': run.step, 'epoch': run.meta['epoch']}
-  output_dir = output_dir or os.path.join(workdir, 'evaluation', f'{checkpoint}-{run.step}')
-  if jax.process_index() == 0:
-    report.write_report(output_dir, result, run.meta.get('history', []))
-  logging.info('Wrote the report for step %d to %s', run.step, output_dir)
+  if not os.path.isdir(workdir):
+    raise WorkdirError(f'Workdir {workdir!r} does not exist.')
+  destination = output_dir or os.path.join(workdir, 'evaluation')
+  _check_writable(destination)
+  with _lock_if_inside(workdir, destination):
+    run = restore_run(workdir, checkpoint, config, allow_changed_data)
+    config = run.config
+    if tta_flip is not None:
+      config.tta_flip = tta_flip
+    if data_dir is not None:
+      config.data_dir = data_dir
+    if npz_path is not None:
+      config.npz_path = npz_path
+    data = input_pipeline.load_dataset(config)
+    if split == 'validation' and data.validation is None:
+      raise ConfigError('This run has no validation split (validation_size=0); use --split=test.')
+    splits = (('validation',) if data.validation is not None else ()) + ('test',)
+    splits = splits if split == 'both' else (split,)
+    Console().say(f'Evaluating checkpoint {checkpoint!r} of {workdir} (step {run.step}, epoch '
+                  f'{run.meta["epoch"]}) on {" and ".join(splits)}...')
+    eval_step = make_eval_step(config, run.model, data.mean, data.std)
+    result = final_report(config, data, run.model, run.variables, run.step, run.meta, eval_step,
+                          data_mesh(), None, splits)
+    result['checkpoint'] = {'which': checkpoint, 'step': run.step, 'epoch': run.meta['epoch']}
+    result['weights'] = {'epoch': run.meta['epoch'], 'step': run.step,
+                         'chosen_by': f'checkpoint {checkpoint!r} of {workdir}'}
+    output_dir = output_dir or os.path.join(destination, f'{checkpoint}-{run.step}')
+    if jax.process_index() == 0:
+      report.write_report(output_dir, result, run.meta.get('history', []))
+  result['output_dir'] = output_dir
   return result
 
 
@@ -59,6 +118,12 @@ def define_flags() -> None:
   flags.DEFINE_enum('split', 'both', ['validation', 'test', 'both'], 'Which split(s) to evaluate.')
   flags.DEFINE_string('output_dir', None, 'Where to write the report (default under the workdir).')
   flags.DEFINE_bool('tta_flip', None, 'Override the run config: average with the flipped image.')
+  flags.DEFINE_bool('allow_changed_data', False, 'Evaluate even when the config\'s data settings '
+                    '(dataset, split, batch size) differ from those the checkpoint was made with.')
+  flags.DEFINE_string('data_dir', None, "Where the run's tfds data is now (default: the run's "
+                      'config.json).')
+  flags.DEFINE_string('npz_path', None, "Where the run's .npz arrays are now (default: the run's "
+                      'config.json).')
   config_flags.DEFINE_config_file('config', None, 'Config file; default: workdir/config.json.')
   flags.mark_flag_as_required('workdir')
 
@@ -66,10 +131,10 @@ def define_flags() -> None:
 def main(argv):
   def command():
     result = evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.split, FLAGS.output_dir,
-                                 FLAGS.config, FLAGS.tta_flip)
-    for name in ('validation', 'test'):
-      if name in result:
-        print(f'{name}: accuracy {result[name]["accuracy"]:.4f}  loss {result[name]["loss"]:.4f}')
+                                 FLAGS.config, FLAGS.tta_flip, FLAGS.allow_changed_data,
+                                 FLAGS.data_dir, FLAGS.npz_path)
+    if jax.process_index() == 0:
+      print(summary.closing_summary(result['output_dir'], result))
 
   cli.run(argv, command)
 

@@ -124,17 +124,34 @@ def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int,
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with, on top of today's defaults (for fields added since)."""
+  """The config a run was trained with, on top of today's defaults (for fields added since).
+
+  A config.json that is not JSON, or holds a field today's config lacks or a value of the wrong
+  type (edited by hand), is a ConfigError naming the file.
+  """
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise ConfigError(f'{path} not found: is {workdir!r} a training workdir? Pass --config=<the '
                       'config file the run used> if it was made by an older version.')
-  with open(path) as f:
-    saved = json.load(f)
+  fix = 'fix it, or pass --config=<the config file the run used>.'
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except ValueError as e:
+    raise ConfigError(f'{path} is not valid JSON ({e}): {fix}') from None
+  if not isinstance(saved, dict):
+    raise ConfigError(f'{path} does not hold a config (a JSON object): {fix}')
   config = base_config()
-  config.update_from_flattened_dict(
-      {k: tuple(v) if isinstance(v, list) else v
-       for k, v in traverse_util.flatten_dict(saved, sep='.').items()})
+  for key, value in traverse_util.flatten_dict(saved, sep='.').items():
+    try:
+      config.update_from_flattened_dict({key: tuple(value) if isinstance(value, list) else value})
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+      raise ConfigError(f'{path}: field {key!r} = {value!r} does not fit the config '
+                        f'({type(e).__name__}: {str(e)[:150]}): {fix}') from None
+  try:
+    validate_config(config, jax.device_count())
+  except ConfigError as e:
+    raise ConfigError(f'{path}: {e}') from None
   return config
 
 
@@ -159,23 +176,27 @@ class RestoredRun:
 
 
 def restore_run(workdir: str, which: str = 'best',
-                config: Optional[ml_collections.ConfigDict] = None) -> RestoredRun:
+                config: Optional[ml_collections.ConfigDict] = None,
+                allow_changed_data: bool = False) -> RestoredRun:
   """A run's weights at checkpoint `which` ('best', 'latest' or a step number).
 
   The config is the run's own (workdir/config.json) unless given. Nothing is compiled and no data
   is read: the restore target comes from `abstract_train_state`, replicated over all devices.
   Runs without a validation split keep no best checkpoint: 'best' then means the latest.
+  The checkpoint's data settings must be the config's (an edited config.json, or another
+  --config, would evaluate another split under the run's name), unless `allow_changed_data`.
   """
   if which not in ('best', 'latest') and not which.isdigit():
     raise CheckpointError(f"--checkpoint must be 'best', 'latest' or a step number, got "
                           f'{which!r}.')
   if not os.path.isdir(workdir):
     raise CheckpointError(f'Workdir {workdir!r} does not exist.')
+  given = config is not None
   config = config or load_run_config(workdir)
   validate_config(config, jax.device_count())
   num_classes = dataset_num_classes(config)
   target = abstract_train_state(config, num_classes, NamedSharding(data_mesh(), P()))
-  ckpts = RunCheckpoints(workdir)
+  ckpts = RunCheckpoints(workdir, read_only=True)
   try:
     manager, step = (which, None) if not which.isdigit() else ('latest', int(which))
     if which == 'best' and ckpts.latest_step('best') is None:
@@ -184,5 +205,11 @@ def restore_run(workdir: str, which: str = 'best',
                                 architecture=architecture(config, num_classes))
   finally:
     ckpts.close()
+  recorded = meta.get('data')
+  if recorded is None and given and os.path.exists(os.path.join(workdir, 'config.json')):
+    recorded = input_pipeline.data_identity(load_run_config(workdir))  # a run made before 'data'
+  if not allow_changed_data:
+    input_pipeline.check_same_data(recorded, input_pipeline.data_identity(config),
+                                   f'Checkpoint step {int(state.step)} in {workdir}')
   return RestoredRun(config, build_model(config, num_classes), eval_variables(state),
                      int(state.step), meta)

@@ -10,13 +10,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 import uuid
 from typing import IO, Any, Iterator, Mapping, Sequence
 
 import numpy as np
-
-from se_resnet_jax.errors import WorkdirError
+from absl import logging
 
 
 @contextlib.contextmanager
@@ -77,6 +75,29 @@ def write_text(path: str, lines: Sequence[str]) -> None:
     f.write('\n'.join(lines) + '\n')
 
 
+_told_no_matplotlib = False
+
+
+def drawing_available() -> bool:
+  """Whether matplotlib is installed; without it, says once per process that pictures are skipped.
+
+  The core install (`pip install .`) has no matplotlib: its runs still write report.json and
+  report.md, and only the PNGs are missing.
+  """
+  global _told_no_matplotlib
+  try:
+    import matplotlib  # noqa: F401 - only whether it imports
+    return True
+  except ImportError:
+    pass
+  if not _told_no_matplotlib:
+    logging.warning('matplotlib is not installed: the pictures (PNG) are skipped; report.json and '
+                    'report.md are written. `pip install matplotlib` (or the [data] extra) adds '
+                    'them.')
+    _told_no_matplotlib = True
+  return False
+
+
 def pyplot() -> Any:
   """Imports pyplot lazily on the headless Agg backend.
 
@@ -119,21 +140,3 @@ def _numeric(cell: Any) -> bool:
   except ValueError:
     return False
   return True
-
-
-def prepare_workdir(workdir: str) -> None:
-  """Fails early, with advice, when the workdir cannot be written.
-
-  A URL is refused: os.makedirs would quietly make a local directory named 'gs:' on every host.
-  """
-  if '://' in workdir:
-    raise WorkdirError(f'--workdir {workdir!r} is a URL; the workdir must be a local or mounted '
-                       'path (on a TPU pod slice: a shared filesystem, or the bucket mounted '
-                       'with gcsfuse).')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir):
-      pass
-  except OSError as e:
-    raise WorkdirError(f'Cannot write to workdir {workdir!r} ({e.strerror}). Choose a writable '
-                       '--workdir or fix its permissions.') from None

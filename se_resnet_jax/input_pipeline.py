@@ -3,6 +3,11 @@
 The arrays then go to the accelerator(s) whole; batching and augmentation happen there. tfds (and so
 TensorFlow) is imported only when a tfds dataset is actually read, so generated data and `.npz`
 arrays work on machines without TensorFlow.
+
+Every source is validated once, before anything else uses it: arrays of another layout, dtype or
+label range do not fail loudly downstream, they train to chance and exit 0. So each split must be
+uint8 (N, 32, 32, 3) images with N integer labels in [0, num_classes), and an error names the
+source, the array and the fix.
 """
 
 import dataclasses
@@ -11,17 +16,32 @@ import socket
 import threading
 import urllib.parse
 import urllib.request
+import zipfile
 from typing import Optional, Sequence
 
 import ml_collections
 import numpy as np
 
+from se_resnet_jax.errors import UserError
+
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
                    'truck')
 
 
-class DatasetUnavailableError(RuntimeError):
+IMAGE_SHAPE = (32, 32, 3)  # every dataset here: CIFAR-10, CIFAR-100 and the generated one
+NPZ_ARRAYS = ('x_train', 'y_train', 'x_test', 'y_test')
+
+
+class DatasetUnavailableError(UserError, RuntimeError):
   """The dataset is not on disk and cannot be fetched; the message says how to provide it."""
+
+
+class InvalidDataError(UserError, ValueError):
+  """Arrays that would train silently wrong; the message names the source, the array and the fix."""
+
+
+class DataSettingsChangedError(UserError, ValueError):
+  """A run resumed or evaluated with settings that pick other images than it was made with."""
 
 
 @dataclasses.dataclass
@@ -49,6 +69,104 @@ class Dataset:
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+
+def validate_split(images, labels, num_classes: int, source: str, name: str) -> Split:
+  """The split as uint8 (N, 32, 32, 3) images and int32 (N,) labels, or InvalidDataError.
+
+  Accepted as they are: integer images within [0, 255] (cast to uint8) and Keras-style (N, 1)
+  labels (squeezed). Everything else that is not exactly right is refused with its fix, never
+  converted by guessing: float images may be in [0, 1] or [0, 255], and NCHW may be a mistake.
+  """
+  x_name, y_name = f'x_{name}', f'y_{name}'
+  where = f'{source}: {x_name}'
+  images, labels = np.asarray(images), np.asarray(labels)
+  shape = images.shape
+  if images.ndim == 4 and shape[1] == IMAGE_SHAPE[2] and shape[2:] == IMAGE_SHAPE[:2]:
+    raise InvalidDataError(f'{where} has shape {shape}, channels first (NCHW); the images must be '
+                           f'NHWC (N, 32, 32, 3): use np.transpose({x_name}, (0, 2, 3, 1)).')
+  if images.ndim != 4 or shape[1:] != IMAGE_SHAPE:
+    raise InvalidDataError(f'{where} has shape {shape}; the images must be (N, 32, 32, 3) RGB '
+                           '(CIFAR-sized; grayscale or other sizes need resizing and 3 channels).')
+  if len(images) == 0:
+    raise InvalidDataError(f'{where} is empty: the {name} split needs at least one image.')
+  if np.issubdtype(images.dtype, np.floating):
+    if not np.isfinite(images).all():
+      raise InvalidDataError(f'{where} is {images.dtype} and holds NaN/Inf; the images must be '
+                             'uint8 in [0, 255]: fix or drop those images.')
+    low, high = float(images.min()), float(images.max())
+    fix = (f'({x_name} * 255).round().astype(np.uint8)' if high <= 1.0 else
+           f'{x_name}.round().astype(np.uint8)')
+    raise InvalidDataError(f'{where} is {images.dtype} with values in [{low:g}, {high:g}]; the '
+                           f'images must be uint8 in [0, 255]: convert with {fix}.')
+  if images.dtype != np.uint8:
+    if not np.issubdtype(images.dtype, np.integer) or images.min() < 0 or images.max() > 255:
+      raise InvalidDataError(
+          f'{where} is {images.dtype}' + (f' with values in [{images.min()}, {images.max()}]'
+                                          if np.issubdtype(images.dtype, np.integer) else '') +
+          '; the images must be uint8 in [0, 255].')
+    images = images.astype(np.uint8)
+
+  where = f'{source}: {y_name}'
+  if labels.ndim == 2 and labels.shape[1] == 1:
+    labels = labels[:, 0]
+  if labels.ndim != 1:
+    raise InvalidDataError(f'{where} has shape {labels.shape}; the labels must be one class index '
+                           f'per image, shape (N,) (one-hot labels: {y_name}.argmax(1)).')
+  if len(labels) != len(images):
+    raise InvalidDataError(f'{source}: {x_name} has {len(images)} images but {y_name} has '
+                           f'{len(labels)} labels; they must pair up one to one.')
+  if not np.issubdtype(labels.dtype, np.integer):
+    integral = (np.issubdtype(labels.dtype, np.floating) and np.isfinite(labels).all()
+                and (labels == labels.round()).all())
+    raise InvalidDataError(f'{where} is {labels.dtype}; the labels must be integers' +
+                           (f': convert with {y_name}.astype(np.int64).' if integral else '.'))
+  outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if len(outside):
+    i = outside[0]
+    raise InvalidDataError(f'{where} holds label {labels[i]} at index {i}' +
+                           (f' ({len(outside)} labels in all)' if len(outside) > 1 else '') +
+                           f', outside [0, {num_classes}) for {num_classes} classes: fix the '
+                           'labels, or the dataset (--config.dataset, label_key, a classes array).')
+  return Split(images, labels.astype(np.int32))
+
+
+def data_identity(config: ml_collections.ConfigDict) -> dict:
+  """The settings that decide which images a run trains, validates and tests on, and its batch size.
+
+  Checkpoints record them next to the architecture. Resuming with another validation seed would
+  train on images that were validation images (and pick the best checkpoint on contaminated
+  numbers); evaluating with one would report on another split under the run's name; another batch
+  size changes the steps per epoch and the batch order. All of them look like a normal run.
+  """
+  identity = {'dataset': config.dataset, 'batch_size': config.batch_size}
+  if config.dataset == 'synthetic':
+    identity.update({f'synthetic.{k}': config.synthetic[k] for k in sorted(config.synthetic)})
+  else:
+    identity.update(npz_path=os.path.abspath(config.npz_path) if config.npz_path else '',
+                    label_key=config.label_key)
+  if config.kfold.num_folds:
+    identity.update({'kfold.num_folds': config.kfold.num_folds, 'kfold.fold': config.kfold.fold,
+                     'validation_seed': config.validation_seed})
+  else:
+    identity['validation_size'] = config.validation_size
+    if config.validation_size:
+      identity.update(validation_seed=config.validation_seed,
+                      stratified_validation=config.stratified_validation)
+  return identity
+
+
+def check_same_data(recorded: Optional[dict], current: dict, source: str) -> None:
+  """Refuses `current` data settings that differ from those `source` was made with (if known)."""
+  if recorded is None:
+    return
+  differ = sorted(k for k in recorded.keys() | current.keys() if recorded.get(k) != current.get(k))
+  if differ:
+    shown = ', '.join(f'{k}: {recorded.get(k)!r} there, {current.get(k)!r} now' for k in differ)
+    raise DataSettingsChangedError(
+        f'{source} was made with other data settings ({shown}). They decide which images are '
+        'trained, validated and tested on, and the batch order: use the values it was made with, '
+        'or pass --allow_changed_data to go on anyway, or use a new --workdir.')
 
 
 def stratified_holdout(labels: np.ndarray, size: int, seed: int, stratified: bool = True):
@@ -158,30 +276,61 @@ def _tfds_splits(config: ml_collections.ConfigDict):
     count = int(ds.cardinality())
     count = count if count > 0 else builder.info.splits[split].num_examples
     data = next(iter(tfds.as_numpy(ds.batch(count))))
-    splits.append(Split(data['image'].astype(np.uint8), data[config.label_key].astype(np.int32)))
+    splits.append(validate_split(data['image'], data[config.label_key], len(label_names),
+                                 f'tfds {config.dataset!r} in {where}', split))
   return splits[0], splits[1], tuple(label_names)
 
 
+def _npz_num_classes(config: ml_collections.ConfigDict) -> int:
+  """The class count of the dataset the arrays stand for (CIFAR-100's coarse labels: 20)."""
+  if config.dataset == 'cifar100':
+    return 100 if config.label_key == 'label' else 20
+  return 10
+
+
 def _npz_splits(config: ml_collections.ConfigDict):
-  if not os.path.exists(config.npz_path):
-    raise DatasetUnavailableError(f'npz_path {config.npz_path!r} does not exist.')
-  z = np.load(config.npz_path)
-  missing = {'x_train', 'y_train', 'x_test', 'y_test'} - set(z.files)
+  """x_train/y_train/x_test/y_test from an `.npz` file (and `classes`, the names, if present)."""
+  path = config.npz_path
+  how = (f'write it with np.savez({path!r}, x_train=..., y_train=..., x_test=..., y_test=...) '
+         '(uint8 (N, 32, 32, 3) images, integer labels).')
+  if not os.path.exists(path):
+    raise DatasetUnavailableError(f'npz_path {path!r} does not exist.')
+  if os.path.isdir(path):
+    raise InvalidDataError(f'npz_path {path!r} is a directory; it must be an .npz file: {how}')
+  try:
+    z = np.load(path)
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    raise InvalidDataError(f'{path} cannot be read as an .npz file ({type(e).__name__}: '
+                           f'{str(e)[:120]}); it is truncated or not made by np.savez: {how}'
+                           ) from None
+  if not isinstance(z, np.lib.npyio.NpzFile):
+    raise InvalidDataError(f'{path} holds a single array, not named arrays: {how}')
+  missing = [k for k in NPZ_ARRAYS if k not in z.files]
   if missing:
-    raise DatasetUnavailableError(f'{config.npz_path} lacks arrays {sorted(missing)}; it needs '
-                                  'x_train, y_train, x_test, y_test (uint8 NHWC images, int '
-                                  'labels).')
-  names = (tuple(str(n) for n in z['classes']) if 'classes' in z.files else
-           CIFAR10_CLASSES if config.dataset == 'cifar10' else
-           tuple(f'class_{i}' for i in range(int(z['y_train'].max()) + 1)))
-  return (Split(z['x_train'].astype(np.uint8), z['y_train'].astype(np.int32)),
-          Split(z['x_test'].astype(np.uint8), z['y_test'].astype(np.int32)), names)
+    raise InvalidDataError(f'{path} lacks arrays {missing} (it has {sorted(z.files)}): {how}')
+  arrays = {}
+  for key in NPZ_ARRAYS + (('classes',) if 'classes' in z.files else ()):
+    try:
+      arrays[key] = z[key]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+      raise InvalidDataError(f'{path}: array {key} cannot be read ({type(e).__name__}: '
+                             f'{str(e)[:120]}); the file is truncated or damaged: {how}') from None
+  if 'classes' in arrays:
+    names = tuple(str(n) for n in np.atleast_1d(arrays['classes']))
+  elif config.dataset == 'cifar10':
+    names = CIFAR10_CLASSES
+  else:
+    names = tuple(f'class_{i}' for i in range(_npz_num_classes(config)))
+  return (validate_split(arrays['x_train'], arrays['y_train'], len(names), path, 'train'),
+          validate_split(arrays['x_test'], arrays['y_test'], len(names), path, 'test'), names)
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   """Train / validation / test splits as host uint8 arrays, with normalisation statistics."""
   if config.dataset == 'synthetic':
     train, test, names = synthetic_splits(config.synthetic)
+    train, test = (validate_split(s.images, s.labels, len(names), 'synthetic data', name)
+                   for s, name in ((train, 'train'), (test, 'test')))
   elif config.npz_path:
     train, test, names = _npz_splits(config)
   else:
@@ -193,8 +342,8 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
     train, validation = train.take(np.setdiff1d(np.arange(len(train)), held)), train.take(held)
   elif config.validation_size:
     if config.validation_size >= len(train):
-      raise ValueError(f'validation_size={config.validation_size} leaves no training data '
-                       f'(the training split has {len(train)} examples).')
+      raise InvalidDataError(f'validation_size={config.validation_size} leaves no training data '
+                             f'(the training split has {len(train)} examples).')
     keep, held = stratified_holdout(train.labels, config.validation_size, config.validation_seed,
                                     config.stratified_validation)
     train, validation = train.take(keep), train.take(held)
@@ -213,3 +362,18 @@ def channel_statistics(images: np.ndarray, chunk: int = 4096):
   n = images.size // images.shape[-1]
   mean = total / n
   return tuple(mean.tolist()), tuple(np.sqrt(squares / n - mean**2).tolist())
+
+
+def with_data_location(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` that names where its data is read: absolute paths, $TFDS_DATA_DIR in.
+
+  A run's config.json holds this, so `evaluate`, run later from another directory or shell without
+  the environment of the training, reads the same data.
+  """
+  config = config.copy_and_resolve_references()
+  if config.npz_path:
+    config.npz_path = os.path.abspath(os.path.expanduser(config.npz_path))
+  elif config.dataset != 'synthetic':
+    data_dir = config.data_dir or os.environ.get('TFDS_DATA_DIR', '')
+    config.data_dir = os.path.abspath(os.path.expanduser(data_dir)) if data_dir else ''
+  return config

@@ -62,6 +62,27 @@ def test_base_config_is_valid():
   ({'augment.hue': 0.9}, 1, r'augment: augment.hue must be in \[0, 0.5\]'),
   ({'early_stopping.enabled': True, 'validation_size': 0}, 1,
    r'early_stopping needs a validation split'),
+  # Values that used to pass and train to chance with exit 0, or meet the NaN guard a minute later.
+  ({'augment.cutout_size': 100}, 1,
+   r'augment.cutout_size=100 is larger than the 32x32 images: .*Use at most 32'),
+  (dict(schedule='onecycle', warmup_epochs=150.0, num_epochs=100), 1,
+   r'schedule=onecycle warms up for warmup_epochs=150.0 of num_epochs=100; .*\(warmup_epochs < '
+   r'num_epochs; 30% of the run is usual: 30\)'),
+  (dict(schedule='onecycle', warmup_epochs=100.0, num_epochs=100), 1, r'schedule=onecycle warms'),
+  (dict(warmup_epochs=11.0, num_epochs=10), 1,
+   r'warmup_epochs=11.0 is longer than the run \(num_epochs=10\)'),
+  (dict(learning_rate=float('inf')), 1, r'^learning_rate must be a finite number, got inf\.$'),
+  (dict(weight_decay=float('inf')), 1, r'^weight_decay must be a finite number, got inf\.$'),
+  (dict(momentum=float('nan')), 1, r'^momentum must be a finite number, got nan\.$'),
+  ({'early_stopping.min_delta': float('-inf')}, 1, r'early_stopping.min_delta must be a finite'),
+  (dict(lr_decay_epochs=(50, float('inf'))), 1, r'lr_decay_epochs must be a finite number'),
+  ({'dataset': 'synthetic', 'synthetic.noise': -1.0}, 1,
+   r'synthetic.noise must be >= 0 \(the standard deviation of the noise added to the generated '
+   r'images\), got -1.0'),
+  ({'dataset': 'synthetic', 'synthetic.num_test': 0}, 1, r'synthetic needs .* 0\.$'),
+  (dict(dataset='synthetic', npz_path='missing.npz'), 1,
+   r"npz_path='missing.npz' is set, but dataset=synthetic generates its images and would ignore "
+   r'it'),
 ])
 def test_impossible_values_are_refused(changes, device_count, message):
   with pytest.raises(ConfigError, match=message):

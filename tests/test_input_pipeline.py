@@ -1,4 +1,7 @@
-"""Splits and loading: stratified holdout and folds, generated data, tfds CIFAR via mock data."""
+"""Splits and loading: stratified holdout and folds, generated data, tfds CIFAR via mock data,
+and the validation every source goes through."""
+
+import os
 
 import numpy as np
 import pytest
@@ -136,3 +139,141 @@ def test_validation_larger_than_train_is_refused():
   config.synthetic.num_train = 100
   with pytest.raises(ValueError, match='leaves no training data'):
     input_pipeline.load_dataset(config)
+
+
+def _arrays(**changes) -> dict:
+  """Valid CIFAR-10-shaped arrays (60 train, 20 test), with `changes` applied."""
+  rs = np.random.RandomState(0)
+  arrays = dict(x_train=rs.randint(0, 256, (60, 32, 32, 3)).astype(np.uint8),
+                y_train=np.arange(60) % 10,
+                x_test=rs.randint(0, 256, (20, 32, 32, 3)).astype(np.uint8),
+                y_test=np.arange(20) % 10)
+  arrays.update(changes)
+  return {k: v for k, v in arrays.items() if v is not None}
+
+
+def _float_images():
+  return np.random.RandomState(0).uniform(0, 1, (60, 32, 32, 3)).astype(np.float32)
+
+
+def _nan_images():
+  x = _float_images()
+  x[3, 4, 5, 0] = np.nan
+  return x
+
+
+def _truncated(path):
+  np.savez(path, **_arrays())
+  size = os.path.getsize(path)
+  with open(path, 'r+b') as f:
+    f.truncate(size // 2)
+
+
+def _single_array(path):
+  with open(path, 'wb') as f:
+    np.save(f, _arrays()['x_train'])
+
+
+# (id, how to make the file: arrays for np.savez or a function of the path, message parts)
+BAD_NPZ = [
+    ('NCHW images', _arrays(x_train=np.zeros((60, 3, 32, 32), np.uint8)),
+     ['x_train has shape (60, 3, 32, 32), channels first (NCHW)',
+      'np.transpose(x_train, (0, 2, 3, 1))']),
+    ('float images in [0, 1]', _arrays(x_train=_float_images()),
+     ['x_train is float32 with values in [',
+      'convert with (x_train * 255).round().astype(np.uint8)']),
+    ('float images in [0, 255]', _arrays(x_train=_float_images() * 255),
+     ['x_train is float32', 'convert with x_train.round().astype(np.uint8)']),
+    ('NaN images', _arrays(x_train=_nan_images()), ['x_train is float32 and holds NaN/Inf']),
+    ('label 10 of 10 classes', _arrays(y_train=np.r_[np.arange(59) % 10, 10]),
+     ['y_train holds label 10 at index 59, outside [0, 10) for 10 classes']),
+    ('label -1', _arrays(y_test=np.r_[-1, np.arange(19) % 10]),
+     ['y_test holds label -1 at index 0, outside [0, 10)']),
+    ('fewer labels than images', _arrays(y_train=np.arange(59) % 10),
+     ['x_train has 60 images but y_train has 59 labels']),
+    ('grayscale 28x28', _arrays(x_train=np.zeros((60, 28, 28), np.uint8)),
+     ['x_train has shape (60, 28, 28); the images must be (N, 32, 32, 3)']),
+    ('one-hot labels', _arrays(y_train=np.eye(10)[np.arange(60) % 10]),
+     ['y_train has shape (60, 10)', 'y_train.argmax(1)']),
+    ('float labels', _arrays(y_train=(np.arange(60) % 10).astype(np.float32)),
+     ['y_train is float32', 'y_train.astype(np.int64)']),
+    ('empty test split', _arrays(x_test=np.zeros((0, 32, 32, 3), np.uint8),
+                                 y_test=np.zeros(0, np.int64)),
+     ['x_test is empty']),
+    ('wrong keys', _arrays(x_test=None, y_test=None, x_val=np.zeros((20, 32, 32, 3), np.uint8)),
+     ["lacks arrays ['x_test', 'y_test'] (it has ['x_train', 'x_val', 'y_train'])", 'np.savez(']),
+    ('truncated file', _truncated, ['cannot be read', 'truncated', 'np.savez(']),
+    ('a directory', os.makedirs, ['is a directory', 'np.savez(']),
+    ('a single array', _single_array, ['holds a single array, not named arrays', 'np.savez(']),
+]
+
+
+@pytest.mark.parametrize('make, expected', [case[1:] for case in BAD_NPZ],
+                         ids=[case[0] for case in BAD_NPZ])
+def test_bad_npz_is_refused_naming_file_array_and_fix(tmp_path, make, expected):
+  path = str(tmp_path / 'data.npz')
+  if callable(make):
+    make(path)
+  else:
+    np.savez(path, **make)
+  config = _config(dataset='cifar10', npz_path=path, validation_size=10)
+  with pytest.raises(input_pipeline.InvalidDataError) as error:
+    input_pipeline.load_dataset(config)
+  message = str(error.value)
+  assert path in message and '\n' not in message, message
+  for part in expected:
+    assert part in message, message
+  print(f'\n{message}')
+
+
+def test_keras_style_labels_and_integer_images_are_accepted(tmp_path):
+  """(N, 1) labels are squeezed; int64 images within [0, 255] are cast losslessly."""
+  arrays = _arrays()
+  path = tmp_path / 'keras.npz'
+  np.savez(path, x_train=arrays['x_train'].astype(np.int64), y_train=arrays['y_train'][:, None],
+           x_test=arrays['x_test'], y_test=arrays['y_test'][:, None])
+  data = input_pipeline.load_dataset(_config(dataset='cifar10', npz_path=str(path),
+                                             validation_size=0))
+  np.testing.assert_array_equal(data.train.images, arrays['x_train'])
+  np.testing.assert_array_equal(data.train.labels, arrays['y_train'])
+  assert data.train.images.dtype == np.uint8 and data.test.labels.shape == (20,)
+
+
+def test_cifar100_npz_labels_are_checked_against_its_classes(tmp_path):
+  path = tmp_path / 'c100.npz'
+  np.savez(path, **_arrays(y_train=np.arange(60) % 25))  # 25 classes: fine for the fine labels
+  config = _config(dataset='cifar100', npz_path=str(path), validation_size=0)
+  assert input_pipeline.load_dataset(config).num_classes == 100
+  config.label_key = 'coarse_label'  # 20 classes: labels 20-24 are outside
+  with pytest.raises(input_pipeline.InvalidDataError,
+                     match=r'label 20 at index 20 \(10 labels in all\), outside \[0, 20\)'):
+    input_pipeline.load_dataset(config)
+
+
+def test_data_identity_holds_what_picks_the_images_and_the_batch_size():
+  config = _config(dataset='cifar10', npz_path='data.npz', validation_size=100)
+  identity = input_pipeline.data_identity(config)
+  assert identity == {'dataset': 'cifar10', 'batch_size': 128, 'label_key': 'label',
+                      'npz_path': os.path.abspath('data.npz'), 'validation_size': 100,
+                      'validation_seed': 0, 'stratified_validation': True}
+  config.learning_rate, config.data_dir = 0.5, '/elsewhere'  # neither picks images
+  assert input_pipeline.data_identity(config) == identity
+  config.kfold.num_folds, config.kfold.fold = 5, 2  # folds replace the held-out split
+  assert input_pipeline.data_identity(config) == {
+      'dataset': 'cifar10', 'batch_size': 128, 'label_key': 'label',
+      'npz_path': os.path.abspath('data.npz'), 'kfold.num_folds': 5, 'kfold.fold': 2,
+      'validation_seed': 0}
+  synthetic = input_pipeline.data_identity(_config(dataset='synthetic', validation_size=0))
+  assert synthetic['synthetic.noise'] == 0.35 and 'npz_path' not in synthetic
+  assert 'validation_seed' not in synthetic  # no validation split: the seed picks nothing
+
+
+def test_changed_data_settings_are_named():
+  recorded = {'dataset': 'cifar10', 'batch_size': 128, 'validation_seed': 0}
+  input_pipeline.check_same_data(recorded, dict(recorded), 'The run')
+  input_pipeline.check_same_data(None, dict(recorded), 'The run')  # nothing recorded: old run
+  with pytest.raises(input_pipeline.DataSettingsChangedError,
+                     match=r'^The run was made with other data settings \(batch_size: 128 there, '
+                     r'64 now, validation_seed: 0 there, 7 now\)\. .*--allow_changed_data'):
+    input_pipeline.check_same_data(recorded, dict(recorded, batch_size=64, validation_seed=7),
+                                   'The run')

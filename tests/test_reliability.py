@@ -8,6 +8,7 @@ share a compilation cache, so after the first run the others mostly load compile
 
 import concurrent.futures
 import glob
+import json
 import os
 import shutil
 import signal
@@ -116,7 +117,7 @@ def reference(tmp_path_factory) -> str:
   workdir = str(tmp_path_factory.mktemp('reference'))
   result = _run(workdir)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert checkpoint_steps(workdir) == [16, 24, 32]
+  assert checkpoint_steps(workdir)[-3:] == [16, 24, 32]  # the latest three (and the best, if older)
   return workdir
 
 
@@ -168,7 +169,8 @@ def test_a_diverging_run_stops_keeps_good_checkpoints_and_resumes_with_a_lower_r
   message = result.stderr.strip().splitlines()[-1]
   assert message.startswith('error: ') and 'by step 24' in message, message
   assert 'Training loss became nan' in message or 'weights became NaN' in message, message
-  assert 'last good checkpoint (step 16)' in message and 'learning_rate' in message, message
+  assert 'last good checkpoint (step 16, its checksums verified)' in message, message
+  assert 'learning_rate' in message, message
   print(f'\ndiverging run: {message}')
   assert checkpoint_steps(workdir) == [8, 16]
   state, meta = _restore(workdir)
@@ -198,21 +200,64 @@ def test_a_partial_checkpoint_left_by_a_kill_is_ignored(reference, tmp_path):
   assert os.path.exists(os.path.join(workdir, 'report.json'))
 
 
-def _damage(workdir: str) -> None:
-  """Random bytes over the array data of the latest step, sizes kept (a bad disk, a bad copy)."""
-  data = glob.glob(os.path.join(workdir, 'checkpoints', '32', 'state', '**', 'd', '*'),
+def _zero_bytes(workdir: str, step: int) -> str:
+  """4 KB of zeros inside the largest array file of a step (what a bad disk or copy leaves)."""
+  data = glob.glob(os.path.join(workdir, 'checkpoints', str(step), 'state', '**', 'd', '*'),
                    recursive=True)
-  assert data
-  rng = np.random.RandomState(0)
-  for path in data:
-    with open(path, 'r+b') as f:
-      f.write(rng.bytes(os.path.getsize(path)))
+  path = max(data, key=os.path.getsize)
+  with open(path, 'r+b') as f:
+    f.seek(min(4096, os.path.getsize(path) // 4))
+    f.write(b'\0' * 4096)
+  return path
+
+
+def test_a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_newest_intact_one(
+    reference, tmp_path):
+  """It used to restore Inf/NaN silently and train at chance until the NaN guard fired."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  _zero_bytes(workdir, 32)
+  os.remove(os.path.join(workdir, 'report.json'))
+  result = _run(workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  named = [line for line in result.stderr.splitlines() if 'checkpoints/32 is unusable' in line]
+  assert len(named) == 1, result.stderr[-3000:]
+  assert 'does not match its checksum' in named[0] and 'resuming from step 24' in named[0]
+  assert 'set_aside/checkpoints-32' in named[0]
+  assert 'at step 24 ' in result.stderr
+  _assert_same_run(workdir, reference)
+  assert os.path.isdir(os.path.join(workdir, 'set_aside', 'checkpoints-32'))  # kept, not deleted
+  print(f'\n{named[0]}')
 
 
 def _below_a_file(workdir: str) -> str:
   with open(os.path.join(workdir, 'a_file'), 'w') as f:
     f.write('not a directory')
   return os.path.join(workdir, 'a_file', 'run')
+
+
+def _npz(workdir: str, name: str, **changes) -> None:
+  """An npz next to the workdir (the {tmp} of the overrides): 64 train, 16 test images."""
+  rs = np.random.RandomState(0)
+  arrays = dict(x_train=rs.randint(0, 256, (64, 32, 32, 3)).astype(np.uint8),
+                y_train=np.arange(64) % 10,
+                x_test=rs.randint(0, 256, (16, 32, 32, 3)).astype(np.uint8),
+                y_test=np.arange(16) % 10)
+  arrays.update(changes)
+  np.savez(os.path.join(os.path.dirname(workdir), name), **arrays)
+
+
+def _nchw_npz(workdir: str) -> None:
+  _npz(workdir, 'nchw.npz', x_train=np.zeros((64, 3, 32, 32), np.uint8))
+
+
+def _float_npz(workdir: str) -> None:
+  _npz(workdir, 'float.npz', x_train=np.random.RandomState(0).uniform(0, 1, (64, 32, 32, 3))
+       .astype(np.float32))
+
+
+def _label_10_npz(workdir: str) -> None:
+  _npz(workdir, 'labels.npz', y_test=np.r_[0, 1, 2, 10, np.arange(12) % 10])
 
 
 # (id, overrides, extra environment, prepare(workdir) -> workdir to pass, expected message parts)
@@ -241,9 +286,29 @@ BAD_INPUT = [
     ('dataset missing, no download', {'dataset': 'cifar10', 'download': False},
      {'TFDS_DATA_DIR': '{tmp}/empty_tfds'}, None,
      ["Dataset 'cifar10' is not in", 'empty_tfds', 'TFDS_DATA_DIR', 'download it on a machine']),
-    ('damaged checkpoint', {}, {}, _damage,
-     ['checkpoints/32 could not be restored', 'move that step directory aside',
-      'Nothing was deleted']),
+    ('changed validation seed', {'validation_seed': 7}, {}, None,
+     ['was made with other data settings (validation_seed: 0 there, 7 now)',
+      '--allow_changed_data']),
+    ('changed batch size', {'batch_size': 16}, {}, None, ['(batch_size: 32 there, 16 now)']),
+    ('cutout larger than the image', {'augment.cutout_size': 100}, {}, None,
+     ['augment.cutout_size=100 is larger than the 32x32 images']),
+    ('infinite learning rate', {'learning_rate': 'inf'}, {}, None,
+     ['learning_rate must be a finite number, got inf.']),
+    ('infinite weight decay', {'weight_decay': 'inf'}, {}, None,
+     ['weight_decay must be a finite number, got inf.']),
+    ('onecycle warm-up past the run', {'schedule': 'onecycle', 'warmup_epochs': 5.0}, {}, None,
+     ['schedule=onecycle warms up for warmup_epochs=5.0 of num_epochs=4']),
+    ('negative synthetic noise', {'synthetic.noise': -1.0}, {}, None,
+     ['synthetic.noise must be >= 0 (the standard deviation of the noise']),
+    ('npz_path with synthetic data', {'npz_path': 'missing.npz'}, {}, None,
+     ["npz_path='missing.npz' is set, but dataset=synthetic generates its images"]),
+    ('NCHW arrays', {'dataset': 'cifar10', 'npz_path': '{tmp}/nchw.npz'}, {}, _nchw_npz,
+     ['nchw.npz: x_train has shape (64, 3, 32, 32), channels first (NCHW)',
+      'np.transpose(x_train, (0, 2, 3, 1))']),
+    ('float arrays in [0, 1]', {'dataset': 'cifar10', 'npz_path': '{tmp}/float.npz'}, {},
+     _float_npz, ['float.npz: x_train is float32', '(x_train * 255).round().astype(np.uint8)']),
+    ('labels out of range', {'dataset': 'cifar10', 'npz_path': '{tmp}/labels.npz'}, {},
+     _label_10_npz, ['labels.npz: y_test holds label 10 at index 3, outside [0, 10)']),
     ('other architecture', {'model.num_filters': 8}, {}, None,
      ['checkpoints/32 holds a different network', "'num_filters': 4", "'num_filters': 8"]),
     ('workdir below a file', {}, {}, _below_a_file,
@@ -267,6 +332,7 @@ def bad_input_outcomes(reference, tmp_path_factory) -> dict:
     target = (prepare(workdir) if prepare else None) or workdir
     os.makedirs(tmp / 'empty_tfds')
     before = _snapshot(workdir)
+    overrides = {k: v.format(tmp=tmp) if isinstance(v, str) else v for k, v in overrides.items()}
     result = _run(target, overrides, **{k: v.format(tmp=tmp) for k, v in env.items()})
     return name, (result, workdir, before)
 
@@ -320,3 +386,95 @@ def test_missing_dataset_with_download_and_no_network_fails_fast(tmp_path, monke
   assert 'www.cs.toronto.edu:443 cannot be reached to download it (no network?)' in message, message
   assert 'TFDS_DATA_DIR' in message and '--config.npz_path' in message, message
   print(f'\nno network, download=True: {message}')
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_and_the_first_ends_as_if_alone(
+    reference, tmp_path):
+  """Both used to exit 0, the second reporting the first one's weights as its own."""
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'log')
+  lock = os.path.join(workdir, 'run.lock')
+  proc = _start(workdir, log)
+
+  def holds_the_lock():
+    if not os.path.exists(lock):
+      return False
+    with open(lock) as f:
+      return f.read().startswith(f'PID {proc.pid} ')
+
+  wait_until([proc], holds_the_lock, RUN_TIMEOUT_S)
+  proc.send_signal(signal.SIGSTOP)  # frozen while it holds the lock, however fast it would run
+  try:
+    start = time.monotonic()
+    second = _run(workdir, {'learning_rate': 0.0})
+    elapsed = time.monotonic() - start
+  finally:
+    proc.send_signal(signal.SIGCONT)
+  assert second.returncode == 1 and 'Traceback' not in second.stderr, second.stderr[-3000:]
+  error = second.stderr.strip().splitlines()[-1]
+  assert error.startswith('error: Workdir ') and (
+      f'is in use by PID {proc.pid} on host {socket.gethostname()}') in error, error
+  assert 'compiling' not in second.stderr
+  output = _finish(proc, log)
+  assert proc.returncode == 0, output[-3000:]
+  _assert_same_run(workdir, reference)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['learning_rate'] > 0  # the first run's config, not the refused one's
+  print(f'\nsecond run, refused in {elapsed:.1f}s: {error}')
+
+
+def test_ctrl_c_saves_mid_epoch_exits_130_and_the_rerun_ends_like_an_uninterrupted_run(
+    reference, tmp_path):
+  """Ctrl-C used to print a 33-line traceback and save nothing."""
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'log')
+  proc = _start(workdir, log)
+  wait_until([proc], lambda: checkpoint_steps(workdir), RUN_TIMEOUT_S)  # epoch 2 runs
+  proc.send_signal(signal.SIGINT)
+  output = _finish(proc, log)
+  assert proc.returncode == 130, output[-3000:]
+  assert 'Traceback' not in output
+  assert 'press Ctrl-C again to abort at once' in output
+  saved = [line for line in output.splitlines() if 'SIGINT: saved a checkpoint at step' in line]
+  assert len(saved) == 1 and 'rerun the same command to resume' in saved[0], output[-3000:]
+  step = int(saved[0].split('at step ')[1].split()[0])
+  assert STEPS_PER_EPOCH < step < TOTAL_STEPS and checkpoint_steps(workdir)[-1] == step
+  result = _run(workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'at step {step} ' in result.stderr
+  _assert_same_run(workdir, reference)
+  print(f'\nCtrl-C: {saved[0].split("] ")[-1]}')
+
+
+def test_ctrl_c_while_compiling_stops_cleanly(reference, tmp_path):
+  """It used to crash with a segmentation fault inside XLA's compiler."""
+  workdir, log = str(tmp_path / 'run'), str(tmp_path / 'log')
+  proc = _start(workdir, log)
+
+  def compiling():
+    with open(log) as f:
+      return 'checked; compiling.' in f.read()
+
+  wait_until([proc], compiling, RUN_TIMEOUT_S)
+  proc.send_signal(signal.SIGINT)
+  output = _finish(proc, log)
+  assert proc.returncode == 130, output[-3000:]  # not -11 (SIGSEGV)
+  assert 'Traceback' not in output and 'Fatal Python error' not in output
+  last = output.strip().splitlines()[-1]
+  assert ('SIGINT: stopped before training, nothing saved' in last
+          or 'SIGINT: saved a checkpoint at step 1 ' in last), last  # if compiling beat the signal
+  print(f'\nCtrl-C while compiling: {last.split("] ")[-1]}')
+
+
+def test_a_second_ctrl_c_gets_the_default_action(monkeypatch):
+  """After the first Ctrl-C the loop finishes its step and saves; a second one ends the process
+  at once (its default action). Checked in this process, whose default action is not sent."""
+  from se_resnet_jax import train
+  monkeypatch.setattr(jax, 'process_count', lambda: 1)
+  before = signal.getsignal(signal.SIGINT)
+  with train._Interruption() as interruption:
+    assert signal.getsignal(signal.SIGINT) == interruption._on_sigint
+    assert signal.getsignal(signal.SIGTERM) == interruption._on_sigterm
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)  # the handler runs at the next bytecode
+    assert interruption.signal_name == 'SIGINT' and interruption.reached(1)
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+  assert signal.getsignal(signal.SIGINT) == before

@@ -91,11 +91,16 @@ def test_run_writes_report_checkpoints_and_tensorboard_events(reference_run):
   assert report['step'] == report['best_epoch'] * STEPS_PER_EPOCH
 
   final = EPOCHS * STEPS_PER_EPOCH
-  latest = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
-  assert latest[-1] == final and len(latest) <= config.keep_checkpoints
-  best = [int(d) for d in os.listdir(os.path.join(workdir, 'best')) if d.isdigit()]
-  assert len(best) == 1 and best[0] % STEPS_PER_EPOCH == 0
-  assert best[0] == report['step']
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  ckpts = RunCheckpoints(workdir)
+  best = ckpts.latest_step('best')
+  ckpts.close()
+  # one directory: the latest keep_checkpoints steps, and the best one when it is older
+  assert steps[-config.keep_checkpoints:] == [final - i * STEPS_PER_EPOCH
+                                              for i in reversed(range(config.keep_checkpoints))]
+  assert set(steps) == set(steps[-config.keep_checkpoints:]) | {best}
+  assert best % STEPS_PER_EPOCH == 0 and best == report['step']
+  assert not os.path.exists(os.path.join(workdir, 'best'))
 
   events = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
   assert events, os.listdir(workdir)
