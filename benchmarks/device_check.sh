@@ -43,7 +43,7 @@ if [[ $QUICK == 1 ]]; then
          --config.validation_size=200 --config.batch_size=64 --config.eval_batch_size=100
          --config.measure_inference=False --config.log_every_steps=4"
   TWIN_ARGS="$SMALL ${TWIN_ARGS:-}"
-  FAST_ARGS="$SMALL --config.num_epochs=1 ${FAST_ARGS:-}"
+  FAST_ARGS="$SMALL --config.num_epochs=1 --config.warmup_epochs=0.5 ${FAST_ARGS:-}"
   BENCH_ARGS=${BENCH_ARGS:---quick --num_filters=16 --batch_sizes=16 --notorch_compile}
   export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
   # Same-shaped programs in the stages compile once, into a cache of this run.

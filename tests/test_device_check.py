@@ -64,9 +64,11 @@ def test_quick_device_check_runs_every_stage_and_keeps_every_table(tmp_path):
   assert [(r['framework'], r['status'], r['epochs']) for r in twin['rows']] == [
       ('jax', 'ok', 2), ('pytorch', 'ok', 2)]
   assert all(0 <= r['test_accuracy'] <= 1 for r in twin['rows'])
-  assert 'TensorBoard/TensorFlow not installed' in (out_dir / 'twin' / 'jax.log').read_text()
   assert (out_dir / 'twin' / 'jax' / 'report.json').exists()
   assert not (out_dir / 'twin' / 'jax' / 'checkpoints').exists()  # checkpoints stay in WORK
+  run = work / 'twin' / 'jax'
+  assert (run / 'checkpoints').is_dir()
+  assert not list(run.glob('events.out.tfevents*'))  # TensorFlow was hidden: no TensorBoard file
 
   fast = json.loads((out_dir / 'fast' / 'time_to_accuracy.json').read_text())
   assert fast['epochs_completed'] == 1 and fast['epochs'][0]['test_accuracy_side'] is not None
