@@ -142,6 +142,10 @@ def markdown(rows: Sequence[dict], config_args: Sequence[str]) -> str:
              _num(r['compile_s']), _num(r['wall_s'])]
     lines.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
   device = next((r['device'] for r in rows if r.get('device')), 'unknown')
+  for r in rows:
+    if r['status'] != 'ok':
+      lines += ['', f'{r["framework"]} {r["status"]}, the end of {r["log"]}:', '',
+                *[f'    {line}' for line in r['log_tail']]]
   lines += ['', f'Device: {device}. Config: {" ".join(config_args)}',
             'Test accuracy is of the best-validation weights; "final" figures are the last '
             "epoch's; train accuracy is under augmentation; PyTorch's compile s is its first "
