@@ -168,7 +168,7 @@ def test_core_install_runs_to_the_end_without_matplotlib_and_tensorflow(tmp_path
   run = subprocess.run(evaluate + ['--output_dir=' + str(tmp_path / 'moved')], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=TIMEOUT_S)
   assert run.returncode == 1 and 'arrays.npz' in run.stderr.splitlines()[-1]
-  run = subprocess.run(evaluate + [f'--npz_path={tmp_path / "moved.npz"}',
+  run = subprocess.run(evaluate + [f'--npz_path={tmp_path / "moved.npz"}', '--allow_changed_data',
                                    '--output_dir=' + str(tmp_path / 'moved')],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
   assert run.returncode == 0, run.stderr[-3000:]
