@@ -17,7 +17,7 @@
 # benchmark stop gracefully inside their budgets and report how far they got.
 #
 # Settings (environment): OUT, WORK, STAGES ("twin fast bench"), DEADLINE_S (470), TWIN_EPOCHS
-# (30), TWIN_S (240), FAST_S (125), BENCH_S (80), TORCH_COMPILE (0: eager twin), TORCH_INIT
+# (30), TWIN_S (230), FAST_S (120), BENCH_S (95), TORCH_COMPILE (0: eager twin), TORCH_INIT
 # (torch: PyTorch's default initial weights; flax: drawn as the library draws them), BENCH_ARGS,
 # TWIN_ARGS / FAST_ARGS (extra --config overrides), NPZ (data/cifar10_jpeg.npz), HIDE_TENSORFLOW
 # (1 with --quick: a stub package makes `import tensorflow` fail in every stage, as on the GPU).
@@ -50,7 +50,7 @@ if [[ $QUICK == 1 ]]; then
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$WORK/jax_cache}
   HIDE_TENSORFLOW=${HIDE_TENSORFLOW:-1}  # run every stage as on the GPU image: no TensorFlow
 else
-  DEADLINE_S=${DEADLINE_S:-470} TWIN_S=${TWIN_S:-240} FAST_S=${FAST_S:-125} BENCH_S=${BENCH_S:-80}
+  DEADLINE_S=${DEADLINE_S:-470} TWIN_S=${TWIN_S:-230} FAST_S=${FAST_S:-120} BENCH_S=${BENCH_S:-95}
   TWIN_EPOCHS=${TWIN_EPOCHS:-30}
   TWIN_ARGS="--config.batch_size=512 ${TWIN_ARGS:-}"
   FAST_ARGS=${FAST_ARGS:-}

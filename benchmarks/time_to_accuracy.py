@@ -166,7 +166,7 @@ def measure(config: ml_collections.ConfigDict, workdir: str, out_dir: Optional[s
   """Trains `config` in `workdir` and writes time_to_accuracy.{json,md} to out_dir (or workdir)."""
   if os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise WorkdirError(f'{workdir} holds checkpoints: a resumed run has no time to accuracy. '
-                          'Use a new --workdir.')
+                     'Use a new --workdir.')
   out_dir = out_dir or workdir
   os.makedirs(out_dir, exist_ok=True)
   watcher = EpochWatcher(config, workdir, test_each_epoch, out_dir)

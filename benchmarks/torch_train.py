@@ -295,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, out_dir: Optional[str]
   steps_per_epoch = len(data.train) // config.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f'batch_size={config.batch_size} is larger than the {len(data.train)} '
-                     'training examples; lower batch_size.')
+                      'training examples; lower batch_size.')
   total_steps = steps_per_epoch * config.num_epochs
   if config.max_steps > 0:
     total_steps = min(total_steps, config.max_steps)
@@ -380,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, out_dir: Optional[str]
            'epoch_time_s': epoch_time, 'train_images_per_s': seen / epoch_time}
     if not math.isfinite(row['train_loss']):
       raise DivergedError(f'Training loss became {row["train_loss"]} by step {step}: lower '
-                               '--config.learning_rate or add warmup.')
+                          '--config.learning_rate or add warmup.')
     is_last = step == total_steps
     if val is not None and ((epoch + 1) % config.eval_every_epochs == 0 or is_last):
       metrics = with_eval_weights(lambda: evaluate(model, *val, **eval_kwargs))

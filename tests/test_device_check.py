@@ -12,6 +12,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import subprocess_env
 
 from benchmarks import cifar_jpeg, time_to_accuracy
 
@@ -50,7 +51,7 @@ def test_first_reached_reports_the_first_epoch_over_each_line():
 @pytest.mark.slow
 def test_quick_device_check_runs_every_stage_and_keeps_every_table(tmp_path):
   out_dir, work = tmp_path / 'out', tmp_path / 'work'
-  env = {**os.environ, 'OUT': str(out_dir), 'WORK': str(work), 'PYTHONPATH': REPO}
+  env = subprocess_env(OUT=str(out_dir), WORK=str(work), PYTHONPATH=REPO)
   proc = subprocess.run(['bash', os.path.join(REPO, 'benchmarks', 'device_check.sh'), '--quick'],
                         capture_output=True, text=True, cwd=REPO, env=env, timeout=1500)
   log = (out_dir / 'device_check.log').read_text()
