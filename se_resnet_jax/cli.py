@@ -1,9 +1,12 @@
-"""What every command shares: one-line errors for bad flags and configs, and a quiet log.
+"""What every command shares: one-line errors for bad flags and configs, a quiet log, --help.
 
 Users meet the library through these commands; a typo in a flag or config must end in one line that
-says what to do, not a traceback, and orbax's per-save chatter must not bury the progress lines.
+says what to do, not a traceback, and the libraries' INFO chatter (JAX's backend probing, orbax's
+per-save lines, JAX's cache resets) must not bury the progress lines: it shows with -v 1.
 """
 
+import logging as std_logging
+import os
 import re
 import sys
 from typing import Any, Callable, Sequence
@@ -12,6 +15,7 @@ from absl import app, flags, logging
 
 from se_resnet_jax.config import base_config
 from se_resnet_jax.errors import Preempted, UserError
+from se_resnet_jax.usage import exit_with_help_if_asked
 
 FLAGS = flags.FLAGS
 
@@ -19,9 +23,22 @@ FLAGS = flags.FLAGS
 USER_ERRORS = (UserError,)
 
 
-def _quiet_libraries(record) -> bool:
-  """Keeps orbax's per-save INFO chatter out of the progress log (warnings still show)."""
-  return record.levelno >= 30 or '/orbax/' not in record.pathname
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _library_or_warning(record) -> bool:
+  """Log records a person reads by default: this library's, and anyone's warnings and errors."""
+  return (record.levelno >= std_logging.WARNING
+          or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
+
+
+def _quiet_logs() -> None:
+  """Hides other libraries' INFO logs unless --verbosity (-v) was given."""
+  if FLAGS['verbosity'].present:
+    return
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ INFO, if it gets imported
+  logging.get_absl_handler().addFilter(_library_or_warning)
 
 
 def _drop_closed_loop_noise(unraisable, default=sys.unraisablehook) -> None:
@@ -93,12 +110,31 @@ def _flag_error(argv, error: Exception) -> str:
   return f'{text}. Pass --helpfull to see the flags.'
 
 
+def _find_config_file(argv: Sequence[str]) -> list:
+  """argv with --config=configs/x.py found in the repository when it is not in the current folder.
+
+  The config files live in the repository (beside the package of an editable install), so the
+  README's commands work from any folder: a relative path is read from the current folder first.
+  """
+  found = list(argv)
+  for i, arg in enumerate(found):
+    if arg.startswith('--config='):
+      path = arg.split('=', 1)[1]
+      in_repo = os.path.join(_REPO_DIR, path)
+      if path and not os.path.isabs(path) and not os.path.exists(path) and os.path.isfile(in_repo):
+        found[i] = f'--config={in_repo}'
+  return found
+
+
 def parse_flags(argv):
   """absl's flag parsing, but a bad --config file or override ends in one line, not a traceback.
 
   ml_collections raises plain KeyError/AttributeError/IOError for an unknown override key or a
-  config file that does not load, which absl would show as a long traceback.
+  config file that does not load, which absl would show as a long traceback. --help shows the
+  command's own flags and every config field, and exits 0.
   """
+  argv = _find_config_file(argv)
+  exit_with_help_if_asked(argv)
   try:
     args = FLAGS(argv)
     if FLAGS['config'].value is not None:
@@ -121,7 +157,7 @@ def run(argv: Sequence[str], command: Callable[[], Any]) -> Any:
   """
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  logging.get_absl_handler().addFilter(_quiet_libraries)
+  _quiet_logs()
   sys.unraisablehook = _drop_closed_loop_noise
   try:
     return command()

@@ -3,7 +3,9 @@
   python -m se_resnet_jax.evaluate --workdir=runs/cifar10 --checkpoint=best --split=test
 
 The run's config is read from `workdir/config.json` (written when training starts) unless --config
-is given. The report goes to `workdir/evaluation/<checkpoint>-<step>/` so the training report stays.
+is given; it names where the training read its data (absolute paths, $TFDS_DATA_DIR filled in), so
+no environment needs repeating. --data_dir or --npz_path point at the data where it has moved.
+The report goes to `workdir/evaluation/<checkpoint>-<step>/` so the training report stays.
 Writing into the workdir takes its lock (a run training there makes this wait its turn); with
 --output_dir elsewhere the workdir is only read.
 """
@@ -16,10 +18,11 @@ from typing import Optional
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from se_resnet_jax import cli, input_pipeline, report
+from se_resnet_jax import cli, input_pipeline, report, summary
+from se_resnet_jax.console import Console
 from se_resnet_jax.errors import ConfigError, WorkdirError
 from se_resnet_jax.evaluation import final_report, restore_run
 from se_resnet_jax.sharding import data_mesh
@@ -65,12 +68,15 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'bo
                         output_dir: Optional[str] = None,
                         config: Optional[ml_collections.ConfigDict] = None,
                         tta_flip: Optional[bool] = None,
-                        allow_changed_data: bool = False) -> dict:
-  """Writes report.json/.md and the pictures for one checkpoint; returns the report.
+                        allow_changed_data: bool = False, data_dir: Optional[str] = None,
+                        npz_path: Optional[str] = None) -> dict:
+  """Writes report.json/.md and the pictures for one checkpoint; returns the report (and where).
 
-  `config` defaults to the run's own (workdir/config.json); `tta_flip` overrides its setting.
-  Before any work: the report's directory must be writable, and the checkpoint is restored (and
-  checked against the config, data settings included) before any data is read.
+  `config` defaults to the run's own (workdir/config.json); `tta_flip` overrides its setting, and
+  `data_dir` or `npz_path` say where its data is now (after the checkpoint's data settings were
+  checked against the config's: the same data, moved). Before any work: the report's directory
+  must be writable, and the checkpoint is restored (and checked against the config, data settings
+  included) before any data is read.
   """
   if not os.path.isdir(workdir):
     raise WorkdirError(f'Workdir {workdir!r} does not exist.')
@@ -81,19 +87,27 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'bo
     config = run.config
     if tta_flip is not None:
       config.tta_flip = tta_flip
+    if data_dir is not None:
+      config.data_dir = data_dir
+    if npz_path is not None:
+      config.npz_path = npz_path
     data = input_pipeline.load_dataset(config)
     if split == 'validation' and data.validation is None:
       raise ConfigError('This run has no validation split (validation_size=0); use --split=test.')
     splits = (('validation',) if data.validation is not None else ()) + ('test',)
     splits = splits if split == 'both' else (split,)
+    Console().say(f'Evaluating checkpoint {checkpoint!r} of {workdir} (step {run.step}, epoch '
+                  f'{run.meta["epoch"]}) on {" and ".join(splits)}...')
     eval_step = make_eval_step(config, run.model, data.mean, data.std)
     result = final_report(config, data, run.model, run.variables, run.step, run.meta, eval_step,
                           data_mesh(), None, splits)
     result['checkpoint'] = {'which': checkpoint, 'step': run.step, 'epoch': run.meta['epoch']}
+    result['weights'] = {'epoch': run.meta['epoch'], 'step': run.step,
+                         'chosen_by': f'checkpoint {checkpoint!r} of {workdir}'}
     output_dir = output_dir or os.path.join(destination, f'{checkpoint}-{run.step}')
     if jax.process_index() == 0:
       report.write_report(output_dir, result, run.meta.get('history', []))
-  logging.info('Wrote the report for step %d to %s', run.step, output_dir)
+  result['output_dir'] = output_dir
   return result
 
 
@@ -106,6 +120,10 @@ def define_flags() -> None:
   flags.DEFINE_bool('tta_flip', None, 'Override the run config: average with the flipped image.')
   flags.DEFINE_bool('allow_changed_data', False, 'Evaluate even when the config\'s data settings '
                     '(dataset, split, batch size) differ from those the checkpoint was made with.')
+  flags.DEFINE_string('data_dir', None, "Where the run's tfds data is now (default: the run's "
+                      'config.json).')
+  flags.DEFINE_string('npz_path', None, "Where the run's .npz arrays are now (default: the run's "
+                      'config.json).')
   config_flags.DEFINE_config_file('config', None, 'Config file; default: workdir/config.json.')
   flags.mark_flag_as_required('workdir')
 
@@ -113,10 +131,10 @@ def define_flags() -> None:
 def main(argv):
   def command():
     result = evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.split, FLAGS.output_dir,
-                                 FLAGS.config, FLAGS.tta_flip, FLAGS.allow_changed_data)
-    for name in ('validation', 'test'):
-      if name in result:
-        print(f'{name}: accuracy {result[name]["accuracy"]:.4f}  loss {result[name]["loss"]:.4f}')
+                                 FLAGS.config, FLAGS.tta_flip, FLAGS.allow_changed_data,
+                                 FLAGS.data_dir, FLAGS.npz_path)
+    if jax.process_index() == 0:
+      print(summary.closing_summary(result['output_dir'], result))
 
   cli.run(argv, command)
 

@@ -14,6 +14,7 @@ import uuid
 from typing import IO, Any, Iterator, Mapping, Sequence
 
 import numpy as np
+from absl import logging
 
 
 @contextlib.contextmanager
@@ -72,6 +73,29 @@ def write_text(path: str, lines: Sequence[str]) -> None:
   """Replaces `path` atomically with `lines`, so an interrupted write never leaves half a table."""
   with atomic_open(path) as f:
     f.write('\n'.join(lines) + '\n')
+
+
+_told_no_matplotlib = False
+
+
+def drawing_available() -> bool:
+  """Whether matplotlib is installed; without it, says once per process that pictures are skipped.
+
+  The core install (`pip install .`) has no matplotlib: its runs still write report.json and
+  report.md, and only the PNGs are missing.
+  """
+  global _told_no_matplotlib
+  try:
+    import matplotlib  # noqa: F401 - only whether it imports
+    return True
+  except ImportError:
+    pass
+  if not _told_no_matplotlib:
+    logging.warning('matplotlib is not installed: the pictures (PNG) are skipped; report.json and '
+                    'report.md are written. `pip install matplotlib` (or the [data] extra) adds '
+                    'them.')
+    _told_no_matplotlib = True
+  return False
 
 
 def pyplot() -> Any:

@@ -362,3 +362,18 @@ def channel_statistics(images: np.ndarray, chunk: int = 4096):
   n = images.size // images.shape[-1]
   mean = total / n
   return tuple(mean.tolist()), tuple(np.sqrt(squares / n - mean**2).tolist())
+
+
+def with_data_location(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` that names where its data is read: absolute paths, $TFDS_DATA_DIR in.
+
+  A run's config.json holds this, so `evaluate`, run later from another directory or shell without
+  the environment of the training, reads the same data.
+  """
+  config = config.copy_and_resolve_references()
+  if config.npz_path:
+    config.npz_path = os.path.abspath(os.path.expanduser(config.npz_path))
+  elif config.dataset != 'synthetic':
+    data_dir = config.data_dir or os.environ.get('TFDS_DATA_DIR', '')
+    config.data_dir = os.path.abspath(os.path.expanduser(data_dir)) if data_dir else ''
+  return config

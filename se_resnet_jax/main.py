@@ -2,14 +2,17 @@
 
 Any config field can be overridden, e.g. `--config.num_epochs=10 --config.model.num_filters=32`.
 Rerunning with the same --workdir resumes from its latest intact checkpoint; Ctrl-C or SIGTERM
-saves where the run is and says how to resume.
+saves where the run is and says how to resume. Rerunning a finished run shows its results without
+training (a larger --config.num_epochs trains it further). Progress goes to stderr; the closing
+summary (results and where the report is) to stdout.
 """
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from se_resnet_jax import cli, train
+from se_resnet_jax import cli, summary, train
+from se_resnet_jax.console import Console
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries and the report.')
@@ -29,10 +32,14 @@ def main(argv):
   def command():
     if FLAGS.distributed:
       jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
-                 jax.devices())
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                             allow_changed_data=FLAGS.allow_changed_data)
+    device = jax.devices()[0]
+    # Every process says which it is; only process 0 speaks after this.
+    Console(enabled=True).say(f'JAX process {jax.process_index()}/{jax.process_count()}: '
+                              f'{jax.device_count()} x {device.device_kind} ({device.platform}).')
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                      allow_changed_data=FLAGS.allow_changed_data)
+    if jax.process_index() == 0:
+      print(summary.closing_summary(FLAGS.workdir, result))
 
   cli.run(argv, command)
 

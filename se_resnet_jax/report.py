@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from se_resnet_jax.files import (
+    drawing_available,
     markdown_table,
     pyplot,
     save_figure,
@@ -172,7 +173,9 @@ def plot_learning_curves(history: Sequence[Mapping[str, Any]], path: str) -> Non
   """Plots loss and accuracy per epoch, train vs validation, side by side.
 
   Validation is drawn with markers because it may be evaluated only every few
-  epochs (or missing for some); a lone point would be invisible as a line.
+  epochs (or missing for some); a lone point would be invisible as a line. Train
+  has markers too unless there are many epochs, so a 1-epoch run shows its point.
+  The epoch axis has integer ticks.
 
   Args:
     history: one dict per epoch with "epoch", "train_loss", "train_accuracy"
@@ -180,14 +183,21 @@ def plot_learning_curves(history: Sequence[Mapping[str, Any]], path: str) -> Non
     path: PNG file to write.
   """
   plt = pyplot()
+  from matplotlib.ticker import MaxNLocator
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  train_epochs = _series(history, 'train_loss')[0]
   for ax, metric in zip(axes, ('loss', 'accuracy')):
-    for prefix, label, style in (('train', 'train', '-'), ('val', 'validation', 'o-')):
+    for prefix, label, style in (('train', 'train', 'o-' if len(train_epochs) <= 50 else '-'),
+                                 ('val', 'validation', 'o-')):
       epochs, values = _series(history, f'{prefix}_{metric}')
       if epochs:
         ax.plot(epochs, values, style, label=label, markersize=4)
+    ax.margins(y=0.1)
     ax.set_title(metric.capitalize())
     ax.set_xlabel('epoch')
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 0.96 or 1.02
+    if len(set(train_epochs)) == 1:  # one epoch: a point, centred, not a 0.08-wide axis
+      ax.set_xlim(train_epochs[0] - 1, train_epochs[0] + 1)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -302,6 +312,23 @@ def _split_section(title: str, split: Mapping[str, Any]) -> list[str]:
   return lines
 
 
+def _epochs_line(report: Mapping[str, Any]) -> str:
+  """Full epochs trained, of how many planned; a run stopped by max_steps says so."""
+  training = report.get('training')
+  if not training:
+    return f"- Epochs completed: {report['epochs_completed']}"
+  steps, per_epoch, planned = (training[k] for k in ('steps', 'steps_per_epoch', 'planned_steps'))
+  full, rest = divmod(steps, per_epoch)
+  line = f'- Epochs completed: {full} of {planned // per_epoch}'
+  if rest:
+    line += f', plus {rest:,} of the {per_epoch:,} steps of epoch {full + 1}'
+  line += f' ({steps:,} steps'
+  max_steps = report.get('config', {}).get('max_steps', -1)
+  if steps < planned and max_steps > 0 and steps == max_steps:
+    line += f', stopped by max_steps={max_steps}'
+  return line + ')'
+
+
 def write_markdown(report: Mapping[str, Any], path: str,
                    figures: Mapping[str, str] | None = None) -> None:
   """Renders the report as Markdown for people reading a run's workdir.
@@ -321,7 +348,11 @@ def write_markdown(report: Mapping[str, Any], path: str,
     lines.append(f"- Dataset: {report['dataset']}"
                  + (f' ({num_classes} classes)' if num_classes else ''))
   if 'epochs_completed' in report:
-    lines.append(f"- Epochs completed: {report['epochs_completed']}")
+    lines.append(_epochs_line(report))
+  if 'weights' in report:
+    weights = report['weights']
+    lines.append(f"- Weights reported: epoch {weights['epoch']} (step {weights['step']:,}), "
+                 f"{weights['chosen_by']}")
   if 'device' in report:
     device = report['device']
     lines.append(f"- Device: {device.get('count', '?')} x {device.get('kind', '?')} "
@@ -341,8 +372,12 @@ def write_markdown(report: Mapping[str, Any], path: str,
                          _pct(s['top5_accuracy']), f"{s['loss']:.4f}"] for name, s in splits])
   if 'timing' in report:
     lines += ['## Timing', '']
-    lines += markdown_table(['Measure', 'Value'], [[_TIMING_LABELS.get(k, k), _fmt(v)]
-                                              for k, v in report['timing'].items()])
+    timing, labels = dict(report['timing']), dict(_TIMING_LABELS)
+    batch = timing.pop('inference_batch_size', None)
+    if batch is not None:
+      labels['inference_images_per_s'] = f'Inference throughput, batch {batch:,} (images/s)'
+    lines += markdown_table(['Measure', 'Value'], [[labels.get(k, k), _fmt(v)]
+                                                   for k, v in timing.items()])
   if figures:
     lines += ['## Figures', '']
     for caption, image in figures.items():
@@ -379,11 +414,12 @@ def write_report(workdir: str, report: Mapping[str, Any],
   """
   os.makedirs(workdir, exist_ok=True)
   paths = {}
-  if history:
+  draw = drawing_available()
+  if history and draw:
     paths['curves'] = os.path.join(workdir, 'curves.png')
     plot_learning_curves(history, paths['curves'])
   split_name = next((name for name in reversed(_SPLITS) if name in report), None)
-  if split_name is not None:
+  if split_name is not None and draw:
     split = report[split_name]
     names = [entry['class'] for entry in split['per_class']]
     paths['confusion_matrix'] = os.path.join(workdir, 'confusion_matrix.png')

@@ -12,24 +12,22 @@ that they are this network and these data settings). Only then is anything compi
 import dataclasses
 import functools
 import os
-import signal
 import time
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from flax.training.early_stopping import EarlyStopping
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from se_resnet_jax import files, input_pipeline, report, sharding, steps, writers
+from se_resnet_jax import files, input_pipeline, report, sharding, steps, summary, writers
 from se_resnet_jax.checkpoints import RunCheckpoints
 from se_resnet_jax.config import ConfigError, validate_config
-from se_resnet_jax.errors import DivergedError, Preempted
+from se_resnet_jax.console import Console, TrainingProgress
+from se_resnet_jax.errors import Preempted
 from se_resnet_jax.evaluation import (
     abstract_train_state,
     eval_variables,
@@ -38,6 +36,7 @@ from se_resnet_jax.evaluation import (
     load_run_config,
 )
 from se_resnet_jax.models import architecture, build_model
+from se_resnet_jax.stopping import Interruption, check_finite
 from se_resnet_jax.workdir import prepare_workdir, workdir_lock
 
 
@@ -85,116 +84,42 @@ def _early_stopping(es: ml_collections.ConfigDict) -> EarlyStopping:
   return EarlyStopping(min_delta=es.min_delta, patience=es.patience - 1)
 
 
-class _Interruption:
-  """Remembers a SIGTERM (preemption) or SIGINT (Ctrl-C): the loop saves and exits between steps.
-
-  Installed before anything is compiled: a Ctrl-C then never lands inside XLA's compiler (which
-  used to crash the process), it stops the run at the next step instead. After the first Ctrl-C
-  the default action is back, so a second one ends the process at once.
-
-  With several processes the signals reach them at different steps, and a process that starts a
-  (collective) save while the others run another step deadlocks; there JAX's preemption service
-  (which jax.distributed installs on SIGTERM) agrees on one step for all of them instead, and a
-  Ctrl-C is passed on to it as a SIGTERM.
-  """
-
-  def __init__(self):
-    self.signal_name: Optional[str] = None
-    self._previous = {}
-    self._multiprocess = jax.process_count() > 1
-
-  def __enter__(self):
-    handlers = {signal.SIGINT: self._on_sigint}
-    if not self._multiprocess:
-      handlers[signal.SIGTERM] = self._on_sigterm
-    for signum, handler in handlers.items():
-      try:
-        self._previous[signum] = signal.signal(signum, handler)
-      except ValueError:  # not the main thread: no handler, as for any library call
-        pass
-    return self
-
-  def _on_sigterm(self, signum, frame):
-    self.signal_name = self.signal_name or 'SIGTERM'
-
-  def _on_sigint(self, signum, frame):
-    self.signal_name = 'SIGINT'
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    logging.warning('SIGINT: finishing the current step and saving a checkpoint; press Ctrl-C '
-                    'again to abort at once (losing the steps since the last checkpoint).')
-    if self._multiprocess:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  def before_training(self) -> bool:
-    """Whether a signal came before the first step (only a single process stops there)."""
-    return self.signal_name is not None and not self._multiprocess
-
-  def reached(self, step: int) -> bool:
-    """Whether to save and stop after `step`; called after every step, by every process."""
-    if self._multiprocess:
-      try:
-        synced = multihost_utils.reached_preemption_sync_point(step)
-      except RuntimeError as e:  # jax_enable_preemption_service=False
-        logging.warning('No preemption checkpoints: %s', e)
-        self._multiprocess = False
-      else:
-        if synced:
-          self.signal_name = self.signal_name or 'SIGTERM'
-        return synced
-    return self.signal_name is not None
-
-  def __exit__(self, *exc):
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-
-
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def _check_finite(loss: float, step: int, ckpts: RunCheckpoints, workdir: str,
-                  state: Optional[steps.TrainState] = None) -> None:
-  """Raises before any save once the loss or the weights are NaN/Inf.
-
-  The loss of a step is computed before its update, so an update that overflows leaves a finite
-  loss and non-finite weights: with `state` the weights are checked too, so no checkpoint (which a
-  resume would trust) ever holds NaN.
-  """
-  if np.isfinite(loss) and (state is None or bool(_all_finite(
-      (state.params, state.batch_stats, state.opt_state, state.ema_params)))):
-    return
-  last = ckpts.latest_intact_step()  # never a step whose checksums were not verified
-  what = f'Training loss became {loss}' if not np.isfinite(loss) else 'The weights became NaN/Inf'
-  where = (f'the last good checkpoint (step {last}, its checksums verified) in {workdir} is intact'
-           if last is not None else f'no checkpoint in {workdir} is verified intact')
-  raise DivergedError(
-      f'{what} by step {step}. Nothing was saved after this; {where}. Lower '
-      '--config.learning_rate (or add warmup) and rerun with the same --workdir to resume from it.')
-
-
-def _format_eta(seconds: float) -> str:
-  seconds = int(seconds)
-  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s'
+def _warn_if_all_warmup(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                        total_steps: int) -> None:
+  """A run that is warm-up from end to end never trains at the full learning rate: say so."""
+  warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+  if config.schedule != 'constant' and warmup_steps >= total_steps:
+    logging.warning(
+        'warmup_epochs=%g covers the whole run (%d of %d steps): the learning rate only rises '
+        'and never reaches its schedule. Lower --config.warmup_epochs (e.g. to %g) or train '
+        'more epochs.', config.warmup_epochs, min(warmup_steps, total_steps), total_steps,
+        config.num_epochs / 10)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        writer: Optional[Any] = None, hooks: Sequence[writers.Hook] = (),
-                       allow_changed_data: bool = False) -> dict:
+                       allow_changed_data: bool = False,
+                       console: Optional[Console] = None) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints), then writes the full report.
 
   Returns the report. On SIGTERM or SIGINT it saves a checkpoint and raises `Preempted`; rerunning
-  resumes. `writer` (default: clu's TensorBoard writer in `workdir`) receives the epoch scalars;
-  after every step, clu's progress report and then each of `hooks` is called with (step, state).
-  A resume with other data settings (`input_pipeline.data_identity`) than the checkpoints record
-  is refused unless `allow_changed_data`.
+  resumes. A finished run whose report asks for the same config is answered from its report.json
+  in seconds; a larger num_epochs (or max_steps) trains it further. `writer` (default: TensorBoard
+  in `workdir`) receives the epoch scalars; after every step each of `hooks` is called with (step,
+  state). `console` (default: stderr of process 0) shows the progress. A resume with other data
+  settings (`input_pipeline.data_identity`) than the checkpoints record is refused unless
+  `allow_changed_data`.
   """
   validate_config(config, jax.device_count())
   prepare_workdir(workdir)
-  with workdir_lock(workdir, jax.process_index()), _Interruption() as interruption:
-    return _train_and_evaluate(config, workdir, writer, hooks, allow_changed_data, interruption)
+  console = console or Console()
+  finished = summary.finished_report(workdir, config)
+  if finished is not None:
+    console.say(summary.finished_message(workdir, finished))
+    return finished
+  with workdir_lock(workdir, jax.process_index()), Interruption() as interruption:
+    return _train_and_evaluate(config, workdir, writer, hooks, allow_changed_data, interruption,
+                               console)
 
 
 def _recorded_data(ckpts: RunCheckpoints, workdir: str) -> Optional[dict]:
@@ -211,7 +136,7 @@ def _recorded_data(ckpts: RunCheckpoints, workdir: str) -> Optional[dict]:
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer: Optional[Any],
                         hooks: Sequence[writers.Hook], allow_changed_data: bool,
-                        interruption: _Interruption) -> dict:
+                        interruption: Interruption, console: Console) -> dict:
   data = input_pipeline.load_dataset(config)
   mesh = sharding.data_mesh()
   replicated = NamedSharding(mesh, P())
@@ -224,6 +149,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
   if config.max_steps > 0:
     total_steps = min(total_steps, config.max_steps)
   image_shape = data.train.images.shape[1:]
+  _warn_if_all_warmup(config, steps_per_epoch, total_steps)
 
   model = build_model(config, data.num_classes)
   schedule = steps.create_learning_rate_schedule(config, steps_per_epoch)
@@ -245,15 +171,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
   if interruption.before_training():  # a signal while the data loaded
     raise Preempted(0 if state is None else int(state.step), workdir, interruption.signal_name,
                     saved=False)
-  logging.info('Config, data and checkpoints checked; compiling.')
+  console.say('Config, data and checkpoints checked; compiling.')
   if state is None:
     state = steps.init_train_state(config, model, tx, image_shape, replicated)
   else:
     progress = Progress.from_meta(meta, config)
-    logging.info('Resumed from %s at step %d (epoch %d).', workdir, int(state.step), progress.epoch)
+    console.say(f'Resumed from {workdir} at step {int(state.step)} (epoch {progress.epoch}).')
   start_step = int(state.step)
   if jax.process_index() == 0:  # only once the checkpoints are known to fit this config
-    files.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
+    files.write_json_atomic(os.path.join(workdir, 'config.json'),
+                            input_pipeline.with_data_location(config).to_dict())
 
   train_images, train_labels = sharding.shard_train_split(data.train, mesh)
   val_chunks = (sharding.shard_eval_split(data.validation, mesh, config.eval_batch_size)
@@ -265,7 +192,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
                         out_shardings=NamedSharding(mesh, P('data')))
   eval_step = steps.make_eval_step(config, model, data.mean, data.std)
   writer = writer or writers.create_writer(workdir)
-  hooks = [writers.progress_hook(writer, total_steps), *hooks]
   if start_step == 0:
     writer.write_hparams(writers.hparams(config))
 
@@ -275,14 +201,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
   step_fn = train_step.lower(state, empty_metrics, train_images, train_labels,
                              permutation(data_rng, 0), step_rng).compile()
   compile_s = time.perf_counter() - compile_start
-  logging.info('Compiled the train step in %.1fs; %d steps/epoch, %d devices, global batch %d.',
-               compile_s, steps_per_epoch, mesh.size, config.batch_size)
+  console.say(f'Compiled the train step in {compile_s:.1f}s; {steps_per_epoch} steps/epoch, '
+              f'{mesh.size} devices, global batch {config.batch_size}.')
   if interruption.before_training():  # a signal while data loaded or the step compiled
     raise Preempted(start_step, workdir, interruption.signal_name, saved=False)
+  display = TrainingProgress(console, total_steps, steps_per_epoch, config.num_epochs,
+                             config.batch_size, start_step)
 
   epoch_metrics, perm_epoch, perm = empty_metrics, None, None
   epoch_start, epoch_first_step = time.perf_counter(), start_step
-  log_time, log_step = time.perf_counter(), start_step
   step = start_step
   while step < total_steps and progress.stopped_epoch is None:
     epoch = step // steps_per_epoch
@@ -293,20 +220,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
     step += 1
     for hook in hooks:
       hook(step, state)
-    if step % config.log_every_steps == 0:
+    end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+    if step % config.log_every_steps == 0 and not end_of_epoch:  # else the epoch line says it
       current = epoch_metrics.scalars()  # waits for the step
-      now = time.perf_counter()
-      rate = (step - log_step) / (now - log_time)
-      logging.info('step %d/%d  epoch %d  loss %.4f  acc %.4f  |  %.2f steps/s  %.0f img/s  '
-                   'ETA %s', step, total_steps, epoch + 1, current['loss'], current['accuracy'],
-                   rate, rate * config.batch_size, _format_eta((total_steps - step) / rate))
-      _check_finite(current['loss'], step, ckpts, workdir)
-      log_time, log_step = now, step
+      check_finite(current['loss'], step, ckpts, workdir)
+      display.step(step, current)
     preempted = interruption.reached(step)
     save = best = False
-    if step % steps_per_epoch == 0 or step == total_steps:  # the end of an epoch
+    if end_of_epoch:
       train = epoch_metrics.scalars()
-      _check_finite(train['loss'], step, ckpts, workdir, state)
+      check_finite(train['loss'], step, ckpts, workdir, state)
       epoch_time = time.perf_counter() - epoch_start
       row = {'epoch': epoch + 1, 'step': step, 'train_loss': train['loss'],
              'train_accuracy': train['accuracy'], 'learning_rate': float(schedule(step)),
@@ -319,29 +242,40 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
       progress.history.append(row)
       progress.epoch = epoch + 1
       writer.write_scalars(step, {k: v for k, v in row.items() if k not in ('epoch', 'step')})
-      logging.info('epoch %d: %s', epoch + 1,
-                   ', '.join(f'{k}={v:.4g}' for k, v in row.items() if k != 'epoch'))
       save = ((epoch + 1) % config.checkpoint_every_epochs == 0 or is_last or best
               or progress.stopped_epoch is not None)
       epoch_metrics = empty_metrics
       epoch_start, epoch_first_step = time.perf_counter(), step
     elif preempted:
-      _check_finite(epoch_metrics.scalars()['loss'], step, ckpts, workdir, state)
+      check_finite(epoch_metrics.scalars()['loss'], step, ckpts, workdir, state)
     if save or preempted:
       ckpts.save(step, state, progress.to_meta(monitor), best=best)
+    if end_of_epoch:  # after the save, so the next progress line times training alone
+      display.epoch(row, best)
+      if progress.stopped_epoch is not None:
+        console.say(f'Early stopping at epoch {progress.stopped_epoch}: {monitor} has not '
+                    f'improved for {config.early_stopping.patience} evaluations.')
     if preempted:
       writer.flush()
       ckpts.close()
       raise Preempted(step, workdir, interruption.signal_name)
   writer.flush()
 
-  final = state
+  final, weights = state, {'epoch': progress.epoch, 'step': step, 'chosen_by': 'the last epoch'}
   if val_chunks is not None and ckpts.latest_step('best') is not None:
-    final, _ = ckpts.restore(state, which='best', architecture=progress.architecture)
+    final, best_meta = ckpts.restore(state, which='best', architecture=progress.architecture)
+    weights = {'epoch': best_meta['epoch'], 'step': int(final.step),
+               'chosen_by': 'the best validation accuracy'}
   ckpts.close()
+  splits = ('validation', 'test') if config.evaluate_test else ('validation',)
+  console.say(f'Evaluating the weights of epoch {weights["epoch"]} ({weights["chosen_by"]}) on '
+              f'{" and ".join(s for s in splits if getattr(data, s) is not None)}'
+              f'{", then timing inference" if config.measure_inference else ""}...')
   result = final_report(config, data, model, eval_variables(final), int(final.step),
-                        progress.to_meta(monitor), eval_step, mesh, compile_s,
-                        ('validation', 'test') if config.evaluate_test else ('validation',))
+                        progress.to_meta(monitor), eval_step, mesh, compile_s, splits)
+  result['weights'] = weights
+  result['training'] = {'steps': step, 'steps_per_epoch': steps_per_epoch,
+                        'planned_steps': steps_per_epoch * config.num_epochs}
   if jax.process_index() == 0:
     report.write_report(workdir, result, progress.history)
   writer.write_scalars(int(state.step), {f'final_{split}_{k}': result[split][k]
@@ -362,6 +296,4 @@ def _validate(config: ml_collections.ConfigDict, progress: Progress, row: dict,
   progress.early_stopping = progress.early_stopping.update(_sign(es.monitor) * row[es.monitor])
   if es.enabled and progress.early_stopping.should_stop:
     progress.stopped_epoch = row['epoch']
-    logging.info('Early stopping at epoch %d: %s has not improved for %d evaluations.',
-                 row['epoch'], es.monitor, es.patience)
   return best

@@ -1,4 +1,4 @@
-"""Where a run's numbers go: TensorBoard through clu's writers, or the log alone without TensorFlow.
+"""Where a run's numbers go: TensorBoard through clu's writer, or nowhere but the report without it.
 
 The loop calls a writer for epoch scalars and hparams, and hooks after every step; tests and
 notebooks pass their own instead of patching the loop.
@@ -14,14 +14,17 @@ from flax import traverse_util
 Hook = Callable[[int, Any], Any]  # called by the loop after every step with (step, state)
 
 
-class LogOnlyWriter:
-  """Stands in for clu's writers where TensorBoard/TensorFlow are not installed."""
+class NullWriter:
+  """Writes nothing: where TensorBoard is not installed, and on processes other than 0.
+
+  The per-epoch numbers still reach the console and report.json.
+  """
 
   def write_scalars(self, step, scalars):
-    logging.info('[%d] %s', step, ', '.join(f'{k}={v:.6g}' for k, v in scalars.items()))
+    pass
 
   def write_hparams(self, hparams):
-    logging.info('hparams: %s', hparams)
+    pass
 
   def flush(self):
     pass
@@ -31,23 +34,21 @@ class LogOnlyWriter:
 
 
 def create_writer(workdir: str) -> Any:
-  """clu's TensorBoard + log writer; the log alone where TensorFlow is absent."""
-  try:  # clu's writers import TensorBoard and TensorFlow
+  """TensorBoard summaries in `workdir` through clu, on process 0; nothing elsewhere.
+
+  Only clu's SummaryWriter: its default writer also logs every scalar, which would repeat the
+  console's epoch line.
+  """
+  if jax.process_index() > 0:
+    return NullWriter()
+  try:  # clu's summary writer imports TensorBoard and TensorFlow
     from clu import metric_writers
   except ImportError:
-    logging.warning('TensorBoard/TensorFlow not installed: metrics go to the log only.')
-    return LogOnlyWriter()
-  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-
-
-def progress_hook(writer: Any, total_steps: int) -> Hook:
-  """clu's steps/s and ETA report, as a loop hook (a no-op without clu's TensorFlow parts)."""
-  try:
-    from clu import periodic_actions
-  except ImportError:
-    return lambda step, state: None
-  report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
-  return lambda step, state: report_progress(step)
+    logging.warning('TensorBoard is not installed: no TensorBoard logs (the per-epoch numbers are '
+                    'in report.json). `pip install tensorboard tensorflow` or the [data] extra '
+                    'adds them.')
+    return NullWriter()
+  return metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(workdir)])
 
 
 def hparams(config: ml_collections.ConfigDict) -> dict:

@@ -66,7 +66,7 @@ def run_watched(config, workdir) -> LoopWatcher:
   try:
     with warnings.catch_warnings():
       warnings.filterwarnings('error', message='.*donated buffers were not usable.*')
-      train.train_and_evaluate(config, workdir, writer=writers.LogOnlyWriter(),
+      train.train_and_evaluate(config, workdir, writer=writers.NullWriter(),
                                hooks=[watcher.hook])
   finally:
     jax.monitoring.unregister_event_duration_listener(watcher.on_compile)

@@ -190,6 +190,12 @@ def test_search_command_writes_tables_heat_map_and_a_config_that_reruns(tmp_path
   flag_values(['prog', f'--config={result["chosen_config"]}'])
   expected = common.with_values(tiny_config(), {'model.dropout_rate': best['dropout']})
   assert flag_values.config.to_dict() == expected.to_dict()
+  # The command ends with the choice and the table; chosen_config.py and search.md name the same
+  # command to train the chosen settings.
+  assert str(workdir / 'search.md') in done.stdout and 'Chosen: r=2' in done.stdout, done.stdout
+  with open(result['chosen_config']) as f:
+    assert result['commands']['train_chosen'] in f.read()
+  assert result['commands']['train_chosen'] in (workdir / 'search.md').read_text()
 
 
 def test_kfold_runs_validate_on_complementary_folds():

@@ -1,7 +1,10 @@
 """The README's usage example must run exactly as written."""
 
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
 
@@ -30,3 +33,16 @@ def test_readme_pytorch_example_runs():
   exec(compile(code, str(README), 'exec'), namespace)
   assert namespace['report'].folded_biases == ()
   assert set(namespace['variables']) == {'params', 'batch_stats'}
+
+
+def test_readme_clone_folder_does_not_shadow_the_package_and_the_snippet_runs_anywhere(tmp_path):
+  """A clone folder named like the package, in the folder Python starts in, would hide it."""
+  clone = re.search(r'git clone \S+ (\S+) && cd (\S+)', README.read_text())
+  assert clone and clone.group(1) == clone.group(2) != 'se_resnet_jax'
+  section = README.read_text().split('## Using the modules in your own Flax code', 1)[1]
+  code = re.search(r'```python\n(.*?)```', section, re.S).group(1)
+  (tmp_path / clone.group(1)).mkdir()  # run beside the clone, as the README's reader would
+  run = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert run.stdout.split() == ['(8,', '10)', '(2,', '8,', '8,', '64)']

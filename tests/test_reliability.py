@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import REPO, checkpoint_steps, subprocess_env, wait_until
 
-from se_resnet_jax import input_pipeline
+from se_resnet_jax import input_pipeline, stopping
 from se_resnet_jax.checkpoints import RunCheckpoints
 from se_resnet_jax.input_pipeline import DatasetUnavailableError
 
@@ -485,10 +485,9 @@ def test_ctrl_c_while_compiling_stops_cleanly(reference, tmp_path):
 def test_a_second_ctrl_c_gets_the_default_action(monkeypatch):
   """After the first Ctrl-C the loop finishes its step and saves; a second one ends the process
   at once (its default action). Checked in this process, whose default action is not sent."""
-  from se_resnet_jax import train
   monkeypatch.setattr(jax, 'process_count', lambda: 1)
   before = signal.getsignal(signal.SIGINT)
-  with train._Interruption() as interruption:
+  with stopping.Interruption() as interruption:
     assert signal.getsignal(signal.SIGINT) == interruption._on_sigint
     assert signal.getsignal(signal.SIGTERM) == interruption._on_sigterm
     os.kill(os.getpid(), signal.SIGINT)

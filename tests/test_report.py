@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from se_resnet_jax import report
+from se_resnet_jax import files, report
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 PICTURES = ('curves.png', 'confusion_matrix.png', 'per_class_accuracy.png')
@@ -185,3 +185,30 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
     report.write_markdown({'dataset': 'cifar10'}, str(path))
   assert path.read_text() == 'previous report\n'
   assert os.listdir(tmp_path) == ['report.md']
+
+
+def test_markdown_says_which_weights_how_far_the_run_got_and_names_every_timing(tmp_path):
+  path = tmp_path / 'report.md'
+  report.write_markdown({
+      'dataset': 'cifar10', 'epochs_completed': 1, 'config': {'max_steps': 30},
+      'weights': {'epoch': 1, 'step': 30, 'chosen_by': 'the last epoch'},
+      'training': {'steps': 30, 'steps_per_epoch': 351, 'planned_steps': 351},
+      'timing': {'inference_images_per_s': 2000.0, 'inference_batch_size': 1000}}, str(path))
+  markdown = path.read_text()
+  assert ('- Epochs completed: 0 of 1, plus 30 of the 351 steps of epoch 1 (30 steps, stopped by '
+          'max_steps=30)') in markdown
+  assert '- Weights reported: epoch 1 (step 30), the last epoch' in markdown
+  assert '| Inference throughput, batch 1,000 (images/s) | 2,000.00 |' in markdown
+  assert 'inference_batch_size' not in markdown.split('## Config')[0]
+
+
+def test_one_epoch_curves_show_a_marked_point_on_an_integer_epoch_axis(tmp_path, monkeypatch):
+  drawn = []
+  monkeypatch.setattr(report, 'save_figure', lambda fig, path: drawn.append(fig))
+  report.plot_learning_curves([{'epoch': 1, 'train_loss': 2.0, 'train_accuracy': 0.3,
+                                'val_loss': 1.9, 'val_accuracy': 0.35}], str(tmp_path / 'c.png'))
+  for ax in drawn[0].axes:
+    assert all(line.get_marker() not in ('None', '', None) for line in ax.lines)
+    assert ax.get_xlim() == (0.0, 2.0)
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+  files.pyplot().close(drawn[0])

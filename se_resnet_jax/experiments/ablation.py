@@ -1,4 +1,4 @@
-"""Ablation: the full model against the same model without SE, without dropout and without
+r"""Ablation: the full model against the same model without SE, without dropout and without
 augmentation (optionally with all three off), over several seeds.
 
   python -m se_resnet_jax.experiments.ablation --config=configs/cifar10.py --workdir=runs/ablation \
@@ -145,11 +145,26 @@ def define_flags() -> None:
   flags.DEFINE_bool('all_off', False, f'Also run "{ALL_OFF}": no SE, no dropout, no augmentation.')
 
 
+def closing_summary(workdir: str, result: dict) -> str:
+  """What the ablation command ends with: each variant against `full`, and the table."""
+  split = result['split']
+  lines = [f'Ablation, {split} accuracy over {len(result["seeds"])} seed(s) (mean ± std; Δ against '
+           'full, in points):', '']
+  width = max(len(v['name']) for v in result['variants'])
+  for v in result['variants']:
+    delta = '' if v['name'] == 'full' else (
+        f'  Δ {common.fmt(v["accuracy_delta"], 100, 2, signed=True)}')
+    lines.append(f'  {v["name"].ljust(width)}  {common.fmt(v["accuracy"], 100, 2)}%{delta}')
+  return '\n'.join(lines + ['', f'  table        {os.path.join(workdir, "ablation.md")} '
+                                 f'(numbers: {os.path.join(workdir, "ablation.json")})'])
+
+
 def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   variants = f.variants + ([ALL_OFF] if f.all_off else [])
   common.run_command(argv, lambda: run_ablation(f.config, f.workdir, f.seeds, variants,
-                                                f.cache_dir))
+                                                f.cache_dir),
+                     lambda result: closing_summary(f.workdir, result))
 
 
 if __name__ == '__main__':

@@ -15,15 +15,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import flags, logging
+from absl import flags
 from flax import traverse_util
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 from ml_collections import config_flags
 
 from se_resnet_jax import cli, files, train
 from se_resnet_jax.config import validate_config
+from se_resnet_jax.console import Console
 from se_resnet_jax.errors import ConfigError, Preempted, UserError
 from se_resnet_jax.models import build_model, has_se
+from se_resnet_jax.summary import config_differences
 
 REPORT = 'report.json'
 CACHE_SUBDIR = 'jax_cache'
@@ -82,19 +84,15 @@ def _cache_counts() -> tuple[int, int]:
           _cache_events['/jax/compilation_cache/cache_hits'])
 
 
-def _comparable(config_dict: dict) -> dict:
-  """A config as report.json / config.json hold it (tuples become lists), flattened."""
-  return traverse_util.flatten_dict(json.loads(json.dumps(config_dict)), sep='.')
-
-
 def _check_same_config(saved: Optional[dict], config: ml_collections.ConfigDict,
                        run_dir: str) -> None:
   """Refuses to reuse (or resume) a run made with other settings instead of mixing them."""
   if saved is None:
     return
-  saved, current = _comparable(saved), _comparable(config.to_dict())
-  differ = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+  differ = config_differences(saved, config)
   if differ:
+    saved, current = traverse_util.flatten_dict(saved, sep='.'), config.to_dict()
+    current = traverse_util.flatten_dict(current, sep='.')
     shown = ', '.join(f'{k}: {saved.get(k)!r} there, {current.get(k)!r} now' for k in differ[:5])
     raise RunConflictError(
         f'{run_dir} holds a run made with other settings ({shown}'
@@ -119,11 +117,11 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   finished = _read_json(os.path.join(run_dir, REPORT))
   if finished is not None:
     _check_same_config(finished.get('config'), config, run_dir)
-    logging.info('%s is finished (it has %s); reading it instead of training.', run_dir, REPORT)
+    Console().say(f'{run_dir}: finished earlier, read from its {REPORT}.')
     return dict(summarize(finished, run_dir), trained_now=False)
   _check_same_config(_read_json(os.path.join(run_dir, 'config.json')), config, run_dir)
   requests, hits = _cache_counts()
-  logging.info('Training %s (resuming from its checkpoints if it has any).', run_dir)
+  Console().say(f'{run_dir}: training (resuming from its checkpoints if it has any).')
   result = train.train_and_evaluate(config, run_dir)  # raises Preempted on SIGTERM: no further run
   now_requests, now_hits = _cache_counts()
   cache = {'requests': now_requests - requests, 'hits': now_hits - hits}
@@ -190,6 +188,8 @@ def fmt(stats: dict, scale: float = 1.0, decimals: int = 4, signed: bool = False
 
 def bar_chart(path: str, labels: Sequence[str], panels: Sequence[tuple], title: str) -> None:
   """Side-by-side bar panels with error bars; `panels` holds (ylabel, means, stds) tuples."""
+  if not files.drawing_available():
+    return
   plt = files.pyplot()
   fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 1.2 * len(labels)) * len(panels), 4),
                            squeeze=False)
@@ -234,9 +234,18 @@ def define_flags() -> None:
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def run_command(argv: Sequence[str], experiment: Callable[[], Any]) -> None:
-  """Runs an experiment command, turning user errors into one line and a non-zero exit."""
-  cli.run(argv, experiment)
+def run_command(argv: Sequence[str], experiment: Callable[[], Any],
+                closing: Callable[[Any], str]) -> None:
+  """Runs an experiment command, turning user errors into one line and a non-zero exit.
+
+  It ends with `closing(result)` on stdout (process 0): what was chosen or found, and the table.
+  """
+  def command():
+    result = experiment()
+    if jax.process_index() == 0:
+      print(closing(result))
+
+  cli.run(argv, command)
 
 
 def cache_dir_for(workdir: str, cache_dir: Optional[str]) -> str:

@@ -1,4 +1,4 @@
-"""k-fold cross-validation of a few (reduction ratio, dropout) settings over the training set.
+r"""k-fold cross-validation of a few (reduction ratio, dropout) settings over the training set.
 
   python -m se_resnet_jax.experiments.kfold --config=configs/cifar10.py --workdir=runs/kfold \
       --folds=5 --settings=16:0.5,8:0.3
@@ -106,11 +106,22 @@ def define_flags() -> None:
                       "default: the config's model.se_reduction and model.dropout_rate.")
 
 
+def closing_summary(workdir: str, result: dict) -> str:
+  """What the k-fold command ends with: the settings best first, and the table."""
+  lines = [f'{result["folds"]}-fold cross-validation, validation accuracy (mean ± std over '
+           'folds), best first:', '']
+  for i, row in enumerate(result['settings']):
+    lines.append(f'  {i + 1}. r={row["reduction"]}, dropout={row["dropout"]:g}: '
+                 f'{common.fmt(row["accuracy"], 100, 2)}%')
+  return '\n'.join(lines + ['', f'  table        {os.path.join(workdir, "kfold.md")} '
+                                 f'(numbers: {os.path.join(workdir, "kfold.json")})'])
+
+
 def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   common.run_command(argv, lambda: run_kfold(
       f.config, f.workdir, f.folds, parse_settings(f.settings) if f.settings else None,
-      f.cache_dir))
+      f.cache_dir), lambda result: closing_summary(f.workdir, result))
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""Hyperparameter search over the SE reduction ratio r and the dropout rate, on validation only.
+r"""Hyperparameter search over the SE reduction ratio r and the dropout rate, on validation only.
 
   python -m se_resnet_jax.experiments.search --config=configs/cifar10.py --workdir=runs/search \
       --mode=grid --reductions=8,16,32 --dropouts=0.0,0.3,0.5,0.7
@@ -93,9 +93,6 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, mode: str = 'gri
   if mode == 'two_stage':
     result['stage1_dropout'] = stage1_dropout
   chosen_path = os.path.join(workdir, 'chosen_config.py')
-  write_config_file(chosen_path, config, {k: result['chosen'][k] for k in ('model.se_reduction',
-                                                                           'model.dropout_rate')},
-                    config_file, f'the {mode} search in {workdir}')
   top3 = ','.join(f'{r["reduction"]}:{r["dropout"]:g}' for r in ranked(result['runs'])[:3])
   result['chosen_config'] = chosen_path
   result['commands'] = {
@@ -105,6 +102,10 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, mode: str = 'gri
                          '--checkpoint=best --split=test',
       'kfold_top3': f'python -m se_resnet_jax.experiments.kfold --config={chosen_path} '
                     f'--workdir={workdir.rstrip("/")}_kfold --folds=5 --settings={top3}'}
+  write_config_file(chosen_path, config, {k: result['chosen'][k] for k in ('model.se_reduction',
+                                                                           'model.dropout_rate')},
+                    config_file, f'the {mode} search in {workdir} (its run: {chosen["run_dir"]})',
+                    result['commands']['train_chosen'])
   files.write_json_atomic(os.path.join(workdir, 'search.json'), result)
   write_outputs(workdir, result, axis_dropouts)
   return result
@@ -158,6 +159,8 @@ def write_outputs(workdir: str, result: dict, axis_dropouts: Sequence[float]) ->
 def plot_heat_map(path: str, reductions: Sequence[int], dropouts: Sequence[float],
                   by_cell: dict, chosen: tuple, mode: str) -> None:
   """r x dropout validation accuracy, cells not run left blank, the chosen one outlined."""
+  if not files.drawing_available():
+    return
   plt = files.pyplot()
   grid = np.full((len(reductions), len(dropouts)), np.nan)
   for (r, p), run in by_cell.items():
@@ -182,7 +185,7 @@ def plot_heat_map(path: str, reductions: Sequence[int], dropouts: Sequence[float
 
 
 def write_config_file(path: str, config: ml_collections.ConfigDict, chosen: dict,
-                      config_file: Optional[str], source: str) -> None:
+                      config_file: Optional[str], source: str, train_command: str) -> None:
   """A config file with get_config(): the search's config file, its overrides, the chosen values.
 
   The base file is referenced relative to the written file when the two share a directory below
@@ -195,7 +198,7 @@ def write_config_file(path: str, config: ml_collections.ConfigDict, chosen: dict
   overrides = {k: v for k, v in flat.items() if base_flat.get(k) != v}
   overrides.update(chosen)
   lines = [f'"""Settings chosen by {source}:', ', '.join(f'{k}={v}' for k, v in chosen.items()),
-           '', f'Train them: python -m se_resnet_jax.main --config={path} --workdir=runs/chosen',
+           '', f'Train them: {train_command}',
            '"""', '']
   if config_file:
     base_path, here = os.path.abspath(config_file), os.path.dirname(os.path.abspath(path))
@@ -242,12 +245,27 @@ def _numbers(flag: str, kind: type) -> list:
                      f'{",".join(values)!r}.') from None
 
 
+def closing_summary(workdir: str, result: dict) -> str:
+  """What the search command ends with: the choice, the table and the next commands."""
+  chosen = result['chosen']
+  return '\n'.join([
+      f'Chosen: r={chosen["model.se_reduction"]}, dropout={chosen["model.dropout_rate"]:g} '
+      f'(validation accuracy {100 * chosen["validation"]["accuracy"]:.2f}%, loss '
+      f'{chosen["validation"]["loss"]:.4f}; run {chosen["run_dir"]}), of {len(result["runs"])} '
+      f'runs by {SELECTION}.', '',
+      f'  table        {os.path.join(workdir, "search.md")} (numbers: '
+      f'{os.path.join(workdir, "search.json")})',
+      f'  config       {result["chosen_config"]}',
+      f'  train it     {result["commands"]["train_chosen"]}',
+      f'  test it once {result["commands"]["test_chosen_run"]}'])
+
+
 def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   common.run_command(argv, lambda: run_search(
       f.config, f.workdir, f.mode, _numbers('reductions', int), _numbers('dropouts', float),
       f.stage1_dropout, f.report_test, config_flags.get_config_filename(f['config']),
-      f.cache_dir))
+      f.cache_dir), lambda result: closing_summary(f.workdir, result))
 
 
 if __name__ == '__main__':

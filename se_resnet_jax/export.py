@@ -1,0 +1,273 @@
+"""Exports a trained run as a file that runs without this library: jax.export or ONNX.
+
+  python -m se_resnet_jax.export --workdir=runs/cifar10 --format=jax --out=cifar10.jax
+  python -m se_resnet_jax.export --workdir=runs/cifar10 --format=onnx --out=cifar10.onnx
+
+Either file maps uint8 RGB images (N, 32, 32, 3), any N, to float32 (logits, probabilities): the
+/255 scaling and the run's normalisation constants are inside, BatchNorm is folded into the
+convolutions. `FILE.json` beside it holds the class names, the input spec and the run's test
+accuracy. Before anything is written the exported file itself is loaded back (jax.export's
+deserializer, or ONNX Runtime) and its outputs on a batch of the run's test images are compared with
+the library's own eval-mode outputs; outside the tolerance the command fails and writes nothing.
+"""
+
+import contextlib
+import json
+import logging as std_logging
+import os
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import se_resnet_jax
+from se_resnet_jax import cli, files, inference
+from se_resnet_jax.errors import UserError
+from se_resnet_jax.models import architecture
+
+FLAGS = flags.FLAGS
+
+FORMATS = ('jax', 'onnx')
+# jax.export lowers for these where the installed jax can (a TPU lowering needs no TPU).
+PLATFORMS = ('cpu', 'cuda', 'tpu')
+CHECK_IMAGES = 256
+# Folding BatchNorm and another runtime's kernels change float rounding only: at most 8e-7 on the
+# logits of a full-width SE-ResNet18 (benchmarks/inference_cpu.py), 2e-7 on the tests' tiny run.
+LOGITS_RTOL = 1e-4  # max |logits - library logits| <= LOGITS_RTOL * max(1, max |library logits|)
+PROBABILITIES_ATOL = 1e-5
+ONNX_OPSET = 18  # ONNX Runtime >= 1.14 reads it
+
+
+class ExportError(UserError):
+  """An export that cannot be made or does not compute what the library computes."""
+
+
+def sidecar_path(out: str) -> str:
+  return out + '.json'
+
+
+def check_destination(out: str, overwrite: bool) -> None:
+  """Refuses, before any compute, an --out that exists (unless overwriting) or cannot be written."""
+  for path in (out, sidecar_path(out)):
+    if os.path.exists(path) and not overwrite:
+      raise ExportError(f'{path} already exists; pass --overwrite to replace it, or choose '
+                        'another --out.')
+  directory = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(directory):
+    raise ExportError(f'Directory {directory} of --out does not exist; create it first.')
+  if not os.access(directory, os.W_OK):
+    raise ExportError(f'Cannot write to {directory}: choose a writable --out.')
+
+
+def check_images(run: inference.RunModel, count: int = CHECK_IMAGES) -> tuple:
+  """(images, where they came from): the run's first test images.
+
+  The dataset is always at hand here: the normalisation constants are computed from it.
+  """
+  return np.asarray(run.test_images[:count], np.uint8), 'test split'
+
+
+def compare(outputs: tuple, reference: tuple) -> dict:
+  """The differences between an export's outputs and the library's, and whether they pass."""
+  logits, probabilities = (np.asarray(o, np.float64) for o in outputs)
+  ref_logits, ref_probabilities = (np.asarray(r, np.float64) for r in reference)
+  if logits.shape != ref_logits.shape or probabilities.shape != ref_probabilities.shape:
+    raise ExportError(f'The exported function returned shapes {logits.shape}, '
+                      f'{probabilities.shape}, expected {ref_logits.shape} twice.')
+  logits_bound = LOGITS_RTOL * max(1.0, float(np.abs(ref_logits).max()))
+  result = {'max_abs_diff_logits': float(np.abs(logits - ref_logits).max()),
+            'max_abs_diff_probabilities': float(np.abs(probabilities - ref_probabilities).max()),
+            'tolerance_logits': logits_bound, 'tolerance_probabilities': PROBABILITIES_ATOL,
+            'top1_agreement': float(np.mean(logits.argmax(-1) == ref_logits.argmax(-1)))}
+  result['passed'] = bool(result['max_abs_diff_logits'] <= logits_bound
+                          and result['max_abs_diff_probabilities'] <= PROBABILITIES_ATOL
+                          and np.all(np.isfinite(logits)))
+  return result
+
+
+def lowering_platforms() -> tuple:
+  """The platforms of PLATFORMS the installed jax can lower a convolution network for."""
+  probe = jax.jit(lambda x: jax.lax.conv(x, jnp.ones((1, 1, 1, 1)), (1, 1), 'SAME'))
+  usable = []
+  for platform in PLATFORMS:
+    try:
+      jax.export.export(probe, platforms=(platform,))(jax.ShapeDtypeStruct((1, 1, 2, 2),
+                                                                           jnp.float32))
+      usable.append(platform)
+    except Exception as e:  # noqa: BLE001 - a platform this jax cannot lower for is left out
+      logging.info('Not lowering for %s: %s', platform, str(e).splitlines()[0][:200])
+  return tuple(usable)
+
+
+def input_spec() -> jax.ShapeDtypeStruct:
+  batch, = jax.export.symbolic_shape('batch')
+  return jax.ShapeDtypeStruct((batch,) + inference.IMAGE_SHAPE, jnp.uint8)
+
+
+def export_jax(infer: Callable, platforms: tuple) -> tuple:
+  """(serialized bytes, runner of those bytes) of a jax.export of `infer`."""
+  exported = jax.export.export(jax.jit(infer), platforms=platforms)(input_spec())
+  data = bytes(exported.serialize())
+  loaded = jax.export.deserialize(bytearray(data))
+  return data, lambda images: jax.device_get(loaded.call(images))
+
+
+@contextlib.contextmanager
+def _quiet_jax2onnx():
+  """jax2onnx logs a warning per optional plugin whose package (equinox, dm-pix) is absent."""
+  logger = std_logging.getLogger('jax2onnx')
+  level = logger.level
+  logger.setLevel(std_logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def require_onnx() -> None:
+  """Refuses the ONNX format, before any compute, where its packages are not installed."""
+  missing = []
+  for name in ('jax2onnx', 'onnx', 'onnxruntime'):
+    try:
+      with _quiet_jax2onnx():
+        __import__(name)
+    except ImportError:
+      missing.append(name)
+  if missing:
+    raise ExportError(f'--format=onnx needs {", ".join(missing)}: pip install '
+                      '"se_resnet_jax[export]".')
+
+
+def onnx_session(data: bytes):
+  import onnxruntime as ort
+
+  options = ort.SessionOptions()
+  options.log_severity_level = 3  # errors only
+  return ort.InferenceSession(data, options, providers=['CPUExecutionProvider'])
+
+
+def export_onnx(infer: Callable, metadata: dict) -> tuple:
+  """(serialized ONNX model, runner of it in ONNX Runtime) of `infer`, via jax2onnx."""
+  import onnx
+
+  with _quiet_jax2onnx():
+    from jax2onnx import to_onnx
+
+    proto = to_onnx(infer, inputs=[input_spec()], model_name='se_resnet_jax', opset=ONNX_OPSET,
+                    input_names=['images'], output_names=['logits', 'probabilities'])
+  # jax2onnx annotates some intermediate values with NCHW shapes that are NHWC; the annotations
+  # are optional and ONNX Runtime warns about each, so the runtime infers them instead.
+  del proto.graph.value_info[:]
+  proto.doc_string = 'se_resnet_jax classifier: uint8 NHWC RGB images -> logits, probabilities'
+  for key, value in metadata.items():
+    proto.metadata_props.add(key=key, value=json.dumps(value))
+  onnx.checker.check_model(proto)
+  data = proto.SerializeToString()
+  session = onnx_session(data)
+  return data, lambda images: session.run(None, {'images': images})
+
+
+def model_card(run: inference.RunModel, fmt: str, out: str, check: dict) -> dict:
+  """The JSON written beside the export: what a user of the file needs to know."""
+  num_classes = len(run.class_names)
+  return {
+      'format': {'jax': 'jax.export', 'onnx': 'onnx'}[fmt],
+      'file': os.path.basename(out),
+      'library': {'name': 'se_resnet_jax', 'version': se_resnet_jax.__version__},
+      'jax_version': jax.__version__,
+      'model': architecture(run.config, num_classes),
+      'dataset': run.config.dataset,
+      'checkpoint': run.checkpoint,
+      'test_accuracy': run.test_accuracy,
+      'class_names': list(run.class_names),
+      'input': {'name': 'images', 'dtype': 'uint8', 'shape': [None, *inference.IMAGE_SHAPE],
+                'layout': 'NHWC', 'channels': 'RGB', 'range': [0, 255]},
+      'outputs': [{'name': 'logits', 'dtype': 'float32', 'shape': [None, num_classes]},
+                  {'name': 'probabilities', 'dtype': 'float32', 'shape': [None, num_classes]}],
+      'preprocessing': {'inside': 'x / 255, then (x - mean) / std per channel',
+                        'mean': list(run.mean), 'std': list(run.std),
+                        'tta_flip': bool(run.config.tta_flip)},
+      'batch_norm': 'folded into the convolutions',
+      'compute_dtype': 'float32',
+      'check': check,
+  }
+
+
+def export_run(workdir: str, fmt: str, out: str, checkpoint: str = 'best',
+               overwrite: bool = False, config: Optional[ml_collections.ConfigDict] = None) -> dict:
+  """Writes `out` and `out.json` once the export computes what the library does; the card."""
+  if fmt not in FORMATS:
+    raise ExportError(f'--format must be one of {", ".join(FORMATS)}, got {fmt!r}.')
+  check_destination(out, overwrite)
+  if fmt == 'onnx':
+    require_onnx()
+  run = inference.restore_run(workdir, checkpoint, config)
+  tta_flip = bool(run.config.tta_flip)
+  infer = inference.inference_function(run.model, run.variables, run.mean, run.std,
+                                       tta_flip=tta_flip)
+  images, source = check_images(run)
+  if fmt == 'jax':
+    platforms = lowering_platforms()
+    data, execute = export_jax(infer, platforms)
+    extra = {'platforms': list(platforms)}
+  else:
+    extra = {'onnx_opset': ONNX_OPSET}
+    metadata = {'class_names': list(run.class_names), 'test_accuracy': run.test_accuracy,
+                'library_version': se_resnet_jax.__version__, 'input_layout': 'NHWC uint8 RGB'}
+    data, execute = export_onnx(infer, metadata)
+  result = compare(execute(images), inference.reference_outputs(
+      run.model, run.variables, run.mean, run.std, images, tta_flip))
+  check = {'images': len(images), 'source': source, **result}
+  if not result['passed']:
+    raise ExportError(
+        f'The {fmt} export does not compute what the library does: on {len(images)} {source} '
+        f'images max |logits diff| {result["max_abs_diff_logits"]:.3g} (allowed '
+        f'{result["tolerance_logits"]:.3g}), max |probabilities diff| '
+        f'{result["max_abs_diff_probabilities"]:.3g} (allowed {PROBABILITIES_ATOL:g}). Nothing '
+        'was written.')
+  card = {**model_card(run, fmt, out, check), **extra}
+  with files.atomic_open(out, 'wb') as f:
+    f.write(data)
+  files.write_json_atomic(sidecar_path(out), card)
+  logging.info('Wrote %s (%d bytes) and %s', out, len(data), sidecar_path(out))
+  return card
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so importing this module defines none."""
+  flags.DEFINE_string('workdir', None, 'The training run directory (holds checkpoints/, best/).')
+  flags.DEFINE_string('checkpoint', 'best', "'best', 'latest', or a step number.")
+  flags.DEFINE_enum('format', None, list(FORMATS), 'jax: a jax.export serialized function '
+                    '(loads with jax alone); onnx: an ONNX model (needs the export extra).')
+  flags.DEFINE_string('out', None, 'The file to write; its model card goes to OUT.json.')
+  flags.DEFINE_bool('overwrite', False, 'Replace --out (and OUT.json) if they exist.')
+  config_flags.DEFINE_config_file('config', None, 'Config file; default: workdir/config.json.')
+  flags.mark_flags_as_required(['workdir', 'format', 'out'])
+
+
+def main(argv):
+  def command():
+    card = export_run(FLAGS.workdir, FLAGS.format, FLAGS.out, FLAGS.checkpoint, FLAGS.overwrite,
+                      FLAGS.config)
+    check = card['check']
+    accuracy = card['test_accuracy']
+    print(f'Wrote {FLAGS.out} ({card["format"]}) and {sidecar_path(FLAGS.out)}: '
+          f'{card["model"]["name"]}, {len(card["class_names"])} classes, checkpoint '
+          f'{card["checkpoint"]["which"]} (step {card["checkpoint"]["step"]}), test accuracy '
+          f'{"n/a" if accuracy is None else f"{accuracy:.4f}"}.')
+    print(f'Checked on {check["images"]} {check["source"]} images against the library: max '
+          f'|logits diff| {check["max_abs_diff_logits"]:.2g} (allowed '
+          f'{check["tolerance_logits"]:.2g}), max |probabilities diff| '
+          f'{check["max_abs_diff_probabilities"]:.2g} (allowed {check["tolerance_probabilities"]:g}'
+          f'), top-1 agreement {check["top1_agreement"]:.2%}.')
+
+  cli.run(argv, command)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,205 @@
+"""A trained network as one function of uint8 images: what export, predict and the benchmark share.
+
+`inference_function` bakes the /255 scaling, the run's normalisation constants and the weights into
+a function `uint8 (N, H, W, 3) -> (logits, probabilities)`, so whoever calls it (the exported
+artifact, ONNX Runtime, the predict command) needs nothing but images. BatchNorm is folded into the
+preceding convolution: in eval mode it is an affine map per channel, so the convolution's kernel is
+scaled and only a bias remains. That is the same function up to float rounding, which the export's
+equality check measures, and it removes per-channel arithmetic from every layer.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from se_resnet_jax import augment, evaluation, input_pipeline
+from se_resnet_jax.checkpoints import CheckpointError
+from se_resnet_jax.models import SEResNet
+
+IMAGE_SHAPE = (32, 32, 3)
+# XLA:CPU hands convolutions to YNNPACK by default; for these eval-mode networks its own (Eigen)
+# convolutions were faster on the CPU of BENCHMARKS.md ("Inference on a CPU"). Compile-time only:
+# the same numbers up to float rounding, checked by the benchmark.
+CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+
+
+@dataclasses.dataclass
+class RunModel:
+  """What inference needs from a training run, and where it came from."""
+  config: ml_collections.ConfigDict
+  model: SEResNet
+  variables: dict  # eval-mode {'params', 'batch_stats'} (the EMA weights when the run kept them)
+  mean: tuple
+  std: tuple
+  class_names: Sequence[str]
+  checkpoint: dict  # {'which', 'step'}
+  test_images: np.ndarray  # the run's test split, uint8 NHWC
+  test_accuracy: Optional[float]  # from the run's report.json
+
+
+def _report_test_accuracy(workdir: str) -> Optional[float]:
+  try:
+    with open(os.path.join(workdir, 'report.json')) as f:
+      return float(json.load(f)['test']['accuracy'])
+  except (OSError, ValueError, KeyError, TypeError):  # no report yet, or one without a test split
+    return None
+
+
+def restore_run(workdir: str, checkpoint: str = 'best',
+                config: Optional[ml_collections.ConfigDict] = None) -> RunModel:
+  """A run's eval-mode network with its normalisation constants and class names.
+
+  The checkpoint is restored (and checked against the config) first; then the dataset is loaded,
+  because the constants are the training split's statistics and are kept nowhere else. Its test
+  images serve the export's equality check.
+  """
+  if os.path.isdir(workdir) and not any(os.path.isdir(os.path.join(workdir, d))
+                                        for d in ('checkpoints', 'best')):
+    raise CheckpointError(f'{workdir!r} holds no checkpoints (no checkpoints/ or best/ in it): '
+                          'pass the --workdir of a training run.')
+  run = evaluation.restore_run(workdir, checkpoint, config)
+  data = input_pipeline.load_dataset(run.config)
+  return RunModel(config=run.config, model=run.model, variables=jax.device_get(run.variables),
+                  mean=tuple(data.mean), std=tuple(data.std), class_names=list(data.class_names),
+                  checkpoint={'which': checkpoint, 'step': run.step},
+                  test_images=data.test.images, test_accuracy=_report_test_accuracy(workdir))
+
+
+def _batch_norm_inputs(model: nn.Module, variables: dict, image_shape: tuple) -> dict:
+  """{BatchNorm path: (path of the convolution whose output it normalises, epsilon)}.
+
+  Found by tracing the network once and watching which array each BatchNorm receives, so it holds
+  for every model in the registry; a BatchNorm fed by anything but a convolution is refused.
+  """
+  pairs, last_conv = {}, {}
+
+  def watch(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name != '__call__':
+      return out
+    if isinstance(context.module, nn.Conv):
+      last_conv['out'], last_conv['path'] = out, context.module.path
+    elif isinstance(context.module, nn.BatchNorm):
+      if args[0] is not last_conv.get('out'):
+        raise ValueError(f'BatchNorm {"/".join(context.module.path)} does not follow a '
+                         'convolution: it cannot be folded.')
+      pairs[context.module.path] = (last_conv['path'], context.module.epsilon)
+    return out
+
+  def trace():
+    with nn.intercept_methods(watch):
+      return model.apply(variables, jnp.zeros((1,) + tuple(image_shape), jnp.float32), train=False)
+
+  jax.eval_shape(trace)
+  return pairs
+
+
+def fold_batch_norm(model: nn.Module, variables: dict,
+                    image_shape: tuple = IMAGE_SHAPE) -> dict:
+  """Eval-mode variables with each BatchNorm folded into its convolution's kernel.
+
+  BatchNorm(conv(x, k)) = conv(x, k * s) + (bias - mean * s), s = scale / sqrt(var + eps). The
+  result keeps each BatchNorm's folded bias only (no scale, no statistics), so it is usable solely
+  through `apply_folded`: applied as ordinary variables it fails instead of computing nonsense.
+  """
+  params = traverse_util.flatten_dict(jax.device_get(variables['params']))
+  stats = traverse_util.flatten_dict(jax.device_get(variables['batch_stats']))
+  folded = dict(params)
+  for norm, (conv, eps) in _batch_norm_inputs(model, variables, image_shape).items():
+    s = (np.asarray(params[norm + ('scale',)], np.float64)
+         / np.sqrt(np.asarray(stats[norm + ('var',)], np.float64) + eps))
+    kernel = params[conv + ('kernel',)]
+    folded[conv + ('kernel',)] = (np.asarray(kernel, np.float64) * s).astype(kernel.dtype)
+    bias = params[norm + ('bias',)]
+    folded[norm + ('bias',)] = (np.asarray(bias, np.float64)
+                                - np.asarray(stats[norm + ('mean',)], np.float64) * s
+                                ).astype(bias.dtype)
+    del folded[norm + ('scale',)]
+  return {'params': traverse_util.unflatten_dict(folded)}
+
+
+def _folded_norm(next_fun, args, kwargs, context):
+  """A folded BatchNorm: only its bias is left to add."""
+  if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
+    return args[0] + context.module.get_variable('params', 'bias').astype(args[0].dtype)
+  return next_fun(*args, **kwargs)
+
+
+def apply_folded(model: nn.Module, folded: dict, x: jax.Array) -> jax.Array:
+  """Eval-mode logits of `model` with the variables of `fold_batch_norm`."""
+  with nn.intercept_methods(_folded_norm):
+    return model.apply(folded, x, train=False)
+
+
+def eval_logits(apply: Callable[[jax.Array], jax.Array], x: jax.Array,
+                tta_flip: bool) -> jax.Array:
+  """The logits the library's evaluation reports: with tta_flip, the two views' log-mean-prob."""
+  logits = apply(x)
+  if tta_flip:
+    flipped = apply(x[:, :, ::-1])
+    logits = jnp.logaddexp(jax.nn.log_softmax(logits), jax.nn.log_softmax(flipped)) - jnp.log(2)
+  return logits
+
+
+def inference_function(model: SEResNet, variables: dict, mean: Sequence[float],
+                       std: Sequence[float], *, tta_flip: bool = False, fold: bool = True,
+                       image_shape: tuple = IMAGE_SHAPE) -> Callable[[jax.Array], tuple]:
+  """`uint8 (N, H, W, 3) -> (float32 logits (N, C), probabilities (N, C))`, everything baked in.
+
+  It always computes in float32 (a bf16-trained run's weights are float32): ONNX Runtime's CPU
+  kernels and most servers have no bf16 convolutions.
+  """
+  model = model.clone(dtype=jnp.float32)
+  mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+  if fold:
+    weights = jax.tree.map(jnp.asarray, fold_batch_norm(model, variables, image_shape))
+    apply = lambda x: apply_folded(model, weights, x)
+  else:
+    weights = jax.tree.map(jnp.asarray, jax.device_get(variables))
+    apply = lambda x: model.apply(weights, x, train=False)
+
+  def infer(images: jax.Array) -> tuple:
+    x = augment.preprocess_for_eval(images, mean, std, jnp.float32)
+    logits = eval_logits(apply, x, tta_flip)
+    return logits, jax.nn.softmax(logits)
+
+  return infer
+
+
+def compile_inference(infer: Callable[[jax.Array], tuple], batch_size: int,
+                      image_shape: tuple = IMAGE_SHAPE):
+  """`infer` compiled for uint8 batches of `batch_size`; on a CPU with CPU_COMPILER_OPTIONS.
+
+  A jax that no longer knows an option compiles with its defaults instead (and says so).
+  """
+  spec = jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.uint8)
+  lowered = jax.jit(infer).lower(spec)
+  if jax.default_backend() != 'cpu':
+    return lowered.compile()
+  try:
+    return lowered.compile(compiler_options=CPU_COMPILER_OPTIONS)
+  except Exception as e:  # noqa: BLE001 - an option this XLA lacks costs speed, not correctness
+    logging.warning('Compiling with XLA defaults: %s', str(e).splitlines()[0][:200])
+    return lowered.compile()
+
+
+def reference_outputs(model: SEResNet, variables: dict, mean: Sequence[float],
+                      std: Sequence[float], images: np.ndarray, tta_flip: bool = False,
+                      batch_size: int = 256) -> tuple:
+  """The library's own eval-mode (logits, probabilities) in float32, unfolded: the yardstick."""
+  model = model.clone(dtype=jnp.float32)
+  run = jax.jit(lambda v, im: eval_logits(
+      lambda x: model.apply(v, x, train=False),
+      augment.preprocess_for_eval(im, mean, std, jnp.float32), tta_flip))
+  logits = np.concatenate([np.asarray(run(variables, images[i:i + batch_size]))
+                           for i in range(0, len(images), batch_size)])
+  return logits, np.asarray(jax.nn.softmax(logits))

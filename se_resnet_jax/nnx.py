@@ -1,0 +1,100 @@
+"""The library's networks as Flax NNX modules, through `flax.nnx.bridge.ToNNX`.
+
+New Flax code is increasingly written with NNX; the networks here are linen modules. `ToNNX` wraps
+a linen module so that it owns its variables as an NNX module does (`nnx.Param` for 'params',
+`nnx.BatchStat` for 'batch_stats') and works with `nnx.Optimizer`, `nnx.jit`, `nnx.split`:
+
+  model = se_resnet_jax.nnx.create_model('SEResNet18', rngs=nnx.Rngs(0), num_classes=10)
+  logits = model(images, train=False)
+  logits = model(images, train=True, mutable=['batch_stats'])  # updates the running statistics
+
+`from_linen` puts existing linen variables (a checkpoint's) into one, `load_run` does it for a
+training run's checkpoint, and `linen_variables` goes back. The wrapped module computes exactly what
+the linen module computes: it calls `module.apply` on the same variables.
+"""
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+from flax import nnx, traverse_util
+from flax.nnx import bridge
+
+from se_resnet_jax import models
+
+IMAGE_SHAPE = (32, 32, 3)
+COLLECTIONS = {'params': nnx.Param, 'batch_stats': nnx.BatchStat}
+
+
+def _sample(module: nn.Module, image_shape: tuple) -> jax.Array:
+  return jnp.zeros((1,) + tuple(image_shape), getattr(module, 'dtype', jnp.float32))
+
+
+def from_linen(module: nn.Module, variables: Optional[dict] = None, *,
+               rngs: Optional[nnx.Rngs] = None,
+               image_shape: tuple = IMAGE_SHAPE) -> bridge.ToNNX:
+  """`module` as an NNX module: with `variables` (linen's {'params', 'batch_stats'}) if given,
+  else freshly initialised from `rngs`.
+
+  Loading builds the module abstractly (`nnx.eval_shape`, nothing initialised or compiled) and then
+  sets every variable, refusing variables of another shape. `rngs` also feeds dropout in training;
+  give it a 'dropout' stream (nnx.Rngs(params=0, dropout=1)) or its default stream is used.
+  """
+  rngs = rngs if rngs is not None else nnx.Rngs(0)
+  sample = _sample(module, image_shape)
+  if variables is None:
+    return bridge.ToNNX(module, rngs=rngs).lazy_init(sample, train=False)
+  model = nnx.eval_shape(
+      lambda: bridge.ToNNX(module, rngs=nnx.Rngs(0)).lazy_init(sample, train=False))
+  model.to_nnx__rngs = rngs.fork()  # real keys in place of eval_shape's abstract ones
+  expected = linen_variables(model)
+  given = {c: variables.get(c, {}) for c in expected}
+  flat_expected, flat_given = (traverse_util.flatten_dict(t) for t in (expected, given))
+  if flat_expected.keys() != flat_given.keys():
+    missing = sorted('/'.join(k) for k in flat_expected.keys() - flat_given.keys())
+    extra = sorted('/'.join(k) for k in flat_given.keys() - flat_expected.keys())
+    raise ValueError(f'The variables do not fit {type(module).__name__}: missing {missing[:5]}, '
+                     f'unexpected {extra[:5]}.')
+  for key, want in flat_expected.items():
+    if tuple(flat_given[key].shape) != tuple(want.shape):
+      raise ValueError(f'Variable {"/".join(key)} has shape {tuple(flat_given[key].shape)}; '
+                       f'{type(module).__name__} needs {tuple(want.shape)}.')
+  state = {}
+  for collection in expected:  # each collection's leaves into the module's nested attributes
+    for key, value in traverse_util.flatten_dict(given[collection]).items():
+      state[key] = jnp.asarray(value)
+  nnx.update(model, traverse_util.unflatten_dict(state))
+  return model
+
+
+def linen_variables(model: bridge.ToNNX) -> dict:
+  """The NNX module's variables as linen's {'params': ..., 'batch_stats': ...} (for `apply`)."""
+  out = {}
+  for collection, kind in COLLECTIONS.items():
+    pure = nnx.to_pure_dict(nnx.state(model, kind))
+    if pure:
+      out[collection] = pure
+  return out
+
+
+def create_model(name: str, *, rngs: nnx.Rngs, image_shape: tuple = IMAGE_SHAPE,
+                 **kwargs) -> bridge.ToNNX:
+  """A freshly initialised NNX module of any network in `models.MODELS` (same keyword arguments
+  as `se_resnet_jax.create_model`)."""
+  return from_linen(models.create_model(name, **kwargs), rngs=rngs, image_shape=image_shape)
+
+
+def load_run(workdir: str, checkpoint: str = 'best',
+             config: Optional[ml_collections.ConfigDict] = None,
+             rngs: Optional[nnx.Rngs] = None) -> tuple:
+  """(NNX module holding a run's eval weights, the run's `inference.RunModel`).
+
+  The module takes normalised float images, as the linen network does; the run's mean and std are
+  in the returned run (`inference.inference_function` bakes them in for uint8 images).
+  """
+  from se_resnet_jax import inference
+
+  run = inference.restore_run(workdir, checkpoint, config)
+  return from_linen(run.model, run.variables, rngs=rngs), run

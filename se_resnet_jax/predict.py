@@ -1,0 +1,240 @@
+"""Classifies PNG/JPEG images with an exported model or a training run.
+
+  python -m se_resnet_jax.predict --model=cifar10.jax cat.jpg dog.png
+  python -m se_resnet_jax.predict --model=cifar10.onnx photos/ --csv=predictions.csv
+  python -m se_resnet_jax.predict --workdir=runs/cifar10 cat.jpg --top_k=5
+
+Images of any size are made 32x32 the same way every time: RGB (alpha dropped, greyscale
+repeated), the largest centred square cropped out, then resized with PIL's bicubic filter. Named
+files get their top-k classes printed; a folder's PNG/JPEG files (not its subfolders) go to a
+CSV, --csv or ./predictions.csv.
+"""
+
+import csv
+import json
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+from absl import app, flags
+
+from se_resnet_jax import cli
+from se_resnet_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+
+RESIZE = 'centre square crop, then PIL bicubic resize to 32x32, RGB'
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+BATCH = 256
+
+
+class PredictError(UserError):
+  """Input the command cannot use; the message says what to give instead."""
+
+
+def load_image(path: str, size: int = 32) -> np.ndarray:
+  """uint8 (size, size, 3): centre square crop, then PIL bicubic resize."""
+  from PIL import Image, UnidentifiedImageError
+
+  try:
+    with Image.open(path) as image:
+      image = image.convert('RGB')
+  except FileNotFoundError:
+    raise PredictError(f'Image {path} does not exist.') from None
+  except (UnidentifiedImageError, OSError, ValueError) as e:
+    reason = str(e).split(' (')[0] if str(e) else type(e).__name__
+    raise PredictError(f'Cannot read image {path} ({reason}): give PNG or JPEG files, or '
+                       'folders of them.') from None
+  width, height = image.size
+  side = min(width, height)
+  left, top = (width - side) // 2, (height - side) // 2
+  image = image.crop((left, top, left + side, top + side))
+  return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), np.uint8)
+
+
+def expand_inputs(paths: Sequence[str]) -> tuple:
+  """(image paths, whether any came from a folder); folders give their PNG/JPEG files, sorted."""
+  images, from_folder = [], False
+  for path in paths:
+    if os.path.isdir(path):
+      found = sorted(os.path.join(path, name) for name in os.listdir(path)
+                     if name.lower().endswith(IMAGE_EXTENSIONS)
+                     and os.path.isfile(os.path.join(path, name)))
+      if not found:
+        raise PredictError(f'Folder {path} has no {"/".join(IMAGE_EXTENSIONS)} files.')
+      images += found
+      from_folder = True
+    else:
+      images.append(path)
+  return images, from_folder
+
+
+def _numbered(num_classes: int) -> list:
+  return [f'class_{i}' for i in range(num_classes)]
+
+
+def _sidecar_class_names(path: str):
+  try:
+    with open(path + '.json') as f:
+      return list(json.load(f)['class_names'])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def _check_signature(path: str, inputs: Sequence[tuple], num_outputs: int) -> None:
+  """Refuses a model that is not an image classifier of this library's export."""
+  expected = ('uint8', (None, 32, 32, 3))
+  if len(inputs) != 1 or inputs[0] != expected or num_outputs != 2:
+    raise PredictError(f'{path} is a model, but not one made by `python -m se_resnet_jax.export` '
+                       f'(inputs {inputs}, {num_outputs} outputs; expected one uint8 '
+                       '(batch, 32, 32, 3) input and logits, probabilities).')
+
+
+def compiled_per_batch(infer: Callable) -> Callable:
+  """Probabilities from `infer`, compiled once per batch size as the library compiles inference."""
+  from se_resnet_jax import inference
+
+  compiled = {}
+
+  def predict(images: np.ndarray) -> np.ndarray:
+    if len(images) not in compiled:
+      compiled[len(images)] = inference.compile_inference(infer, len(images), images.shape[1:])
+    return np.asarray(compiled[len(images)](images)[1])
+
+  return predict
+
+
+def load_exported(path: str) -> tuple:
+  """(predict function uint8 images -> probabilities, class names, a description) of a file."""
+  if not os.path.isfile(path):
+    raise PredictError(f'--model {path} does not exist.')
+  with open(path, 'rb') as f:
+    data = f.read()
+  import jax
+
+  try:
+    exported = jax.export.deserialize(bytearray(data))
+  except Exception:  # noqa: BLE001 - not a jax.export artifact: perhaps ONNX
+    exported = None
+  if exported is not None:
+    shapes = [(str(a.dtype), tuple(d if isinstance(d, int) else None for d in a.shape))
+              for a in exported.in_avals]
+    _check_signature(path, shapes, len(exported.out_avals))
+    num_classes = exported.out_avals[1].shape[-1]
+    names = _sidecar_class_names(path) or _numbered(num_classes)
+    return (compiled_per_batch(exported.call), names,
+            f'jax.export ({", ".join(exported.platforms)})')
+  try:
+    import onnxruntime as ort
+  except ImportError:
+    raise PredictError(f'--model {path} is not a jax.export artifact; if it is an ONNX model, '
+                       'install onnxruntime (pip install "se_resnet_jax[export]").') from None
+  options = ort.SessionOptions()
+  options.log_severity_level = 4  # a wrong file must end in our one line, not ORT's log
+  try:
+    session = ort.InferenceSession(data, options, providers=['CPUExecutionProvider'])
+  except Exception:  # noqa: BLE001 - whatever ORT says, the file is not a model we can use
+    raise PredictError(f'--model {path} is neither a jax.export artifact nor an ONNX model: '
+                       'give a file written by `python -m se_resnet_jax.export`.') from None
+  ort_types = {'tensor(uint8)': 'uint8'}
+  shapes = [(ort_types.get(i.type, i.type), tuple(d if isinstance(d, int) else None
+                                                  for d in i.shape))
+            for i in session.get_inputs()]
+  _check_signature(path, shapes, len(session.get_outputs()))
+  num_classes = session.get_outputs()[1].shape[-1]
+  meta = session.get_modelmeta().custom_metadata_map
+  names = (_sidecar_class_names(path)
+           or (json.loads(meta['class_names']) if 'class_names' in meta else None)
+           or _numbered(num_classes))
+  return lambda images: session.run(None, {'images': images})[1], names, 'ONNX Runtime'
+
+
+def load_run(workdir: str, checkpoint: str, config) -> tuple:
+  """(predict function, class names, description) of a training run's checkpoint."""
+  from se_resnet_jax import inference
+
+  run = inference.restore_run(workdir, checkpoint, config)
+  infer = inference.inference_function(run.model, run.variables, run.mean, run.std,
+                                       tta_flip=bool(run.config.tta_flip))
+  return (compiled_per_batch(infer), list(run.class_names),
+          f'{workdir} ({checkpoint} checkpoint, step {run.checkpoint["step"]})')
+
+
+def predict_probabilities(predict: Callable, images: np.ndarray) -> np.ndarray:
+  """Probabilities in chunks of one size (the last padded), so a compiled model compiles once."""
+  size = min(len(images), BATCH)
+  out = []
+  for start in range(0, len(images), size):
+    chunk = images[start:start + size]
+    padded = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:], np.uint8)])
+    out.append(np.asarray(predict(padded))[:len(chunk)])
+  return np.concatenate(out)
+
+
+def top_k(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list:
+  """Per image, the k most probable (class name, probability), most probable first."""
+  order = np.argsort(-probabilities, axis=-1, kind='stable')[:, :k]
+  return [[(class_names[i], float(p[i])) for i in row] for row, p in zip(order, probabilities)]
+
+
+def write_csv(path: str, image_paths: Sequence[str], ranked: list) -> None:
+  from se_resnet_jax import files
+
+  k = len(ranked[0])
+  header = ['image'] + [f'{what}_{r}' for r in range(1, k + 1) for what in ('class', 'probability')]
+  with files.atomic_open(path, 'w') as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    for image, row in zip(image_paths, ranked):
+      writer.writerow([image] + [v for name, p in row for v in (name, f'{p:.6f}')])
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so importing this module defines none."""
+  from ml_collections import config_flags
+
+  flags.DEFINE_string('model', None, 'A file written by `python -m se_resnet_jax.export` (jax or '
+                      'onnx format; its class names are read from MODEL.json when present).')
+  flags.DEFINE_string('workdir', None, 'Or a training run directory: its checkpoint is used.')
+  flags.DEFINE_string('checkpoint', 'best', "With --workdir: 'best', 'latest' or a step number.")
+  flags.DEFINE_integer('top_k', 3, 'How many classes to show per image.', lower_bound=1)
+  flags.DEFINE_string('csv', None, 'Write every image\'s top-k classes to this CSV (default for '
+                      'a folder argument: ./predictions.csv).')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing CSV.')
+  config_flags.DEFINE_config_file('config', None, 'With --workdir: config file; default: '
+                                  'workdir/config.json.')
+
+
+def main(argv):
+  inputs = argv[1:]
+
+  def command():
+    if bool(FLAGS.model) == bool(FLAGS.workdir):
+      raise PredictError('Give exactly one of --model=FILE (an export) or --workdir=DIR (a run).')
+    if not inputs:
+      raise PredictError('Give one or more images (PNG/JPEG) or folders of them after the flags.')
+    paths, from_folder = expand_inputs(inputs)
+    csv_path = FLAGS.csv or ('predictions.csv' if from_folder else None)
+    if csv_path and os.path.exists(csv_path) and not FLAGS.overwrite:
+      raise PredictError(f'{csv_path} already exists; pass --overwrite to replace it, or choose '
+                         'another --csv.')
+    images = np.stack([load_image(p) for p in paths])  # every image is read before any compute
+    if FLAGS.model:
+      predict, names, source = load_exported(FLAGS.model)
+    else:
+      predict, names, source = load_run(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config)
+    ranked = top_k(predict_probabilities(predict, images), names, min(FLAGS.top_k, len(names)))
+    print(f'Model: {source}. Images: {RESIZE}.')
+    if csv_path:
+      write_csv(csv_path, paths, ranked)
+      print(f'Wrote the top {len(ranked[0])} classes of {len(paths)} images to {csv_path}.')
+    if not from_folder:
+      for path, row in zip(paths, ranked):
+        print(f'{path}: ' + ', '.join(f'{name} {p:.3f}' for name, p in row))
+
+  cli.run(argv[:1], command)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,110 @@
+"""How a command ends: the result table and where the files are, and a finished run read back.
+
+The closing summary is built from the report alone (report.json's content and the files beside
+it), so a fresh run and a rerun of a finished one end with the same text. A run is finished when
+its workdir holds report.json, which training writes last, and that report's config asks for the
+same run as the command's; the run is then answered from its report instead of being loaded,
+compiled and evaluated again.
+"""
+
+import glob
+import json
+import os
+from typing import Optional
+
+import ml_collections
+from flax import traverse_util
+
+REPORT_JSON = 'report.json'
+PICTURES = ('curves.png', 'confusion_matrix.png', 'per_class_accuracy.png')
+
+# Fields that say where the data is or how often to print, not what the run computes: a finished
+# run moved to another machine, or rerun with another TFDS_DATA_DIR, is still the same run.
+RERUN_NEUTRAL_FIELDS = ('data_dir', 'npz_path', 'download', 'log_every_steps')
+
+
+def _flat(config_dict: dict) -> dict:
+  """A config as JSON holds it (tuples become lists), flattened to dotted names."""
+  return traverse_util.flatten_dict(json.loads(json.dumps(config_dict)), sep='.')
+
+
+def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list:
+  """Dotted names of the fields where `config` asks for another run than `saved` records."""
+  saved, current = _flat(saved), _flat(config.to_dict())
+  return sorted(k for k in saved.keys() | current.keys()
+                if k not in RERUN_NEUTRAL_FIELDS and saved.get(k) != current.get(k))
+
+
+def read_report(workdir: str) -> Optional[dict]:
+  path = os.path.join(workdir, REPORT_JSON)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def finished_report(workdir: str, config: ml_collections.ConfigDict) -> Optional[dict]:
+  """The report of the finished run in `workdir` if `config` asks for that very run, else None."""
+  report = read_report(workdir)
+  if report is None or 'config' not in report or config_differences(report['config'], config):
+    return None
+  return report
+
+
+def finished_message(workdir: str, report: dict) -> str:
+  """What a rerun of a finished run says instead of training: and how to train it further."""
+  config = report['config']
+  epochs = report.get('epochs_completed')
+  stopped = (report.get('early_stopping') or {}).get('stopped_epoch')
+  text = (f'{workdir} holds a finished run ({epochs} epoch{"s" if epochs != 1 else ""}, '
+          f'{REPORT_JSON}): nothing to train; its results are below. ')
+  if stopped:
+    text += (f'Early stopping ended it at epoch {stopped}, so more epochs would not train; ')
+  elif _stopped_by_max_steps(report):
+    text += ('It stopped at max_steps; to train further rerun with a larger --config.max_steps '
+             '(or -1): it continues from its last checkpoint. ')
+  else:
+    text += (f'To train it longer, rerun with a larger --config.num_epochs (e.g. '
+             f'--config.num_epochs={2 * config["num_epochs"]}): it continues from its last '
+             'checkpoint, with the learning-rate schedule recomputed for the new length. ')
+  return text + 'To start over, use a new --workdir.'
+
+
+def _stopped_by_max_steps(report: dict) -> bool:
+  training, max_steps = report.get('training'), report['config'].get('max_steps', -1)
+  return bool(training) and max_steps > 0 and training['steps'] < training['planned_steps']
+
+
+def weights_line(report: dict) -> str:
+  """Which weights the report's numbers are of, e.g. 'epoch 5 of 6 (best validation accuracy)'."""
+  weights = report.get('weights')
+  if weights is None:
+    return f'epoch {report.get("best_epoch") or report.get("epochs_completed")}'
+  return (f'epoch {weights["epoch"]} of {report.get("epochs_completed")}, step {weights["step"]} '
+          f'({weights["chosen_by"]})')
+
+
+def closing_summary(workdir: str, report: dict) -> str:
+  """The result table (split, accuracy, loss, best epoch) and the paths of the report's files."""
+  config = report.get('config', {})
+  model = config.get('model', {}).get('name', 'model')
+  lines = [f'Results of {workdir}: {model} on {report.get("dataset", "?")}, weights of '
+           f'{weights_line(report)}', '']
+  best = report.get('best_epoch')
+  rows = [('split', 'accuracy', 'loss', 'best epoch')]
+  rows += [(split, f'{100 * report[split]["accuracy"]:.2f}%', f'{report[split]["loss"]:.4f}',
+            '-' if best is None else str(best))
+           for split in ('validation', 'test') if report.get(split)]
+  widths = [max(len(row[i]) for row in rows) for i in range(4)]
+  for row in rows:
+    lines.append('  ' + '  '.join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                                  for i, (cell, w) in enumerate(zip(row, widths))))
+  lines.append('')
+  pictures = [os.path.join(workdir, name) for name in PICTURES
+              if os.path.exists(os.path.join(workdir, name))]
+  lines.append(f'  report       {os.path.join(workdir, "report.md")} (numbers: '
+               f'{os.path.join(workdir, REPORT_JSON)})')
+  lines.append(f'  pictures     {", ".join(pictures) if pictures else "none (install matplotlib)"}')
+  if glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    lines.append(f'  TensorBoard  tensorboard --logdir {workdir}')
+  return '\n'.join(lines)

@@ -1,0 +1,102 @@
+"""The predict command on PNG and JPEG files of any size, with either export or a run."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from trained_run import one_line_error, run_command, tiny_run  # noqa: F401
+
+from se_resnet_jax import export, inference, predict
+
+
+@pytest.fixture(scope='module')
+def files(tiny_run, tmp_path_factory):  # noqa: F811
+  """Both exports of the tiny run, and a folder with a wide RGBA PNG and a tall greyscale JPEG."""
+  directory = tmp_path_factory.mktemp('predict')
+  for fmt in ('jax', 'onnx'):
+    export.export_run(tiny_run, fmt, str(directory / f'model.{fmt}'))
+  images = directory / 'images'
+  images.mkdir()
+  rs = np.random.RandomState(0)
+  Image.fromarray(rs.randint(0, 256, (40, 90, 4), np.uint8), 'RGBA').save(images / 'wide.png')
+  Image.fromarray(rs.randint(0, 256, (300, 120), np.uint8), 'L').save(images / 'tall.jpg',
+                                                                        quality=90)
+  (images / 'notes.txt').write_text('not an image: folders give only their PNG/JPEG files')
+  return directory
+
+
+def library_probabilities(workdir: str, paths) -> np.ndarray:
+  run = inference.restore_run(workdir, 'best')
+  images = np.stack([predict.load_image(str(p)) for p in paths])
+  return inference.reference_outputs(run.model, run.variables, run.mean, run.std, images)[1]
+
+
+def test_load_image_crops_the_centre_square_then_resizes_bicubic(tmp_path):
+  """A 96x32 picture, red in its middle third: the centre crop keeps only the red."""
+  pixels = np.zeros((32, 96, 3), np.uint8)
+  pixels[:, :32] = (0, 0, 255)
+  pixels[:, 32:64] = (255, 0, 0)
+  pixels[:, 64:] = (0, 255, 0)
+  Image.fromarray(pixels).save(tmp_path / 'flag.png')
+  image = predict.load_image(str(tmp_path / 'flag.png'))
+  assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+  np.testing.assert_array_equal(image, np.broadcast_to([255, 0, 0], (32, 32, 3)))
+  big = np.random.RandomState(0).randint(0, 256, (50, 80, 3), np.uint8)
+  Image.fromarray(big).save(tmp_path / 'big.png')
+  expected = Image.fromarray(big[:, 15:65]).resize((32, 32), Image.Resampling.BICUBIC)
+  np.testing.assert_array_equal(predict.load_image(str(tmp_path / 'big.png')), np.asarray(expected))
+
+
+@pytest.mark.slow  # runs the command in a subprocess
+@pytest.mark.parametrize('source', ['model.jax', 'model.onnx', 'workdir'])
+def test_png_and_jpeg_top_classes_are_the_library_s(files, tiny_run, source):  # noqa: F811
+  paths = [files / 'images' / 'wide.png', files / 'images' / 'tall.jpg']
+  model = f'--workdir={tiny_run}' if source == 'workdir' else f'--model={files / source}'
+  result = run_command('predict', model, *map(str, paths), '--top_k=3')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert 'centre square crop, then PIL bicubic resize to 32x32' in lines[0]
+  expected = library_probabilities(tiny_run, paths)
+  for path, line, probabilities in zip(paths, lines[1:], expected):
+    name, ranked = line.split(': ')
+    assert name == str(path)
+    shown = [item.rsplit(' ', 1) for item in ranked.split(', ')]
+    order = np.argsort(-probabilities, kind='stable')[:3]
+    assert [c for c, _ in shown] == [f'class_{i}' for i in order]
+    np.testing.assert_allclose([float(p) for _, p in shown], probabilities[order], atol=6e-4)
+
+
+@pytest.mark.slow  # runs the command in a subprocess
+def test_a_folder_goes_to_a_csv(files, tiny_run, tmp_path):  # noqa: F811
+  result = run_command('predict', f'--model={files / "model.onnx"}', str(files / 'images'),
+                       '--top_k=2', cwd=str(tmp_path))
+  assert result.returncode == 0, result.stderr
+  assert 'Wrote the top 2 classes of 2 images to predictions.csv' in result.stdout
+  with open(tmp_path / 'predictions.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert [os.path.basename(r['image']) for r in rows] == ['tall.jpg', 'wide.png']
+  expected = library_probabilities(tiny_run, [r['image'] for r in rows])
+  for row, probabilities in zip(rows, expected):
+    assert row['class_1'] == f'class_{np.argmax(probabilities)}'
+    assert float(row['probability_1']) >= float(row['probability_2'])
+    np.testing.assert_allclose(float(row['probability_1']), probabilities.max(), atol=2e-5)
+  error = one_line_error(run_command('predict', f'--model={files / "model.onnx"}',
+                                     str(files / 'images'), cwd=str(tmp_path)))
+  assert 'predictions.csv already exists; pass --overwrite' in error
+
+
+@pytest.mark.slow  # runs the command in a subprocess
+def test_bad_input_is_one_line(files, tmp_path):
+  (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8 not really a JPEG')
+  error = one_line_error(run_command('predict', f'--model={files / "model.jax"}',
+                                     str(tmp_path / 'broken.jpg')))
+  assert 'Cannot read image' in error and 'broken.jpg' in error
+  for wrong in (files / 'images' / 'wide.png', files / 'model.jax.json'):
+    error = one_line_error(run_command('predict', f'--model={wrong}',
+                                       str(files / 'images' / 'wide.png')))
+    assert 'neither a jax.export artifact nor an ONNX model' in error
+  error = one_line_error(run_command('predict', f'--workdir={tmp_path}',
+                                     str(files / 'images' / 'wide.png')))
+  assert 'holds no checkpoints' in error
