@@ -5,6 +5,8 @@ From the repository root (the same command on CPU, GPU or TPU):
   python benchmarks/benchmark.py                   # the whole table
   python benchmarks/benchmark.py --quick           # batch 128, fp32, one round: a smoke run
   python -m benchmarks.benchmark --batch_sizes=128,512 --dtypes=fp32 --json_out=bench.json
+  python benchmarks/benchmark.py --batch_sizes=512 --dtypes=bf16 --time_budget_s=120 \
+      --jsonl_out=bench.jsonl                      # stops in time, keeps every figure so far
 
 By default it measures batch 128 and 512 in fp32 and bf16 on a GPU or TPU, and batch 128 only on a
 CPU, where one step at batch 512 takes most of a minute on 2 cores and the whole table over an
@@ -30,6 +32,11 @@ How it measures, and why:
 - FLOPs per image come from XLA's cost analysis of the compiled pre-made step: forward, backward
   and the SGD update, whose share is below 0.1%. Utilisation is measured against a per-chip bf16
   dense peak; a CPU has no entry and shows n/a.
+- Each figure is written as soon as it exists: with --jsonl_out, one JSON line per timing round
+  (the configuration's figures so far) and one per finished configuration, and the table of the
+  finished configurations is printed after each. With --time_budget_s no new round, torch.compile
+  or configuration starts once the budget is spent: a run cut short still reports what it measured
+  (a configuration with at least one round; its row says how many).
 """
 
 import functools
@@ -73,6 +80,12 @@ flags.DEFINE_float('min_round_s', 2.0, 'Each contender runs enough steps per rou
 flags.DEFINE_bool('torch', True, 'Measure the PyTorch reference (needs the `torch` extra).')
 flags.DEFINE_bool('torch_compile', True, 'Include torch.compile (slow to compile on CPU).')
 flags.DEFINE_string('json_out', None, 'Also write every figure, with per-round times, as JSON.')
+flags.DEFINE_string('jsonl_out', None, 'Append each measurement to this file as a JSON line as '
+                    'soon as it exists (every round, every finished configuration).')
+flags.DEFINE_float('time_budget_s', None, 'Start no round, torch.compile or configuration after '
+                   'this many seconds; report what was measured.')
+flags.DEFINE_integer('num_filters', 64, 'Base width of the network (64: SE-ResNet18 as shipped; '
+                     'smaller for smoke runs).')
 
 DTYPES = ('fp32', 'bf16')
 # Dense bf16 peak FLOP/s per chip, keyed by a substring of jax's device_kind.
@@ -151,9 +164,27 @@ def median(values):
   return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
-def benchmark_config(batch_size: int, dtype: str):
-  """The shipped CIFAR-10 recipe at this batch size and compute dtype."""
+class Deadline:
+  """The --time_budget_s, counted from the start of the run; without one it never passes."""
+
+  def __init__(self, budget_s: Optional[float]):
+    self.end = None if budget_s is None else time.perf_counter() + budget_s
+
+  def passed(self) -> bool:
+    return self.end is not None and time.perf_counter() >= self.end
+
+
+def emit(event: str, record: dict) -> None:
+  """One JSON line in --jsonl_out, flushed at once, so a killed run keeps it."""
+  if FLAGS.jsonl_out:
+    with open(FLAGS.jsonl_out, 'a') as f:
+      f.write(json.dumps({'event': event, 'time': time.time(), **record}) + '\n')
+
+
+def benchmark_config(batch_size: int, dtype: str, num_filters: int = 64):
+  """The shipped CIFAR-10 recipe at this batch size, compute dtype (and width)."""
   config = cifar10.get_config()
+  config.model.num_filters = num_filters
   config.batch_size = batch_size
   config.eval_batch_size = batch_size
   config.half_precision = dtype == 'bf16'
@@ -252,7 +283,7 @@ def jax_contenders(config, mean: tuple, std: tuple) -> tuple:
   return contenders, figures
 
 
-def torch_contenders(config, dtype: str) -> tuple:
+def torch_contenders(config, dtype: str, deadline: Deadline) -> tuple:
   """PyTorch eager, channels-last and torch.compile train steps on a pre-made batch."""
   import torch
 
@@ -267,6 +298,9 @@ def torch_contenders(config, dtype: str) -> tuple:
     modes.append(('torch_compile', True, True))
   contenders = []
   for name, channels_last, compile_model in modes:
+    if compile_model and deadline.passed():
+      figures[f'{name}_error'] = 'skipped: the time budget was spent'
+      continue
     torch.manual_seed(0)
     model = torch_models.create_model(
         config.model.name, num_classes=10, num_filters=config.model.num_filters,
@@ -300,14 +334,17 @@ def torch_contenders(config, dtype: str) -> tuple:
   return contenders, figures
 
 
-def measure(batch_size: int, dtype: str, rounds: int, min_round_s: float) -> dict:
-  """Every contender for one batch size and dtype, timed in interleaved rounds."""
+def measure(batch_size: int, dtype: str, rounds: int, min_round_s: float,
+            deadline: Deadline) -> dict:
+  """Every contender for one batch size and dtype, timed in interleaved rounds (at least one,
+  more while the time budget lasts)."""
   mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-  config = benchmark_config(batch_size, dtype)
+  config = benchmark_config(batch_size, dtype, FLAGS.num_filters)
   contenders, row = jax_contenders(config, mean, std)
-  row.update(batch_size=batch_size, dtype=dtype)
+  row.update(batch_size=batch_size, dtype=dtype, num_filters=FLAGS.num_filters)
+  emit('compiled', row)
   if FLAGS.torch:
-    torch_side, torch_figures = torch_contenders(config, dtype)
+    torch_side, torch_figures = torch_contenders(config, dtype, deadline)
     contenders += torch_side
     row.update({f'torch_{k}' if k == 'params' else k: v for k, v in torch_figures.items()})
     if row['torch_params'] != row['params']:
@@ -315,9 +352,20 @@ def measure(batch_size: int, dtype: str, rounds: int, min_round_s: float) -> dic
                            f'{row["torch_params"]}: they are not the same network.')
   for c in contenders:
     c.calibrate(min_round_s)
-  for _ in range(rounds):
+  for done in range(rounds):
+    if done and deadline.passed():
+      break
     for c in contenders:
       c.time_round()
+    round_figures(row, contenders)
+    row['rounds_done'] = done + 1
+    emit('round', row)
+  row['rounds_planned'] = rounds
+  return row
+
+
+def round_figures(row: dict, contenders: list) -> None:
+  """Speeds and ratios from the rounds timed so far, into `row`."""
   by_name = {c.name: c for c in contenders}
   for c in contenders:
     row[f'{c.name}_images_per_s'] = c.images_per_s
@@ -335,7 +383,6 @@ def measure(batch_size: int, dtype: str, rounds: int, min_round_s: float) -> dic
             [o / j for j, o in zip(train_s, by_name[name].round_s)])
     row['ratio_premade_vs_torch_best'] = median(
         [o / p for p, o in zip(premade_s, by_name[best].round_s)])
-  return row
 
 
 def peak_flops() -> Optional[float]:
@@ -431,6 +478,10 @@ def markdown(env: dict, rows: list) -> str:
       for key in ('torch_eager_error', 'torch_channels_last_error', 'torch_compile_error'):
         if key in r:
           lines.append(f'\n{key} at batch {r["batch_size"]} {r["dtype"]}: {r[key]}')
+  for r in rows:
+    if r['rounds_done'] < r['rounds_planned']:
+      lines.append(f'\nBatch {r["batch_size"]} {r["dtype"]}: {r["rounds_done"]} of '
+                   f'{r["rounds_planned"]} timing rounds (the time budget ran out).')
   return '\n'.join(lines)
 
 
@@ -460,17 +511,29 @@ def main(argv):
             'host CPU would mean nothing, so the PyTorch columns are skipped.', file=sys.stderr)
       FLAGS.torch = False
 
+  deadline = Deadline(FLAGS.time_budget_s)
   env = environment()
-  rows = []
+  emit('environment', env)
+  rows, skipped = [], []
   # Smallest footprint first, so device peak statistics (never reset) stay per configuration.
   for batch_size in sorted(int(b) for b in batch_sizes):
     for dtype in sorted(dtypes, key=lambda d: d != 'bf16'):
+      if deadline.passed():
+        skipped.append(f'batch {batch_size} {dtype}')
+        continue
       print(f'measuring batch {batch_size} {dtype} ...', file=sys.stderr, flush=True)
-      rows.append(measure(batch_size, dtype, rounds, min_round_s))
+      rows.append(measure(batch_size, dtype, rounds, min_round_s, deadline))
+      emit('row', rows[-1])
+      print(markdown(env, rows) + '\n', flush=True)
       jax.clear_caches()
       gc.collect()
+  if skipped:
+    emit('skipped', {'configurations': skipped})
+    print(f'Not measured (--time_budget_s={FLAGS.time_budget_s}): {", ".join(skipped)}',
+          file=sys.stderr, flush=True)
   table = markdown(env, rows)
-  print(table)
+  if len(rows) > 1 or skipped:  # else the running table above is already the final one
+    print(table, flush=True)
   if FLAGS.json_out:
     with open(FLAGS.json_out, 'w') as f:
       json.dump({'environment': env, 'rows': rows, 'table': table}, f, indent=2)

@@ -10,12 +10,16 @@ Every contender maps the same uint8 NHWC batch to logits with the same SE-ResNet
 logit), in one process, in interleaved rounds; each figure is the median over rounds and each ratio
 the median of per-round ratios, so load from other processes hits all contenders alike.
 
-- jax_jit: `jax.jit` of the eval-mode network as the library's evaluation runs it (BatchNorm as
-  BatchNorm, XLA's default CPU compilation): the figure the issue measured at 40 img/s.
+- jax_eval_step: the library's evaluation step (`steps.make_eval_step`: forward plus loss, top-5
+  and metrics), the "JAX eval" column of BENCHMARKS.md's training tables (101.6 img/s there).
+- jax_jit: `jax.jit` of the eval-mode network (BatchNorm as BatchNorm, XLA's default CPU
+  compilation), uint8 in: the forward the issue measured at 40 img/s.
 - jax_jit_folded: the same with BatchNorm folded into the convolutions (`inference_function`).
 - jax_jit_tuned: the folded function compiled as `inference.compile_inference` compiles it on a CPU
   (XLA options in `inference.CPU_COMPILER_OPTIONS`): the library's inference path (predict uses it).
 - jax_export: the `--format=jax` file loaded with jax alone and called as the README shows.
+- jax_export_tuned: the same file compiled as jax_jit_tuned (what
+  `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=` gives the README's snippet).
 - onnxruntime: the `--format=onnx` file in ONNX Runtime (one intra-op thread per core, no
   spin-waiting, as OMP_WAIT_POLICY=PASSIVE asks of PyTorch).
 - torch: `se_resnet_jax.torch_models.SEResNet18` with the converted weights, eager, channels-last,
@@ -40,11 +44,12 @@ if __package__ in (None, ''):  # run as a script: make `se_resnet_jax` importabl
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import se_resnet_jax  # noqa: E402
-from se_resnet_jax import export, inference, models  # noqa: E402
+from se_resnet_jax import export, inference, models, steps  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('batch_sizes', ['128', '1'], 'Batch sizes; 1 is reported as latency.')
@@ -88,12 +93,21 @@ def jax_contenders(model, variables, mean, std, batch: int) -> dict:
   folded = inference.inference_function(model, variables, mean, std)
   data, _ = export.export_jax(folded, ('cpu',))
   exported = jax.export.deserialize(bytearray(data))
+  config = ml_collections.ConfigDict({'half_precision': False, 'tta_flip': False})
+  eval_step = steps.make_eval_step(config, model, mean, std)
+  labels, mask = np.zeros(batch, np.int32), np.ones(batch, bool)
+
+  def run_eval_step(images):  # the evaluation's predictions, not logits: checked by argmax
+    return jax.block_until_ready(eval_step(variables, images, labels, mask)[1])
+
   compiled = {'jax_jit': jax.jit(unfolded).lower(x).compile(),
               'jax_jit_folded': jax.jit(folded).lower(x).compile(),
               'jax_jit_tuned': inference.compile_inference(folded, batch),
-              'jax_export': jax.jit(exported.call).lower(x).compile()}
-  return {name: (lambda images, c=c: jax.block_until_ready(c(images)[0]))
-          for name, c in compiled.items()}
+              'jax_export': jax.jit(exported.call).lower(x).compile(),
+              'jax_export_tuned': inference.compile_inference(exported.call, batch)}
+  return {'jax_eval_step': run_eval_step,
+          **{name: (lambda images, c=c: jax.block_until_ready(c(images)[0]))
+             for name, c in compiled.items()}}
 
 
 def onnx_contender(model, variables, mean, std) -> Callable:
@@ -187,6 +201,8 @@ def main(argv):
     contenders = {**jax_contenders(model, variables, mean, std, batch), **others}
     outputs = {name: np.asarray(run(images)) for name, run in contenders.items()}
     reference = outputs['jax_jit']
+    if not np.array_equal(outputs.pop('jax_eval_step'), reference.argmax(-1)):
+      raise AssertionError('The evaluation step predicts other classes than jax_jit.')
     scale = max(1.0, float(np.abs(reference).max()))
     agreement = {name: float(np.abs(out - reference).max()) for name, out in outputs.items()}
     bad = {k: v for k, v in agreement.items() if v > AGREEMENT * scale}

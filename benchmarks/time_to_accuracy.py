@@ -15,7 +15,8 @@ arguments, with the library's own eval step on the same weights, its result used
 run (the best epoch is still chosen on validation, and the final test accuracy is still of those
 weights) and its time taken out of "wall s". Those columns are labelled "test (side evaluation)":
 they show when the test accuracy first crossed a line, which a real run cannot know.
-Writes time_to_accuracy.json and time_to_accuracy.md to --out_dir (default: the workdir).
+Writes epochs.jsonl (a line per epoch, as it ends), then time_to_accuracy.json and
+time_to_accuracy.md, to --out_dir (default: the workdir).
 """
 
 import json
@@ -56,8 +57,12 @@ class EpochWatcher:
   a reference to the latest state, which the epoch's row then finds.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, test_each_epoch: bool):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, test_each_epoch: bool,
+               out_dir: Optional[str] = None):
     self.writer = writers.create_writer(workdir)
+    self.epochs_path = os.path.join(out_dir, 'epochs.jsonl') if out_dir else None
+    if self.epochs_path:
+      open(self.epochs_path, 'w').close()  # this run's epochs only
     self.records, self.side_s, self.start, self.state = [], 0.0, None, None
     self.eval_step = self.test_chunks = None
     if test_each_epoch and config.evaluate_test:
@@ -83,6 +88,9 @@ class EpochWatcher:
       record.update(test_accuracy=test['accuracy'], test_loss=test['loss'])
       self.side_s += time.perf_counter() - side_start
     self.records.append(record)
+    if self.epochs_path:  # at once, so a run cut short still shows how far it got
+      with open(self.epochs_path, 'a') as f:
+        f.write(json.dumps({**scalars, **record}) + '\n')
 
   def __getattr__(self, name: str) -> Any:  # write_hparams, flush, close: the run's writer
     return getattr(self.writer, name)
@@ -158,8 +166,10 @@ def measure(config: ml_collections.ConfigDict, workdir: str, out_dir: Optional[s
   """Trains `config` in `workdir` and writes time_to_accuracy.{json,md} to out_dir (or workdir)."""
   if os.path.isdir(os.path.join(workdir, 'checkpoints')):
     raise WorkdirError(f'{workdir} holds checkpoints: a resumed run has no time to accuracy. '
-                          'Use a new --workdir.')
-  watcher = EpochWatcher(config, workdir, test_each_epoch)
+                     'Use a new --workdir.')
+  out_dir = out_dir or workdir
+  os.makedirs(out_dir, exist_ok=True)
+  watcher = EpochWatcher(config, workdir, test_each_epoch, out_dir)
   watcher.start = time.perf_counter()
   result = train.train_and_evaluate(config, workdir, writer=watcher, hooks=[watcher.hook])
   wall_s = time.perf_counter() - watcher.start - watcher.side_s
@@ -183,8 +193,6 @@ def measure(config: ml_collections.ConfigDict, workdir: str, out_dir: Optional[s
       'side_evaluation_s': watcher.side_s,
       'epochs': rows, 'config': config.to_dict()}
   summary['table'] = markdown(summary)
-  out_dir = out_dir or workdir
-  os.makedirs(out_dir, exist_ok=True)
   files.write_json_atomic(os.path.join(out_dir, 'time_to_accuracy.json'), summary)
   with open(os.path.join(out_dir, 'time_to_accuracy.md'), 'w') as f:
     f.write(summary['table'] + '\n')

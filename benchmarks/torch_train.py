@@ -176,6 +176,23 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
   return torch_models.create_model(config.model.name, **kwargs)
 
 
+INITIALISATIONS = ('torch', 'flax')
+
+
+@torch.no_grad()
+def flax_initialisation(model: nn.Module) -> None:
+  """Re-draws conv and linear weights as Flax does (LeCun normal: truncated to two standard
+  deviations, variance 1/fan_in; biases zero), in place of PyTorch's default (uniform, variance
+  1/(3 fan_in)). BatchNorm keeps scale 1 (0 where the model zeroes it) and shift 0 in both."""
+  for module in model.modules():
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+      fan_in = module.weight[0].numel()
+      std = (1.0 / fan_in) ** 0.5 / 0.87962566103423978  # the truncation's variance, undone
+      nn.init.trunc_normal_(module.weight, 0.0, std, -2 * std, 2 * std)
+      if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, model: nn.Module) -> torch.optim.SGD:
   """SGD as the library's optax chain: L2 on kernels (ndim > 1) only, then (Nesterov) momentum.
 
@@ -259,14 +276,18 @@ def _synchronize(device: torch.device) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, out_dir: Optional[str] = None, *,
                        time_budget_s: Optional[float] = None, compile_model: bool = False,
                        channels_last: Optional[bool] = None, device: Optional[str] = None,
-                       log: Callable[[str], None] = print) -> dict:
+                       init: str = 'torch', log: Callable[[str], None] = print) -> dict:
   """Trains `config`'s recipe in PyTorch; returns (and writes to out_dir) the result dict.
 
   channels_last defaults to True on CUDA only: on the CPU it gains little, and torch 2.13's CPU
   convolution backward in channels-last crashes (segfault) for layers only 4 channels wide.
+  init 'flax' draws the initial weights as the library does (`flax_initialisation`), to tell an
+  initialisation effect from the rest; 'torch' keeps PyTorch's defaults.
   """
   start = time.perf_counter()
   validate_config(config)
+  if init not in INITIALISATIONS:
+    raise ConfigError(f'init must be one of {", ".join(INITIALISATIONS)}, got {init!r}.')
   device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
   if channels_last is None:
     channels_last = device.type == 'cuda'
@@ -274,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, out_dir: Optional[str]
   steps_per_epoch = len(data.train) // config.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f'batch_size={config.batch_size} is larger than the {len(data.train)} '
-                     'training examples; lower batch_size.')
+                      'training examples; lower batch_size.')
   total_steps = steps_per_epoch * config.num_epochs
   if config.max_steps > 0:
     total_steps = min(total_steps, config.max_steps)
@@ -286,7 +307,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, out_dir: Optional[str]
     epochs_file = None
 
   torch.manual_seed(config.seed)
-  model = build_model(config, data.num_classes).to(device)
+  model = build_model(config, data.num_classes)
+  if init == 'flax':
+    flax_initialisation(model)
+  model = model.to(device)
+  if device.type == 'cuda':
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
   if channels_last:
     model = model.to(memory_format=torch.channels_last)
   optimizer = make_optimizer(config, model)
@@ -354,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, out_dir: Optional[str]
            'epoch_time_s': epoch_time, 'train_images_per_s': seen / epoch_time}
     if not math.isfinite(row['train_loss']):
       raise DivergedError(f'Training loss became {row["train_loss"]} by step {step}: lower '
-                               '--config.learning_rate or add warmup.')
+                          '--config.learning_rate or add warmup.')
     is_last = step == total_steps
     if val is not None and ((epoch + 1) % config.eval_every_epochs == 0 or is_last):
       metrics = with_eval_weights(lambda: evaluate(model, *val, **eval_kwargs))
@@ -388,7 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, out_dir: Optional[str]
             'epochs_completed': history[-1]['epoch'] if history else 0,
             'best_epoch': best['epoch'] if best else None, 'step': step,
             'stopped_by_time_budget': stopped_by_budget, 'torch_compile': compile_model,
-            'channels_last': channels_last, 'torch': torch.__version__}
+            'channels_last': channels_last, 'init': init, 'torch': torch.__version__}
   splits = {'validation': val}
   if config.evaluate_test:
     splits['test'] = on_device(data.test)
@@ -421,6 +447,8 @@ def define_flags() -> None:
   flags.DEFINE_bool('channels_last', None, 'Channels-last memory format for the convolutions '
                     '(default: on CUDA only).')
   flags.DEFINE_string('device', None, 'torch device (default: cuda if available, else cpu).')
+  flags.DEFINE_enum('init', 'torch', INITIALISATIONS, 'Initial weights: PyTorch\'s defaults, or '
+                    'drawn as Flax draws them (to isolate an initialisation effect).')
   config_flags.DEFINE_config_file('config', None, 'Training configuration file (as for '
                                   'se_resnet_jax.main).', lock_config=True)
   flags.mark_flags_as_required(['config'])
@@ -434,7 +462,8 @@ def main(argv):
     jax.config.update('jax_platforms', 'cpu')  # only the schedule runs in JAX: leave the GPU free
     result = train_and_evaluate(FLAGS.config, FLAGS.out_dir, time_budget_s=FLAGS.time_budget_s,
                                 compile_model=FLAGS.torch_compile,
-                                channels_last=FLAGS.channels_last, device=FLAGS.device)
+                                channels_last=FLAGS.channels_last, device=FLAGS.device,
+                                init=FLAGS.init)
     summary = {k: result[k] for k in ('epochs_completed', 'best_epoch', 'stopped_by_time_budget')}
     for split in ('validation', 'test'):
       if split in result:

@@ -15,6 +15,7 @@ saying so.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -30,17 +31,18 @@ from se_resnet_jax.errors import ConfigError, WorkdirError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMEWORKS = ('jax', 'pytorch')
+TORCH_MARGIN_S = 30.0  # PyTorch's start-up, data loading and final evaluation, outside its budget
 COLUMNS = ('framework', 'epochs', 'best epoch', 'final train acc', 'final val acc', 'test acc',
            'test loss', 'train img/s', 's/epoch', 'compile s', 'wall s')
 
 
 def framework_command(framework: str, config_args: Sequence[str], run_dir: str,
                       torch_time_budget_s: Optional[float] = None,
-                      torch_compile: bool = False) -> list:
+                      torch_compile: bool = False, torch_init: str = 'torch') -> list:
   if framework == 'jax':
     return [sys.executable, '-m', 'se_resnet_jax.main', *config_args, f'--workdir={run_dir}']
   command = [sys.executable, os.path.join(REPO, 'benchmarks', 'torch_train.py'), *config_args,
-             f'--out_dir={run_dir}', f'--torch_compile={torch_compile}']
+             f'--out_dir={run_dir}', f'--torch_compile={torch_compile}', f'--init={torch_init}']
   if torch_time_budget_s is not None:
     command.append(f'--time_budget_s={torch_time_budget_s}')
   return command
@@ -72,10 +74,20 @@ def summarize(framework: str, result: dict, wall_s: float) -> dict:
   }
 
 
+# The small files of a finished side that are copied next to the table when runs_dir is elsewhere.
+RUN_FILES = ('report.json', 'report.md', 'curves.png', 'confusion_matrix.png',
+             'per_class_accuracy.png', 'result.json', 'epochs.jsonl')
+
+
 def run_framework(framework: str, config_args: Sequence[str], out_dir: str,
-                  timeout_s: Optional[float] = None, **options) -> dict:
-  """Trains one side in a subprocess (log: OUT/<framework>.log) and returns its table row."""
-  run_dir = os.path.join(out_dir, framework)
+                  timeout_s: Optional[float] = None, runs_dir: Optional[str] = None,
+                  **options) -> dict:
+  """Trains one side in a subprocess (log: OUT/<framework>.log) and returns its table row.
+
+  The run itself (checkpoints included) goes to runs_dir/<framework>; when that is not out_dir, its
+  report files are copied to out_dir/<framework> once it ends.
+  """
+  run_dir = os.path.join(runs_dir or out_dir, framework)
   command = framework_command(framework, config_args, run_dir, **options)
   log_path = os.path.join(out_dir, f'{framework}.log')
   start = time.perf_counter()
@@ -88,6 +100,8 @@ def run_framework(framework: str, config_args: Sequence[str], out_dir: str,
     except subprocess.TimeoutExpired:
       rc = 'timeout'
   wall_s = time.perf_counter() - start
+  if os.path.abspath(run_dir) != os.path.abspath(os.path.join(out_dir, framework)):
+    copy_run_files(run_dir, os.path.join(out_dir, framework))
   result_path = os.path.join(run_dir, 'report.json' if framework == 'jax' else 'result.json')
   if rc != 0 or not os.path.exists(result_path):
     with open(log_path) as f:
@@ -96,6 +110,13 @@ def run_framework(framework: str, config_args: Sequence[str], out_dir: str,
             'log': log_path, 'log_tail': tail}
   with open(result_path) as f:
     return summarize(framework, json.load(f), wall_s)
+
+
+def copy_run_files(run_dir: str, destination: str) -> None:
+  os.makedirs(destination, exist_ok=True)
+  for name in RUN_FILES:
+    if os.path.exists(os.path.join(run_dir, name)):
+      shutil.copy(os.path.join(run_dir, name), destination)
 
 
 def _pct(value) -> str:
@@ -129,17 +150,31 @@ def markdown(rows: Sequence[dict], config_args: Sequence[str]) -> str:
 
 
 def compare(config_args: Sequence[str], out_dir: str, frameworks: Sequence[str] = FRAMEWORKS,
-            timeout_s: Optional[float] = None, **torch_options) -> list:
-  """Trains each framework in turn; twin.json / twin.md are rewritten after each one."""
-  existing = [f for f in frameworks if os.path.exists(os.path.join(out_dir, f))]
+            timeout_s: Optional[float] = None, runs_dir: Optional[str] = None,
+            time_budget_s: Optional[float] = None, torch_time_budget_s: Optional[float] = None,
+            torch_compile: bool = False, torch_init: str = 'torch') -> list:
+  """Trains each framework in turn; twin.json / twin.md are rewritten after each one.
+
+  With time_budget_s, PyTorch's training budget is cut to what the sides before it left (less a
+  margin for its start-up and final evaluation), so the whole comparison ends in time.
+  """
+  runs_dir = runs_dir or out_dir
+  existing = [f for f in frameworks if os.path.exists(os.path.join(runs_dir, f))]
   if existing:
-    raise WorkdirError(f'{out_dir} already holds runs {existing}: the library would resume '
-                          'from their checkpoints. Choose a new --out_dir.')
+    raise WorkdirError(f'{runs_dir} already holds runs {existing}: the library would resume '
+                       'from their checkpoints. Choose a new --out_dir (or --runs_dir).')
   os.makedirs(out_dir, exist_ok=True)
-  rows = []
+  start, rows = time.perf_counter(), []
   for framework in frameworks:
-    options = torch_options if framework == 'pytorch' else {}
-    rows.append(run_framework(framework, config_args, out_dir, timeout_s, **options))
+    options = {}
+    if framework == 'pytorch':
+      budget = torch_time_budget_s
+      if time_budget_s is not None:
+        left = time_budget_s - (time.perf_counter() - start) - TORCH_MARGIN_S
+        budget = max(0.0, left if budget is None else min(budget, left))
+      options = dict(torch_time_budget_s=budget, torch_compile=torch_compile,
+                     torch_init=torch_init)
+    rows.append(run_framework(framework, config_args, out_dir, timeout_s, runs_dir, **options))
     table = markdown(rows, config_args)
     files.write_json_atomic(os.path.join(out_dir, 'twin.json'),
                              {'config_args': list(config_args), 'rows': rows})
@@ -161,8 +196,9 @@ def main(argv):
       raise ConfigError(f'--frameworks must be from {", ".join(FRAMEWORKS)}, got '
                        f'{sorted(unknown)}.')
     out_dir = FLAGS.out_dir or os.path.join('runs', time.strftime('twin_%Y%m%d_%H%M%S'))
-    compare(config_args, out_dir, frameworks, FLAGS.timeout_s,
-            torch_time_budget_s=FLAGS.torch_time_budget_s, torch_compile=FLAGS.torch_compile)
+    compare(config_args, out_dir, frameworks, FLAGS.timeout_s, FLAGS.runs_dir,
+            FLAGS.time_budget_s, FLAGS.torch_time_budget_s, FLAGS.torch_compile,
+            FLAGS.torch_init)
 
   cli.run(argv, command)
 
@@ -172,10 +208,16 @@ if __name__ == '__main__':
 
   flags.DEFINE_string('out_dir', None, 'Where both runs, their logs and twin.json/twin.md go '
                       '(default runs/twin_<time>); must not hold earlier runs.')
+  flags.DEFINE_string('runs_dir', None, 'Where the runs themselves (checkpoints included) go '
+                      '(default: --out_dir); their report files are then copied to --out_dir.')
+  flags.DEFINE_float('time_budget_s', None, 'The whole comparison should end within this: '
+                     'PyTorch gets what the library left of it as its training budget.')
   flags.DEFINE_list('frameworks', list(FRAMEWORKS), 'Which sides to train, in this order.')
   flags.DEFINE_float('torch_time_budget_s', None, 'PyTorch stops training between epochs when '
                      'the next would end after this many seconds, and reports how far it got.')
   flags.DEFINE_bool('torch_compile', False, 'torch.compile the PyTorch model.')
+  flags.DEFINE_enum('torch_init', 'torch', ('torch', 'flax'), 'PyTorch\'s initial weights: its '
+                    'defaults, or drawn as Flax draws them.')
   flags.DEFINE_float('timeout_s', None, 'Kill a side that runs longer than this (its row then '
                      'says so).')
   config_flags.DEFINE_config_file('config', None, 'Training configuration file, as for '

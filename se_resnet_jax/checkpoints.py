@@ -257,14 +257,16 @@ class RunCheckpoints:
 
   def save(self, step: int, state: Any, meta: dict, best: bool = False) -> None:
     """Saves `state` and `meta` at `step`, with checksums; `best` marks a new best validation
-    accuracy (meta['best_val_accuracy']), which the manager keeps past the latest K.
+    accuracy (meta['best_val_accuracy']), which the manager keeps past the latest K. A best
+    without a value (imported weights) is no best: 'best' then means the latest step.
 
     A full disk ends in one CheckpointError saying how much space the checkpoint needs.
     """
     if self._read_only:
       raise ValueError('RunCheckpoints(read_only=True) cannot save.')
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    metrics = {BEST_METRIC: float(meta['best_val_accuracy'])} if best else None
+    best_value = meta.get('best_val_accuracy')
+    metrics = {BEST_METRIC: float(best_value)} if best and best_value is not None else None
     held = _OrbaxSaveLogs()
     absl_logger = std_logging.getLogger('absl')
     absl_logger.addFilter(held)
@@ -297,17 +299,22 @@ class RunCheckpoints:
     for partial in glob.glob(os.path.join(directory, f'{step}.orbax-checkpoint-tmp*')):
       shutil.rmtree(partial, ignore_errors=True)  # this save's own partial copy, never a step
     previous = [s for s in self.steps() if s != step]
-    if previous:
-      needed = _directory_bytes(self._where(self._manager, previous[-1]))
-    else:  # no earlier step to measure: the uncompressed size, an upper bound
-      needed = sum(np.asarray(x).nbytes if not isinstance(x, jax.Array) else x.nbytes
-                   for x in jax.tree.leaves(state))
     free = shutil.disk_usage(directory).free
+    if previous:  # the best estimate: the size of the run's last complete step
+      need = (f'needs about {_size(_directory_bytes(self._where(self._manager, previous[-1])))} '
+              f'in {directory}, which has {_size(free)} free')
+    else:
+      arrays = sum(x.nbytes if isinstance(x, jax.Array) else np.asarray(x).nbytes
+                   for x in jax.tree.leaves(state))
+      need = (f'needs at least {_size(arrays)} (its arrays, uncompressed) in {directory}, which '
+              f'has {_size(free)} free' if arrays > free else
+              f'does not fit in the {_size(free)} free in {directory} (its arrays alone take '
+              f'{_size(arrays)}; orbax adds metadata)')
     resume = (f'rerun the same command to resume from step {previous[-1]}' if previous else
               'rerun the same command')
     return CheckpointError(
-        f'Disk full: the checkpoint of step {step} needs about {_size(needed)} in {directory}, '
-        f'which has {_size(free)} free. Free some space (or move the workdir), then {resume}. '
+        f'Disk full: the checkpoint of step {step} {need}. Free some space (or move the workdir), '
+        f'then {resume}. '
         'No checkpoint was deleted.')
 
   # Restoring.

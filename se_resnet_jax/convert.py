@@ -55,6 +55,7 @@ from se_resnet_jax.errors import ConfigError, UserError
 from se_resnet_jax.evaluation import dataset_num_classes, restore_run
 from se_resnet_jax.steps import TrainState, create_learning_rate_schedule, create_optimizer
 from se_resnet_jax.train import Progress
+from se_resnet_jax.workdir import prepare_workdir
 
 FLAGS = flags.FLAGS
 
@@ -489,7 +490,7 @@ def import_torch_weights(path: str, config: ml_collections.ConfigDict, workdir: 
   num_classes = dataset_num_classes(config)
   model = models.build_model(config, num_classes)
   variables, report = torch_to_flax(load_torch_file(path, trust_pickle), model)
-  files.prepare_workdir(workdir)
+  prepare_workdir(workdir)
 
   tx = create_optimizer(config, create_learning_rate_schedule(config, steps_per_epoch=1))
   state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,

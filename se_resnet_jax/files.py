@@ -10,14 +10,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 import uuid
 from typing import IO, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from absl import logging
-
-from se_resnet_jax.errors import WorkdirError
 
 
 @contextlib.contextmanager
@@ -143,21 +140,3 @@ def _numeric(cell: Any) -> bool:
   except ValueError:
     return False
   return True
-
-
-def prepare_workdir(workdir: str) -> None:
-  """Fails early, with advice, when the workdir cannot be written.
-
-  A URL is refused: os.makedirs would quietly make a local directory named 'gs:' on every host.
-  """
-  if '://' in workdir:
-    raise WorkdirError(f'--workdir {workdir!r} is a URL; the workdir must be a local or mounted '
-                       'path (on a TPU pod slice: a shared filesystem, or the bucket mounted '
-                       'with gcsfuse).')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir):
-      pass
-  except OSError as e:
-    raise WorkdirError(f'Cannot write to workdir {workdir!r} ({e.strerror}). Choose a writable '
-                       '--workdir or fix its permissions.') from None

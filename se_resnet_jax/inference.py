@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from se_resnet_jax import augment
+from se_resnet_jax import augment, evaluation, input_pipeline
 from se_resnet_jax.checkpoints import CheckpointError
 from se_resnet_jax.models import SEResNet
 
@@ -62,8 +62,6 @@ def restore_run(workdir: str, checkpoint: str = 'best',
   because the constants are the training split's statistics and are kept nowhere else. Its test
   images serve the export's equality check.
   """
-  from se_resnet_jax import evaluation, input_pipeline
-
   if os.path.isdir(workdir) and not any(os.path.isdir(os.path.join(workdir, d))
                                         for d in ('checkpoints', 'best')):
     raise CheckpointError(f'{workdir!r} holds no checkpoints (no checkpoints/ or best/ in it): '
@@ -142,7 +140,7 @@ def apply_folded(model: nn.Module, folded: dict, x: jax.Array) -> jax.Array:
     return model.apply(folded, x, train=False)
 
 
-def eval_logits(model: nn.Module, apply: Callable[[jax.Array], jax.Array], x: jax.Array,
+def eval_logits(apply: Callable[[jax.Array], jax.Array], x: jax.Array,
                 tta_flip: bool) -> jax.Array:
   """The logits the library's evaluation reports: with tta_flip, the two views' log-mean-prob."""
   logits = apply(x)
@@ -171,7 +169,7 @@ def inference_function(model: SEResNet, variables: dict, mean: Sequence[float],
 
   def infer(images: jax.Array) -> tuple:
     x = augment.preprocess_for_eval(images, mean, std, jnp.float32)
-    logits = eval_logits(model, apply, x, tta_flip)
+    logits = eval_logits(apply, x, tta_flip)
     return logits, jax.nn.softmax(logits)
 
   return infer
@@ -200,7 +198,7 @@ def reference_outputs(model: SEResNet, variables: dict, mean: Sequence[float],
   """The library's own eval-mode (logits, probabilities) in float32, unfolded: the yardstick."""
   model = model.clone(dtype=jnp.float32)
   run = jax.jit(lambda v, im: eval_logits(
-      model, lambda x: model.apply(v, x, train=False),
+      lambda x: model.apply(v, x, train=False),
       augment.preprocess_for_eval(im, mean, std, jnp.float32), tta_flip))
   logits = np.concatenate([np.asarray(run(variables, images[i:i + batch_size]))
                            for i in range(0, len(images), batch_size)])

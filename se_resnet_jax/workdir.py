@@ -1,4 +1,4 @@
-"""One process per workdir: a lock held for the whole run.
+"""The workdir: checked before anything is written, then held by one process for the whole run.
 
 Two runs writing into one workdir interleave their checkpoints, and each then reports numbers made
 partly by the other's weights, with exit 0. The lock is `fcntl.flock` on a file in the workdir: the
@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 import socket
+import tempfile
 import threading
 from typing import Iterator
 
@@ -29,6 +30,24 @@ _held_guard = threading.Lock()
 
 class WorkdirLockedError(WorkdirError):
   """Another process is using the workdir; the message names it and says what to do."""
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Fails early, with advice, when the workdir cannot be written.
+
+  A URL is refused: os.makedirs would quietly make a local directory named 'gs:' on every host.
+  """
+  if '://' in workdir:
+    raise WorkdirError(f'--workdir {workdir!r} is a URL; the workdir must be a local or mounted '
+                       'path (on a TPU pod slice: a shared filesystem, or the bucket mounted '
+                       'with gcsfuse).')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise WorkdirError(f'Cannot write to workdir {workdir!r} ({e.strerror}). Choose a writable '
+                       '--workdir or fix its permissions.') from None
 
 
 def lock_path(workdir: str, process_index: int = 0) -> str:

@@ -236,3 +236,16 @@ def test_other_save_errors_pass_through(tmp_path, monkeypatch):
   monkeypatch.setattr(ckpts._manager, 'save', broken)
   with pytest.raises(ValueError, match='something else'):
     ckpts.save(1, _state(1), _meta(1))
+
+
+def test_a_full_disk_at_the_first_save_says_what_the_arrays_take(tmp_path, monkeypatch):
+  ckpts = RunCheckpoints(str(tmp_path))
+
+  def full_disk(step, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(ckpts._manager, 'save', full_disk)
+  with pytest.raises(CheckpointError, match=r'^Disk full: the checkpoint of step 1 does not fit '
+                     r'in the .* free in .*checkpoints \(its arrays alone take 64\.5 KB; orbax '
+                     r'adds metadata\)\. .*then rerun the same command\. '):
+    ckpts.save(1, _state(1), _meta(1))

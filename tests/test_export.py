@@ -10,13 +10,14 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from conftest import random_variables, randomise_batch_stats
 from flax import traverse_util
 from trained_run import command_env, one_line_error, run_command, tiny_run  # noqa: F401
 
-from se_resnet_jax import export, inference, models
+from se_resnet_jax import export, inference, models, steps
 
 README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
 
@@ -64,6 +65,7 @@ def test_model_card_says_what_the_file_holds(exports, tiny_run):  # noqa: F811
   assert {'cpu', 'cuda'} <= set(cards['jax']['platforms'])
 
 
+@pytest.mark.slow  # a fresh Python process
 @pytest.mark.parametrize('fmt, heading, call', [
     ('jax', '### Load it with jax alone', 'model.call(images)'),
     ('onnx', '### ONNX', "session.run(None, {'images': images})")])
@@ -119,6 +121,24 @@ def test_folding_batch_norm_keeps_the_function_of_a_bottleneck_network():
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(jnp.abs(expected).max()))
 
 
+@pytest.mark.parametrize('tta_flip', [False, True])
+def test_the_exported_function_is_what_the_evaluation_step_evaluates(tta_flip):
+  """Its logits give the evaluation step's predictions and losses, flip-averaged or not."""
+  model = models.SEResNet18(num_classes=10, num_filters=4, se_reduction=4)
+  images = np.random.RandomState(1).randint(0, 256, (8, 32, 32, 3), np.uint8)
+  labels = np.arange(8, dtype=np.int32) % 10
+  variables = randomise_batch_stats(random_variables(model, jnp.zeros((1, 32, 32, 3)),
+                                                     train=False))
+  mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+  config = ml_collections.ConfigDict({'half_precision': False, 'tta_flip': tta_flip})
+  _, predictions, _, losses = steps.make_eval_step(config, model, mean, std)(
+      variables, images, labels, np.ones(8, bool))
+  logits, probabilities = jax.jit(inference.inference_function(
+      model, variables, mean, std, tta_flip=tta_flip))(images)
+  np.testing.assert_array_equal(np.argmax(logits, -1), predictions)
+  np.testing.assert_allclose(-np.log(probabilities[np.arange(8), labels]), losses, atol=1e-5)
+
+
 def test_a_batch_norm_without_a_convolution_before_it_is_refused():
   class NormFirst(nn.Module):
     @nn.compact
@@ -131,6 +151,7 @@ def test_a_batch_norm_without_a_convolution_before_it_is_refused():
     inference.fold_batch_norm(model, variables, (4, 4, 3))
 
 
+@pytest.mark.slow  # runs the command in a subprocess
 def test_the_command_writes_both_files_and_refuses_to_overwrite(tiny_run, tmp_path):  # noqa: F811
   out = str(tmp_path / 'model.jax')
   result = run_command('export', f'--workdir={tiny_run}', '--format=jax', f'--out={out}')
@@ -144,6 +165,7 @@ def test_the_command_writes_both_files_and_refuses_to_overwrite(tiny_run, tmp_pa
   assert {name: os.path.getmtime(tmp_path / name) for name in os.listdir(tmp_path)} == written
 
 
+@pytest.mark.slow  # runs the command in a subprocess
 def test_a_workdir_without_checkpoints_is_one_line(tmp_path):
   error = one_line_error(run_command('export', f'--workdir={tmp_path}', '--format=jax',
                                      f'--out={tmp_path / "m.jax"}'))

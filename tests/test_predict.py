@@ -49,6 +49,7 @@ def test_load_image_crops_the_centre_square_then_resizes_bicubic(tmp_path):
   np.testing.assert_array_equal(predict.load_image(str(tmp_path / 'big.png')), np.asarray(expected))
 
 
+@pytest.mark.slow  # runs the command in a subprocess
 @pytest.mark.parametrize('source', ['model.jax', 'model.onnx', 'workdir'])
 def test_png_and_jpeg_top_classes_are_the_library_s(files, tiny_run, source):  # noqa: F811
   paths = [files / 'images' / 'wide.png', files / 'images' / 'tall.jpg']
@@ -67,6 +68,7 @@ def test_png_and_jpeg_top_classes_are_the_library_s(files, tiny_run, source):  #
     np.testing.assert_allclose([float(p) for _, p in shown], probabilities[order], atol=6e-4)
 
 
+@pytest.mark.slow  # runs the command in a subprocess
 def test_a_folder_goes_to_a_csv(files, tiny_run, tmp_path):  # noqa: F811
   result = run_command('predict', f'--model={files / "model.onnx"}', str(files / 'images'),
                        '--top_k=2', cwd=str(tmp_path))
@@ -85,6 +87,7 @@ def test_a_folder_goes_to_a_csv(files, tiny_run, tmp_path):  # noqa: F811
   assert 'predictions.csv already exists; pass --overwrite' in error
 
 
+@pytest.mark.slow  # runs the command in a subprocess
 def test_bad_input_is_one_line(files, tmp_path):
   (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8 not really a JPEG')
   error = one_line_error(run_command('predict', f'--model={files / "model.jax"}',

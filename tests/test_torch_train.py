@@ -155,3 +155,26 @@ def test_a_short_run_reports_like_the_library_and_respects_its_time_budget(
     assert 0.0 <= result[split]['accuracy'] <= 1.0 and np.isfinite(result[split]['loss'])
   assert result['validation']['accuracy'] == result['history'][0]['val_accuracy']
   assert (tmp_path / 'result.json').exists() and (tmp_path / 'epochs.jsonl').exists()
+
+
+def test_flax_initialisation_draws_weights_as_the_library_does():
+  """LeCun normal (variance 1/fan_in, truncated at 2 sigma), zero biases: the Flax statistics."""
+  import flax.linen as nn  # the library's convolutions keep Flax's default initialiser
+
+  flax_kernel = np.asarray(nn.Conv(128, (3, 3), use_bias=False).init(
+      jax.random.key(0), jnp.zeros((1, 8, 8, 128)))['params']['kernel'])
+  config = base_config()
+  config.model.update(num_filters=16, se_reduction=4)
+  torch.manual_seed(0)
+  model = torch_train.build_model(config, 10)
+  default_std = float(model.layer4[1].conv2.weight.detach().std())
+  torch_train.flax_initialisation(model)
+  weight = model.layer4[1].conv2.weight.detach().numpy()
+  assert weight.shape == (128, 128, 3, 3) and flax_kernel.shape == (3, 3, 128, 128)
+  np.testing.assert_allclose(weight.std(), flax_kernel.std(), rtol=0.02)
+  np.testing.assert_allclose(weight.std(), (1 / (9 * 128)) ** 0.5, rtol=0.02)
+  bound = 2 * (1 / (9 * 128)) ** 0.5 / 0.87962566
+  assert np.abs(weight).max() <= bound + 1e-6 and np.abs(flax_kernel).max() <= bound + 1e-6
+  assert abs(default_std / weight.std() - 3**-0.5) < 0.02  # PyTorch's default: a third the variance
+  assert all(float(m.bias.abs().max()) == 0 for m in model.modules()
+             if isinstance(m, torch.nn.Linear))

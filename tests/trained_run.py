@@ -9,8 +9,8 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
+from conftest import subprocess_env
 
 from se_resnet_jax import train
 
@@ -28,15 +28,9 @@ def tiny_run(tmp_path_factory, make_tiny_config) -> str:
 
 
 def command_env() -> dict:
-  """The commands' subprocesses: CPU, this session's compilation cache, no stray XLA flags."""
+  """The commands' subprocesses (conftest's environment) import the library from this checkout."""
   path = os.pathsep.join(p for p in (REPO, os.environ.get('PYTHONPATH')) if p)
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', PYTHONPATH=path)
-  env.pop('XLA_FLAGS', None)
-  if jax.config.jax_compilation_cache_dir:
-    env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
-  return env
+  return subprocess_env(PYTHONPATH=path)
 
 
 def run_command(module: str, *args: str, cwd: str = REPO) -> subprocess.CompletedProcess:

@@ -1,0 +1,80 @@
+"""The GPU check (benchmarks/device_check.sh) and its pieces, rehearsed on the CPU.
+
+The device machine gets one try, with no TensorFlow, clu's TensorBoard writers or tfds: `--quick`
+runs the same script end to end on generated JPEG data with TensorFlow hidden (a stub package that
+fails to import, in every stage), so what breaks there breaks here first.
+"""
+
+import io
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import subprocess_env
+
+from benchmarks import cifar_jpeg, time_to_accuracy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_decoding_gives_each_image_in_the_shuffled_order_of_the_shared_builder(tmp_path):
+  from PIL import Image
+
+  source, target = str(tmp_path / 'jpeg.npz'), str(tmp_path / 'arrays.npz')
+  cifar_jpeg.synthesize(source, num_train=40, num_test=12)
+  assert cifar_jpeg.decode(source, target, workers=2) == {'train': 40, 'test': 12, 'workers': 2}
+  z, arrays = np.load(source), np.load(target)
+  for split in ('train', 'test'):
+    x, y = arrays[f'x_{split}'], arrays[f'y_{split}']
+    assert x.shape == (len(y), 32, 32, 3) and x.dtype == np.uint8
+    perm = np.random.RandomState(cifar_jpeg.SHUFFLE_SEEDS[split]).permutation(len(y))
+    np.testing.assert_array_equal(y, z[f'{split}_labels'][perm])
+    offsets, blob = z[f'{split}_offsets'], z[f'{split}_jpeg']
+    for i in (0, len(y) - 1):
+      j = perm[i]
+      expected = np.asarray(Image.open(io.BytesIO(blob[offsets[j]:offsets[j + 1]].tobytes())))
+      np.testing.assert_array_equal(x[i], expected)
+  assert list(arrays['classes'])[:2] == ['airplane', 'automobile']
+
+
+def test_first_reached_reports_the_first_epoch_over_each_line():
+  rows = [{'epoch': e, 'train_s': e * 1.0, 'train_plus_compile_s': e + 20.0, 'wall_s': e + 30.0,
+           'val_accuracy': acc} for e, acc in ((1, 0.5), (2, 0.93), (3, 0.92), (4, 0.951))]
+  reached = time_to_accuracy.first_reached(rows, 'val_accuracy', (0.90, 0.93, 0.95, 0.96))
+  assert [None if v is None else v['epoch'] for v in reached.values()] == [2, 2, 4, None]
+  assert reached['0.95'] == {'epoch': 4, 'train_s': 4.0, 'train_plus_compile_s': 24.0,
+                             'wall_s': 34.0}
+
+
+@pytest.mark.slow
+def test_quick_device_check_runs_every_stage_and_keeps_every_table(tmp_path):
+  out_dir, work = tmp_path / 'out', tmp_path / 'work'
+  env = subprocess_env(OUT=str(out_dir), WORK=str(work), PYTHONPATH=REPO)
+  proc = subprocess.run(['bash', os.path.join(REPO, 'benchmarks', 'device_check.sh'), '--quick'],
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=1500)
+  log = (out_dir / 'device_check.log').read_text()
+  assert proc.returncode == 0, log + proc.stderr[-2000:]
+  for stage in ('twin', 'fast', 'bench'):
+    assert f'{stage}: rc=0' in log, log
+  assert 'library imports without TensorFlow' in (out_dir / 'no_tensorflow.txt').read_text()
+
+  twin = json.loads((out_dir / 'twin' / 'twin.json').read_text())
+  assert [(r['framework'], r['status'], r['epochs']) for r in twin['rows']] == [
+      ('jax', 'ok', 2), ('pytorch', 'ok', 2)]
+  assert all(0 <= r['test_accuracy'] <= 1 for r in twin['rows'])
+  assert 'TensorBoard/TensorFlow not installed' in (out_dir / 'twin' / 'jax.log').read_text()
+  assert (out_dir / 'twin' / 'jax' / 'report.json').exists()
+  assert not (out_dir / 'twin' / 'jax' / 'checkpoints').exists()  # checkpoints stay in WORK
+
+  fast = json.loads((out_dir / 'fast' / 'time_to_accuracy.json').read_text())
+  assert fast['epochs_completed'] == 1 and fast['epochs'][0]['test_accuracy_side'] is not None
+  assert fast['config']['tta_flip'] and fast['config']['batch_size'] == 64
+  assert len((out_dir / 'fast' / 'epochs.jsonl').read_text().splitlines()) == 1
+
+  events = [json.loads(line)['event']
+            for line in (out_dir / 'bench' / 'benchmark.jsonl').read_text().splitlines()]
+  assert events[0] == 'environment' and 'round' in events and events[-1] == 'row'
+  summary = (out_dir / 'summary.md').read_text()
+  assert '| jax |' in summary and '| pytorch |' in summary and 'JAX train img/s' in summary
