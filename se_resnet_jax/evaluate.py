@@ -24,7 +24,7 @@ from ml_collections import config_flags
 from se_resnet_jax import cli, input_pipeline, report, summary
 from se_resnet_jax.console import Console
 from se_resnet_jax.errors import ConfigError, WorkdirError
-from se_resnet_jax.evaluation import final_report, restore_run
+from se_resnet_jax.evaluation import final_report, load_run_config, restore_run
 from se_resnet_jax.sharding import data_mesh
 from se_resnet_jax.steps import make_eval_step
 from se_resnet_jax.workdir import WorkdirLockedError, workdir_lock
@@ -73,24 +73,24 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'bo
   """Writes report.json/.md and the pictures for one checkpoint; returns the report (and where).
 
   `config` defaults to the run's own (workdir/config.json); `tta_flip` overrides its setting, and
-  `data_dir` or `npz_path` say where its data is now (after the checkpoint's data settings were
-  checked against the config's: the same data, moved). Before any work: the report's directory
-  must be writable, and the checkpoint is restored (and checked against the config, data settings
-  included) before any data is read.
+  `data_dir` or `npz_path` say where its data is now. An npz_path is part of the run's data
+  settings, so another one than the run recorded also needs `allow_changed_data`. Before any work:
+  the report's directory must be writable, and the checkpoint is restored (and checked against the
+  config, data settings included) before any data is read.
   """
   if not os.path.isdir(workdir):
     raise WorkdirError(f'Workdir {workdir!r} does not exist.')
   destination = output_dir or os.path.join(workdir, 'evaluation')
   _check_writable(destination)
+  if data_dir is not None or npz_path is not None:
+    config = config or load_run_config(workdir)
+    config.data_dir = config.data_dir if data_dir is None else data_dir
+    config.npz_path = config.npz_path if npz_path is None else npz_path
   with _lock_if_inside(workdir, destination):
     run = restore_run(workdir, checkpoint, config, allow_changed_data)
     config = run.config
     if tta_flip is not None:
       config.tta_flip = tta_flip
-    if data_dir is not None:
-      config.data_dir = data_dir
-    if npz_path is not None:
-      config.npz_path = npz_path
     data = input_pipeline.load_dataset(config)
     if split == 'validation' and data.validation is None:
       raise ConfigError('This run has no validation split (validation_size=0); use --split=test.')
@@ -123,7 +123,8 @@ def define_flags() -> None:
   flags.DEFINE_string('data_dir', None, "Where the run's tfds data is now (default: the run's "
                       'config.json).')
   flags.DEFINE_string('npz_path', None, "Where the run's .npz arrays are now (default: the run's "
-                      'config.json).')
+                      'config.json); another path than the run recorded needs '
+                      '--allow_changed_data.')
   config_flags.DEFINE_config_file('config', None, 'Config file; default: workdir/config.json.')
   flags.mark_flag_as_required('workdir')
 

@@ -207,16 +207,21 @@ ResNet50 = partial(SEResNet50, se_reduction=None)
 ResNet101 = partial(SEResNet101, se_reduction=None)
 ResNet152 = partial(SEResNet152, se_reduction=None)
 
-MODELS = {name: globals()[name] for name in (
-    'SEResNet18', 'SEResNet34', 'SEResNet50', 'SEResNet101', 'SEResNet152',
-    'ResNet18', 'ResNet34', 'ResNet50', 'ResNet101', 'ResNet152')}
+MODEL_NAMES = ('SEResNet18', 'SEResNet34', 'SEResNet50', 'SEResNet101', 'SEResNet152',
+               'ResNet18', 'ResNet34', 'ResNet50', 'ResNet101', 'ResNet152')
+MODELS = {name: globals()[name] for name in MODEL_NAMES}
+
+
+def lookup(registry: dict, name: str) -> Any:
+  """The constructor of `name` in a registry (this one or the PyTorch twin's); lists the choices."""
+  if name not in registry:
+    raise ValueError(f'Unknown model {name!r}; choose one of {", ".join(registry)}.')
+  return registry[name]
 
 
 def create_model(name: str, **kwargs) -> SEResNet:
-  """Builds a model by name (as written in configs); unknown names list the choices."""
-  if name not in MODELS:
-    raise ValueError(f'Unknown model {name!r}; choose one of {", ".join(MODELS)}.')
-  return MODELS[name](**kwargs)
+  """Builds a model by name (as written in configs)."""
+  return lookup(MODELS, name)(**kwargs)
 
 
 # The model spec: how a config names a network. Every module that builds, fingerprints or asks

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from se_resnet_jax.models import se_hidden_width, stage_reductions
+from se_resnet_jax.models import MODEL_NAMES, lookup, se_hidden_width, stage_reductions
 
 Reduction = Optional[Union[int, Sequence[Optional[int]]]]
 
@@ -159,16 +159,12 @@ ResNet50 = partial(SEResNet50, se_reduction=None)
 ResNet101 = partial(SEResNet101, se_reduction=None)
 ResNet152 = partial(SEResNet152, se_reduction=None)
 
-MODELS = {name: globals()[name] for name in (
-    'SEResNet18', 'SEResNet34', 'SEResNet50', 'SEResNet101', 'SEResNet152',
-    'ResNet18', 'ResNet34', 'ResNet50', 'ResNet101', 'ResNet152')}
+MODELS = {name: globals()[name] for name in MODEL_NAMES}
 
 
 def create_model(name: str, **kwargs) -> SEResNet:
   """Builds a model by name, with the options of `se_resnet_jax.create_model`."""
-  if name not in MODELS:
-    raise ValueError(f'Unknown model {name!r}; choose one of {", ".join(MODELS)}.')
-  return MODELS[name](**kwargs)
+  return lookup(MODELS, name)(**kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:

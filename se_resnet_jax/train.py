@@ -12,17 +12,14 @@ that they are this network and these data settings). Only then is anything compi
 import dataclasses
 import functools
 import os
-import signal
 import time
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from flax.training.early_stopping import EarlyStopping
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -30,7 +27,7 @@ from se_resnet_jax import files, input_pipeline, report, sharding, steps, summar
 from se_resnet_jax.checkpoints import RunCheckpoints
 from se_resnet_jax.config import ConfigError, validate_config
 from se_resnet_jax.console import Console, TrainingProgress
-from se_resnet_jax.errors import DivergedError, Preempted
+from se_resnet_jax.errors import Preempted
 from se_resnet_jax.evaluation import (
     abstract_train_state,
     eval_variables,
@@ -39,6 +36,7 @@ from se_resnet_jax.evaluation import (
     load_run_config,
 )
 from se_resnet_jax.models import architecture, build_model
+from se_resnet_jax.stopping import Interruption, check_finite
 from se_resnet_jax.workdir import prepare_workdir, workdir_lock
 
 
@@ -86,96 +84,6 @@ def _early_stopping(es: ml_collections.ConfigDict) -> EarlyStopping:
   return EarlyStopping(min_delta=es.min_delta, patience=es.patience - 1)
 
 
-class _Interruption:
-  """Remembers a SIGTERM (preemption) or SIGINT (Ctrl-C): the loop saves and exits between steps.
-
-  Installed before anything is compiled: a Ctrl-C then never lands inside XLA's compiler (which
-  used to crash the process), it stops the run at the next step instead. After the first Ctrl-C
-  the default action is back, so a second one ends the process at once.
-
-  With several processes the signals reach them at different steps, and a process that starts a
-  (collective) save while the others run another step deadlocks; there JAX's preemption service
-  (which jax.distributed installs on SIGTERM) agrees on one step for all of them instead, and a
-  Ctrl-C is passed on to it as a SIGTERM.
-  """
-
-  def __init__(self):
-    self.signal_name: Optional[str] = None
-    self._previous = {}
-    self._multiprocess = jax.process_count() > 1
-
-  def __enter__(self):
-    handlers = {signal.SIGINT: self._on_sigint}
-    if not self._multiprocess:
-      handlers[signal.SIGTERM] = self._on_sigterm
-    for signum, handler in handlers.items():
-      try:
-        self._previous[signum] = signal.signal(signum, handler)
-      except ValueError:  # not the main thread: no handler, as for any library call
-        pass
-    return self
-
-  def _on_sigterm(self, signum, frame):
-    self.signal_name = self.signal_name or 'SIGTERM'
-
-  def _on_sigint(self, signum, frame):
-    self.signal_name = 'SIGINT'
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    logging.warning('SIGINT: finishing the current step and saving a checkpoint; press Ctrl-C '
-                    'again to abort at once (losing the steps since the last checkpoint).')
-    if self._multiprocess:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  def before_training(self) -> bool:
-    """Whether a signal came before the first step (only a single process stops there)."""
-    return self.signal_name is not None and not self._multiprocess
-
-  def reached(self, step: int) -> bool:
-    """Whether to save and stop after `step`; called after every step, by every process."""
-    if self._multiprocess:
-      try:
-        synced = multihost_utils.reached_preemption_sync_point(step)
-      except RuntimeError as e:  # jax_enable_preemption_service=False
-        logging.warning('No preemption checkpoints: %s', e)
-        self._multiprocess = False
-      else:
-        if synced:
-          self.signal_name = self.signal_name or 'SIGTERM'
-        return synced
-    return self.signal_name is not None
-
-  def __exit__(self, *exc):
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-
-
-@jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
-def _check_finite(loss: float, step: int, ckpts: RunCheckpoints, workdir: str,
-                  state: Optional[steps.TrainState] = None) -> None:
-  """Raises before any save once the loss or the weights are NaN/Inf.
-
-  The loss of a step is computed before its update, so an update that overflows leaves a finite
-  loss and non-finite weights: with `state` the weights are checked too, so no checkpoint (which a
-  resume would trust) ever holds NaN.
-  """
-  if np.isfinite(loss) and (state is None or bool(_all_finite(
-      (state.params, state.batch_stats, state.opt_state, state.ema_params)))):
-    return
-  last = ckpts.latest_intact_step()  # never a step whose checksums were not verified
-  what = f'Training loss became {loss}' if not np.isfinite(loss) else 'The weights became NaN/Inf'
-  where = (f'the last good checkpoint (step {last}, its checksums verified) in {workdir} is intact'
-           if last is not None else f'no checkpoint in {workdir} is verified intact')
-  raise DivergedError(
-      f'{what} by step {step}. Nothing was saved after this; {where}. Lower '
-      '--config.learning_rate (or add warmup) and rerun with the same --workdir to resume from it.')
-
-
 def _warn_if_all_warmup(config: ml_collections.ConfigDict, steps_per_epoch: int,
                         total_steps: int) -> None:
   """A run that is warm-up from end to end never trains at the full learning rate: say so."""
@@ -209,7 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if finished is not None:
     console.say(summary.finished_message(workdir, finished))
     return finished
-  with workdir_lock(workdir, jax.process_index()), _Interruption() as interruption:
+  with workdir_lock(workdir, jax.process_index()), Interruption() as interruption:
     return _train_and_evaluate(config, workdir, writer, hooks, allow_changed_data, interruption,
                                console)
 
@@ -228,7 +136,7 @@ def _recorded_data(ckpts: RunCheckpoints, workdir: str) -> Optional[dict]:
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer: Optional[Any],
                         hooks: Sequence[writers.Hook], allow_changed_data: bool,
-                        interruption: _Interruption, console: Console) -> dict:
+                        interruption: Interruption, console: Console) -> dict:
   data = input_pipeline.load_dataset(config)
   mesh = sharding.data_mesh()
   replicated = NamedSharding(mesh, P())
@@ -315,13 +223,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
     end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
     if step % config.log_every_steps == 0 and not end_of_epoch:  # else the epoch line says it
       current = epoch_metrics.scalars()  # waits for the step
-      _check_finite(current['loss'], step, ckpts, workdir)
+      check_finite(current['loss'], step, ckpts, workdir)
       display.step(step, current)
     preempted = interruption.reached(step)
     save = best = False
     if end_of_epoch:
       train = epoch_metrics.scalars()
-      _check_finite(train['loss'], step, ckpts, workdir, state)
+      check_finite(train['loss'], step, ckpts, workdir, state)
       epoch_time = time.perf_counter() - epoch_start
       row = {'epoch': epoch + 1, 'step': step, 'train_loss': train['loss'],
              'train_accuracy': train['accuracy'], 'learning_rate': float(schedule(step)),
@@ -339,7 +247,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
       epoch_metrics = empty_metrics
       epoch_start, epoch_first_step = time.perf_counter(), step
     elif preempted:
-      _check_finite(epoch_metrics.scalars()['loss'], step, ckpts, workdir, state)
+      check_finite(epoch_metrics.scalars()['loss'], step, ckpts, workdir, state)
     if save or preempted:
       ckpts.save(step, state, progress.to_meta(monitor), best=best)
     if end_of_epoch:  # after the save, so the next progress line times training alone

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import REPO, checkpoint_steps, subprocess_env, wait_until
 
-from se_resnet_jax import input_pipeline
+from se_resnet_jax import input_pipeline, stopping
 from se_resnet_jax.checkpoints import RunCheckpoints
 from se_resnet_jax.input_pipeline import DatasetUnavailableError
 
@@ -41,10 +41,12 @@ SMALL = {
 RUN_TIMEOUT_S = 900  # a guard against hangs only; a run takes seconds once compiled
 
 
-def _command(workdir: str, overrides: dict = (), config: str = 'configs/smoke.py') -> list:
-  flags = {**SMALL, **dict(overrides)}
+def _command(workdir: str, overrides: dict = (), config: str = 'configs/smoke.py',
+             flags: tuple = ()) -> list:
+  settings = {**SMALL, **dict(overrides)}
   return ([sys.executable, '-m', 'se_resnet_jax.main', f'--config={config}',
-           f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in flags.items()])
+           f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in settings.items()] +
+          list(flags))
 
 
 def _start(workdir: str, log: str, overrides: dict = (), **env) -> subprocess.Popen:
@@ -53,9 +55,11 @@ def _start(workdir: str, log: str, overrides: dict = (), **env) -> subprocess.Po
                             stdout=out, stderr=subprocess.STDOUT)
 
 
-def _run(workdir: str, overrides: dict = (), **env) -> subprocess.CompletedProcess:
-  return subprocess.run(_command(workdir, overrides), cwd=REPO, env=subprocess_env(**env),
-                        capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+def _run(workdir: str, overrides: dict = (), flags: tuple = (),
+         **env) -> subprocess.CompletedProcess:
+  return subprocess.run(_command(workdir, overrides, flags=flags), cwd=REPO,
+                        env=subprocess_env(**env), capture_output=True, text=True,
+                        timeout=RUN_TIMEOUT_S)
 
 
 def _finish(proc: subprocess.Popen, log: str) -> str:
@@ -228,6 +232,20 @@ def test_a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_newest_intac
   _assert_same_run(workdir, reference)
   assert os.path.isdir(os.path.join(workdir, 'set_aside', 'checkpoints-32'))  # kept, not deleted
   print(f'\n{named[0]}')
+
+
+def test_changed_data_settings_go_on_only_when_asked(reference, tmp_path):
+  """--allow_changed_data resumes anyway, says so, and the checkpoints record the new settings."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  os.remove(os.path.join(workdir, 'report.json'))
+  result = _run(workdir, {'validation_seed': 7, 'num_epochs': EPOCHS + 1},
+                flags=('--allow_changed_data',))
+  assert result.returncode == 0, result.stderr[-3000:]
+  warned = [line for line in result.stderr.splitlines() if 'as --allow_changed_data asks' in line]
+  assert len(warned) == 1 and '(validation_seed: 0 there, 7 now)' in warned[0], warned
+  _, meta = _restore(workdir)
+  assert meta['epoch'] == EPOCHS + 1 and meta['data']['validation_seed'] == 7
 
 
 def _below_a_file(workdir: str) -> str:
@@ -467,10 +485,9 @@ def test_ctrl_c_while_compiling_stops_cleanly(reference, tmp_path):
 def test_a_second_ctrl_c_gets_the_default_action(monkeypatch):
   """After the first Ctrl-C the loop finishes its step and saves; a second one ends the process
   at once (its default action). Checked in this process, whose default action is not sent."""
-  from se_resnet_jax import train
   monkeypatch.setattr(jax, 'process_count', lambda: 1)
   before = signal.getsignal(signal.SIGINT)
-  with train._Interruption() as interruption:
+  with stopping.Interruption() as interruption:
     assert signal.getsignal(signal.SIGINT) == interruption._on_sigint
     assert signal.getsignal(signal.SIGTERM) == interruption._on_sigterm
     os.kill(os.getpid(), signal.SIGINT)

@@ -1,0 +1,109 @@
+"""Why a run stops early, and how it stops safely: a signal (preemption, Ctrl-C) or NaN/Inf.
+
+Both stop the loop between steps. A signal lets the loop save a checkpoint first; a NaN/Inf stops it
+before any save, so no checkpoint a resume would trust ever holds NaN.
+"""
+
+import os
+import signal
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from se_resnet_jax.checkpoints import RunCheckpoints
+from se_resnet_jax.errors import DivergedError
+from se_resnet_jax.steps import TrainState
+
+
+class Interruption:
+  """Remembers a SIGTERM (preemption) or SIGINT (Ctrl-C): the loop saves and exits between steps.
+
+  Installed before anything is compiled: a Ctrl-C then never lands inside XLA's compiler (which
+  used to crash the process), it stops the run at the next step instead. After the first Ctrl-C
+  the default action is back, so a second one ends the process at once.
+
+  With several processes the signals reach them at different steps, and a process that starts a
+  (collective) save while the others run another step deadlocks; there JAX's preemption service
+  (which jax.distributed installs on SIGTERM) agrees on one step for all of them instead, and a
+  Ctrl-C is passed on to it as a SIGTERM.
+  """
+
+  def __init__(self):
+    self.signal_name: Optional[str] = None
+    self._previous = {}
+    self._multiprocess = jax.process_count() > 1
+
+  def __enter__(self):
+    handlers = {signal.SIGINT: self._on_sigint}
+    if not self._multiprocess:
+      handlers[signal.SIGTERM] = self._on_sigterm
+    for signum, handler in handlers.items():
+      try:
+        self._previous[signum] = signal.signal(signum, handler)
+      except ValueError:  # not the main thread: no handler, as for any library call
+        pass
+    return self
+
+  def _on_sigterm(self, signum, frame):
+    self.signal_name = self.signal_name or 'SIGTERM'
+
+  def _on_sigint(self, signum, frame):
+    self.signal_name = 'SIGINT'
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    logging.warning('SIGINT: finishing the current step and saving a checkpoint; press Ctrl-C '
+                    'again to abort at once (losing the steps since the last checkpoint).')
+    if self._multiprocess:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def before_training(self) -> bool:
+    """Whether a signal came before the first step (only a single process stops there)."""
+    return self.signal_name is not None and not self._multiprocess
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step`; called after every step, by every process."""
+    if self._multiprocess:
+      try:
+        synced = multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError as e:  # jax_enable_preemption_service=False
+        logging.warning('No preemption checkpoints: %s', e)
+        self._multiprocess = False
+      else:
+        if synced:
+          self.signal_name = self.signal_name or 'SIGTERM'
+        return synced
+    return self.signal_name is not None
+
+  def __exit__(self, *exc):
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def check_finite(loss: float, step: int, ckpts: RunCheckpoints, workdir: str,
+                  state: Optional[TrainState] = None) -> None:
+  """Raises before any save once the loss or the weights are NaN/Inf.
+
+  The loss of a step is computed before its update, so an update that overflows leaves a finite
+  loss and non-finite weights: with `state` the weights are checked too, so no checkpoint (which a
+  resume would trust) ever holds NaN.
+  """
+  if np.isfinite(loss) and (state is None or bool(_all_finite(
+      (state.params, state.batch_stats, state.opt_state, state.ema_params)))):
+    return
+  last = ckpts.latest_intact_step()  # never a step whose checksums were not verified
+  what = f'Training loss became {loss}' if not np.isfinite(loss) else 'The weights became NaN/Inf'
+  where = (f'the last good checkpoint (step {last}, its checksums verified) in {workdir} is intact'
+           if last is not None else f'no checkpoint in {workdir} is verified intact')
+  raise DivergedError(
+      f'{what} by step {step}. Nothing was saved after this; {where}. Lower '
+      '--config.learning_rate (or add warmup) and rerun with the same --workdir to resume from it.')
