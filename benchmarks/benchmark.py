@@ -29,6 +29,11 @@ How it measures, and why:
 - All contenders of one batch size and dtype are timed in interleaved rounds in one process, and
   each ratio is the median of per-round ratios: load from other processes on a shared machine then
   hits both sides alike instead of whichever happened to run while the machine was busy.
+- On a CPU, the library's compile policy (`se_resnet_jax.compilation`) is timed against XLA's
+  defaults in the same rounds: "JAX train (XLA defaults)" and "JAX eval (XLA defaults)" are the same
+  steps compiled without the policy's options (--nocompare_xla_defaults leaves them out).
+- The 1-minute load average is read at the start and at the end; above half the cores the output
+  says "machine loaded": its figures do not hold for a quiet machine.
 - FLOPs per image come from XLA's cost analysis of the compiled pre-made step: forward, backward
   and the SGD update, whose share is below 0.1%. Utilisation is measured against a per-chip bf16
   dense peak; a CPU has no entry and shows n/a.
@@ -63,8 +68,9 @@ from absl import app, flags  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from benchmarks import machine  # noqa: E402
 from configs import cifar10  # noqa: E402
-from se_resnet_jax import evaluation, input_pipeline, sharding, steps  # noqa: E402
+from se_resnet_jax import compilation, evaluation, input_pipeline, sharding, steps  # noqa: E402
 from se_resnet_jax.models import build_model  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -84,6 +90,8 @@ flags.DEFINE_string('jsonl_out', None, 'Append each measurement to this file as 
                     'soon as it exists (every round, every finished configuration).')
 flags.DEFINE_float('time_budget_s', None, 'Start no round, torch.compile or configuration after '
                    'this many seconds; report what was measured.')
+flags.DEFINE_bool('compare_xla_defaults', True, 'Where the compile policy sets options (a CPU), '
+                  'also time the train and eval steps compiled with XLA\'s defaults.')
 flags.DEFINE_integer('num_filters', 64, 'Base width of the network (64: SE-ResNet18 as shipped; '
                      'smaller for smoke runs).')
 
@@ -206,12 +214,13 @@ def jax_contenders(config, mean: tuple, std: tuple) -> tuple:
   model = build_model(config, 10)
   tx = steps.create_optimizer(config, steps.create_learning_rate_schedule(config, steps_per_epoch))
   images, labels = sharding.shard_train_split(random_split(steps_per_epoch * batch, 0), mesh)
-  perm = jax.jit(functools.partial(sharding.epoch_permutation, num_shards=mesh.size,
-                                   shard_size=images.shape[1]),
-                 out_shardings=NamedSharding(mesh, P('data')))(jax.random.key(1), 0)
+  perm = compilation.jit(functools.partial(sharding.epoch_permutation, num_shards=mesh.size,
+                                           shard_size=images.shape[1]),
+                         out_shardings=NamedSharding(mesh, P('data')))(jax.random.key(1), 0)
   step_rng = jax.random.key(2)
-  init = jax.jit(functools.partial(steps.create_train_state, config, model, tx, (32, 32, 3)),
-                 out_shardings=replicated)
+  init = compilation.jit(functools.partial(steps.create_train_state, config, model, tx,
+                                           (32, 32, 3)), out_shardings=replicated,
+                         cpu_options={'xla_backend_optimization_level': 0})
   empty_metrics = jax.device_put(steps.Metrics.empty(), replicated)
   figures = {}
 
@@ -220,10 +229,10 @@ def jax_contenders(config, mean: tuple, std: tuple) -> tuple:
 
   premade_config = ml_collections.ConfigDict(config.to_dict())
   premade_config.augment.enabled = False
-  x_premade, y_premade = jax.jit(functools.partial(sharding.sample_batch, per_device=per_device))(
-      images, labels, perm, 0)
+  x_premade, y_premade = compilation.jit(
+      functools.partial(sharding.sample_batch, per_device=per_device))(images, labels, perm, 0)
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
+  @functools.partial(compilation.jit, donate_argnums=(0,))
   def premade_step(state, train_metrics, x, y, step_rng):
     return steps.train_step(state, train_metrics, x, y, jax.random.fold_in(step_rng, state.step),
                             config=premade_config, mean=mean, std=std)
@@ -272,14 +281,25 @@ def jax_contenders(config, mean: tuple, std: tuple) -> tuple:
   jax.block_until_ready(eval_step(variables, *chunk))
   figures['eval_compile_s'] = time.perf_counter() - start
 
-  def run_eval(n):
-    for _ in range(n):
-      out = eval_step(variables, *chunk)
-    jax.block_until_ready(out)
+  def eval_runner(step):
+    def run_eval(n):
+      for _ in range(n):
+        out = step(variables, *chunk)
+      jax.block_until_ready(out)
+    return run_eval, timed(run_eval)
 
   contenders = [Contender('jax_train', batch, *train_runner),
                 Contender('jax_premade', batch, *premade_runner),
-                Contender('jax_eval', batch, run_eval, timed(run_eval))]
+                Contender('jax_eval', batch, *eval_runner(eval_step))]
+  if FLAGS.compare_xla_defaults and compilation.compiler_options():
+    with compilation.xla_defaults():
+      default_step = steps.make_train_step(config, steps_per_epoch, per_device, mean, std)
+      default_eval = steps.make_eval_step(config, model, mean, std)
+    contenders += [
+        Contender('jax_train_xla_defaults', batch,
+                  *compiled_runner(default_step, (images, labels, perm, step_rng),
+                                   measure_memory=False, count_flops=False)),
+        Contender('jax_eval_xla_defaults', batch, *eval_runner(default_eval))]
   return contenders, figures
 
 
@@ -373,6 +393,11 @@ def round_figures(row: dict, contenders: list) -> None:
     row[f'{c.name}_steps_per_round'] = c.steps
   train_s, premade_s = by_name['jax_train'].round_s, by_name['jax_premade'].round_s
   row['input_share'] = median([1 - p / t for t, p in zip(train_s, premade_s)])
+  for kind in ('train', 'eval'):
+    if f'jax_{kind}_xla_defaults' in by_name:
+      row[f'policy_speedup_{kind}'] = median(
+          [d / p for p, d in zip(by_name[f'jax_{kind}'].round_s,
+                                 by_name[f'jax_{kind}_xla_defaults'].round_s)])
   torch_names = [n for n in by_name if n.startswith('torch_')]
   if torch_names:
     best = max(torch_names, key=lambda n: by_name[n].images_per_s)
@@ -398,8 +423,10 @@ def environment() -> dict:
          'device_count': jax.device_count(), 'python': platform.python_version(),
          'jax': jax.__version__, 'jaxlib': jaxlib.__version__, 'flax': flax.__version__,
          'optax': optax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-         'cpu_cores': len(os.sched_getaffinity(0)), 'cpu_model': cpu_model(),
-         'load_average_1min': os.getloadavg()[0],
+         'cpu_cores': machine.cores(), 'cpu_model': machine.cpu_model(),
+         'cpu_vector_extensions': machine.cpu_vector_extensions(),
+         'compile_policy': compilation.compiler_options(),
+         'load_average_1min': machine.load_average(),
          'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY', '(default)'),
          'command': ' '.join(['python'] + sys.argv)}
   try:
@@ -408,17 +435,6 @@ def environment() -> dict:
   except ImportError:
     env['torch'] = 'not installed'
   return env
-
-
-def cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
 
 
 def fmt(value, digits: int = 1) -> str:
@@ -432,12 +448,16 @@ def markdown(env: dict, rows: list) -> str:
   flops = rows[0]['train_flops_per_image'] if rows else None
   lines = [
       f'Device: {env["device_count"]} x {env["device_kind"]} ({env["platform"]}); '
-      f'CPU: {env["cpu_model"]}, {env["cpu_cores"]} cores',
+      f'CPU: {env["cpu_model"]} ({env["cpu_vector_extensions"]}), {env["cpu_cores"]} cores',
       f'jax {env["jax"]}, jaxlib {env["jaxlib"]}, flax {env["flax"]}, optax {env["optax"]}, '
       f'torch {env["torch"]} ({env.get("torch_threads", "-")} threads), '
       f'Python {env["python"]}',
       f'XLA_FLAGS: {env["xla_flags"] or "(none)"}; OMP_WAIT_POLICY: {env["omp_wait_policy"]}; '
-      f'1-minute load average at start: {env["load_average_1min"]:.1f}',
+      f'1-minute load average at start: {env["load_average_1min"]:.1f}'
+      + (f', at end: {env["load_average_1min_end"]:.1f}' if 'load_average_1min_end' in env
+         else '')
+      + f' ({machine.load_verdict(env["load_average_1min"], env.get("load_average_1min_end", 0))})',
+      f'Compile policy (se_resnet_jax.compilation): {env["compile_policy"] or "XLA defaults"}',
       f'Command: {env["command"]}',
       f'Train-step FLOPs per image (forward + backward + update, XLA cost analysis, batch '
       f'{rows[0]["batch_size"]} {rows[0]["dtype"]}): '
@@ -457,6 +477,16 @@ def markdown(env: dict, rows: list) -> str:
         f'| {fmt(r["step_memory_mib"], 0)} | {fmt(r["peak_memory_mib"], 0)} | {util} |')
   if rows:
     lines.append(f'\npeak MiB: {rows[0]["peak_memory_source"]} during compile and first step.')
+  if any('policy_speedup_train' in r for r in rows):
+    lines += ['', '| batch | dtype | JAX train img/s, XLA defaults | policy / defaults (train) '
+              '| JAX eval img/s, XLA defaults | policy / defaults (eval) |',
+              '|---|---|---|---|---|---|']
+    lines += [f'| {r["batch_size"]} | {r["dtype"]} '
+              f'| {fmt(r["jax_train_xla_defaults_images_per_s"])} '
+              f'| {fmt(r["policy_speedup_train"], 2)}x '
+              f'| {fmt(r["jax_eval_xla_defaults_images_per_s"])} '
+              f'| {fmt(r["policy_speedup_eval"], 2)}x |' for r in rows
+              if 'policy_speedup_train' in r]
   if any('torch_eager_images_per_s' in r for r in rows):
     lines += [
         '',
@@ -523,6 +553,7 @@ def main(argv):
         continue
       print(f'measuring batch {batch_size} {dtype} ...', file=sys.stderr, flush=True)
       rows.append(measure(batch_size, dtype, rounds, min_round_s, deadline))
+      env['load_average_1min_end'] = machine.load_average()
       emit('row', rows[-1])
       print(markdown(env, rows) + '\n', flush=True)
       jax.clear_caches()

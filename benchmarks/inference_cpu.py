@@ -12,13 +12,13 @@ the median of per-round ratios, so load from other processes hits all contenders
 
 - jax_eval_step: the library's evaluation step (`steps.make_eval_step`: forward plus loss, top-5
   and metrics), the "JAX eval" column of BENCHMARKS.md's training tables (101.6 img/s there).
-- jax_jit: `jax.jit` of the eval-mode network (BatchNorm as BatchNorm, XLA's default CPU
-  compilation), uint8 in: the forward the issue measured at 40 img/s.
+- jax_jit: plain `jax.jit` of the eval-mode network (BatchNorm as BatchNorm, XLA's default CPU
+  compilation, not the library's compile policy), uint8 in.
 - jax_jit_folded: the same with BatchNorm folded into the convolutions (`inference_function`).
-- jax_jit_tuned: the folded function compiled as `inference.compile_inference` compiles it on a CPU
-  (XLA options in `inference.CPU_COMPILER_OPTIONS`): the library's inference path (predict uses it).
+- jax_jit_tuned: the folded function compiled by `inference.compile_inference`, with the library's
+  compile policy (`se_resnet_jax.compilation`): the library's inference path (predict uses it).
 - jax_export: the `--format=jax` file loaded with jax alone and called as the README shows.
-- jax_export_tuned: the same file compiled as jax_jit_tuned (what
+- jax_export_tuned: the same file compiled with the compile policy (what
   `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=` gives the README's snippet).
 - onnxruntime: the `--format=onnx` file in ONNX Runtime (one intra-op thread per core, no
   spin-waiting, as OMP_WAIT_POLICY=PASSIVE asks of PyTorch).
@@ -49,7 +49,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import se_resnet_jax  # noqa: E402
-from se_resnet_jax import export, inference, models, steps  # noqa: E402
+from benchmarks import machine  # noqa: E402
+from se_resnet_jax import compilation, export, inference, models, steps  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('batch_sizes', ['128', '1'], 'Batch sizes; 1 is reported as latency.')
@@ -61,10 +62,6 @@ flags.DEFINE_string('checkpoint', 'best', 'With --workdir: which checkpoint.')
 flags.DEFINE_string('json_out', None, 'Also write every figure, with per-round times, as JSON.')
 
 AGREEMENT = 1e-4  # max |logits - jax_jit logits| allowed, relative to the largest logit
-
-
-def cores() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
 
 
 def weights() -> tuple:
@@ -115,7 +112,7 @@ def onnx_contender(model, variables, mean, std) -> Callable:
 
   data, _ = export.export_onnx(inference.inference_function(model, variables, mean, std), {})
   options = ort.SessionOptions()
-  options.intra_op_num_threads = cores()
+  options.intra_op_num_threads = machine.cores()
   options.log_severity_level = 3
   options.add_session_config_entry('session.intra_op.allow_spinning', '0')
   session = ort.InferenceSession(data, options, providers=['CPUExecutionProvider'])
@@ -127,7 +124,7 @@ def torch_contender(model, variables, mean, std) -> Callable:
 
   from se_resnet_jax import convert, torch_models
 
-  torch.set_num_threads(cores())
+  torch.set_num_threads(machine.cores())
   options = {k: getattr(model, k) for k in ('num_classes', 'num_filters', 'se_reduction',
                                              'dropout_rate')}
   twin = torch_models.create_model(convert._model_name(model), **options)  # noqa: SLF001
@@ -163,13 +160,6 @@ def measure(contenders: dict, images: np.ndarray) -> dict:
 
 
 def environment() -> dict:
-  cpu = platform.processor()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')),
-                 cpu)
-  except OSError:
-    pass
   versions = {'jax': jax.__version__, 'se_resnet_jax': se_resnet_jax.__version__,
               'python': platform.python_version()}
   for name in ('torch', 'onnxruntime', 'jax2onnx'):
@@ -177,11 +167,12 @@ def environment() -> dict:
       versions[name] = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
       versions[name] = None
-  return {'cpu': cpu, 'cores': cores(), 'versions': versions,
-          'load_average_1min': os.getloadavg()[0],
+  return {'cpu': machine.cpu_model(), 'vector_extensions': machine.cpu_vector_extensions(),
+          'cores': machine.cores(), 'versions': versions,
+          'load_average_1min': machine.load_average(),
           'XLA_FLAGS': os.environ.get('XLA_FLAGS', ''),
           'OMP_WAIT_POLICY': os.environ.get('OMP_WAIT_POLICY', ''),
-          'cpu_compiler_options': inference.CPU_COMPILER_OPTIONS,
+          'compile_policy': compilation.compiler_options(),
           'date': time.strftime('%Y-%m-%d'), 'command': ' '.join(sys.argv)}
 
 
@@ -216,11 +207,13 @@ def main(argv):
       row['vs_torch'] = {n: float(np.median(np.array(per_round['torch']) / np.array(t)))
                          for n, t in per_round.items()}
     rows.append(row)
-  env['load_average_1min_end'] = os.getloadavg()[0]
-  print(f'CPU: {env["cpu"]}, {env["cores"]} cores; weights: {source}')
+  env['load_average_1min_end'] = machine.load_average()
+  print(f'CPU: {env["cpu"]} ({env["vector_extensions"]}), {env["cores"]} cores; '
+        f'weights: {source}')
   print(f'Versions: {env["versions"]}; XLA_FLAGS={env["XLA_FLAGS"]!r}, OMP_WAIT_POLICY='
-        f'{env["OMP_WAIT_POLICY"]!r}; load average {env["load_average_1min"]:.1f} at start, '
-        f'{env["load_average_1min_end"]:.1f} at end')
+        f'{env["OMP_WAIT_POLICY"]!r}; compile policy {env["compile_policy"]}; load average '
+        f'{env["load_average_1min"]:.1f} at start, {env["load_average_1min_end"]:.1f} at end ('
+        f'{machine.load_verdict(env["load_average_1min"], env["load_average_1min_end"])})')
   names = list(rows[0]['ms_per_call'])
   print('\n| batch | figure | ' + ' | '.join(names) + ' |')
   print('|---|---|' + '---|' * len(names))

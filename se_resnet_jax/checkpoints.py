@@ -224,7 +224,7 @@ class RunCheckpoints:
         continue
     return None
 
-  def _where(self, manager, step) -> str:
+  def _step_dir(self, manager, step) -> str:
     return os.path.join(str(manager.directory), str(step))
 
   # Integrity.
@@ -234,7 +234,7 @@ class RunCheckpoints:
     key = (str(manager.directory), step)
     if key not in self._verified:
       try:
-        self._verified[key] = verify_checksums(self._where(manager, step))
+        self._verified[key] = verify_checksums(self._step_dir(manager, step))
       except FileNotFoundError:
         self._verified[key] = 'unverified'
     return self._verified[key]
@@ -287,7 +287,7 @@ class RunCheckpoints:
     self._verified[(str(self._manager.directory), step)] = None
 
   def _write_checksums(self, step: int) -> None:
-    directory = self._where(self._manager, step)
+    directory = self._step_dir(self._manager, step)
     sums = {'algorithm': 'sha256', 'files': file_checksums(directory)}
     temporary = os.path.join(directory, CHECKSUMS + '.tmp')
     with open(temporary, 'w') as f:
@@ -301,7 +301,7 @@ class RunCheckpoints:
     previous = [s for s in self.steps() if s != step]
     free = shutil.disk_usage(directory).free
     if previous:  # the best estimate: the size of the run's last complete step
-      need = (f'needs about {_size(_directory_bytes(self._where(self._manager, previous[-1])))} '
+      need = (f'needs about {_size(_directory_bytes(self._step_dir(self._manager, previous[-1])))} '
               f'in {directory}, which has {_size(free)} free')
     else:
       arrays = sum(x.nbytes if isinstance(x, jax.Array) else np.asarray(x).nbytes
@@ -334,7 +334,7 @@ class RunCheckpoints:
 
   def _restore(self, manager, step: int, target: Any, architecture: Optional[dict]):
     meta = self._check_readable(manager, step, architecture)
-    where = self._where(manager, step)
+    where = self._step_dir(manager, step)
     try:
       state = manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
@@ -349,7 +349,7 @@ class RunCheckpoints:
 
   def _check_readable(self, manager, step: int, architecture: Optional[dict]) -> dict:
     """The step's meta, once its checksums pass and it is the config's network."""
-    where = self._where(manager, step)
+    where = self._step_dir(manager, step)
     status = self._status(manager, step)
     if status == 'unverified':
       logging.warning('Checkpoint %s has no %s (made by an older version, or the run was killed '
@@ -398,9 +398,9 @@ class RunCheckpoints:
       except DamagedCheckpointError as e:
         damaged[e.where] = e.reason
         continue
-      moves = [self._where(self._manager, s) for s in steps if s > step]
+      moves = [self._step_dir(self._manager, s) for s in steps if s > step]
       if limit is not None and best_manager is self._legacy_best:
-        moves.append(self._where(best_manager, best))
+        moves.append(self._step_dir(best_manager, best))
       self._set_aside(moves, damaged, step)
       return state, meta
     listed = '; '.join(f'{where}: {reason}' for where, reason in damaged.items())

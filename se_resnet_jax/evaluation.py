@@ -17,7 +17,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from se_resnet_jax import input_pipeline, report
+from se_resnet_jax import compilation, input_pipeline, report
 from se_resnet_jax.checkpoints import CheckpointError, RunCheckpoints
 from se_resnet_jax.config import DATASETS, base_config, validate_config
 from se_resnet_jax.errors import ConfigError
@@ -52,7 +52,7 @@ def eval_variables(state: TrainState) -> dict:
 def measure_inference(model: SEResNet, variables: dict, image_shape: tuple, batch_size: int,
                       repeats: int = 10) -> dict:
   """Images/s at `batch_size` and latency at batch 1, both after compilation."""
-  apply = jax.jit(functools.partial(model.apply, train=False))
+  apply = compilation.jit(functools.partial(model.apply, train=False))
   figures = {}
   for batch in (batch_size, 1):
     x = jnp.zeros((batch,) + image_shape, model.dtype)

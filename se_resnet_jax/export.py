@@ -25,7 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import se_resnet_jax
-from se_resnet_jax import cli, files, inference
+from se_resnet_jax import cli, compilation, files, inference
 from se_resnet_jax.errors import UserError
 from se_resnet_jax.models import architecture
 
@@ -91,7 +91,7 @@ def compare(outputs: tuple, reference: tuple) -> dict:
 
 def lowering_platforms() -> tuple:
   """The platforms of PLATFORMS the installed jax can lower a convolution network for."""
-  probe = jax.jit(lambda x: jax.lax.conv(x, jnp.ones((1, 1, 1, 1)), (1, 1), 'SAME'))
+  probe = compilation.jit(lambda x: jax.lax.conv(x, jnp.ones((1, 1, 1, 1)), (1, 1), 'SAME'))
   usable = []
   for platform in PLATFORMS:
     try:
@@ -110,10 +110,10 @@ def input_spec() -> jax.ShapeDtypeStruct:
 
 def export_jax(infer: Callable, platforms: tuple) -> tuple:
   """(serialized bytes, runner of those bytes) of a jax.export of `infer`."""
-  exported = jax.export.export(jax.jit(infer), platforms=platforms)(input_spec())
+  exported = jax.export.export(compilation.jit(infer), platforms=platforms)(input_spec())
   data = bytes(exported.serialize())
-  loaded = jax.export.deserialize(bytearray(data))
-  return data, lambda images: jax.device_get(loaded.call(images))
+  run = compilation.jit(jax.export.deserialize(bytearray(data)).call)
+  return data, lambda images: jax.device_get(run(images))
 
 
 @contextlib.contextmanager

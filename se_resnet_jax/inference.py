@@ -18,18 +18,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from flax import traverse_util
 
-from se_resnet_jax import augment, evaluation, input_pipeline
+from se_resnet_jax import augment, compilation, evaluation, input_pipeline
 from se_resnet_jax.checkpoints import CheckpointError
 from se_resnet_jax.models import SEResNet
 
 IMAGE_SHAPE = (32, 32, 3)
-# XLA:CPU hands convolutions to YNNPACK by default; for these eval-mode networks its own (Eigen)
-# convolutions were faster on the CPU of BENCHMARKS.md ("Inference on a CPU"). Compile-time only:
-# the same numbers up to float rounding, checked by the benchmark.
-CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
 @dataclasses.dataclass
@@ -177,19 +172,9 @@ def inference_function(model: SEResNet, variables: dict, mean: Sequence[float],
 
 def compile_inference(infer: Callable[[jax.Array], tuple], batch_size: int,
                       image_shape: tuple = IMAGE_SHAPE):
-  """`infer` compiled for uint8 batches of `batch_size`; on a CPU with CPU_COMPILER_OPTIONS.
-
-  A jax that no longer knows an option compiles with its defaults instead (and says so).
-  """
+  """`infer` compiled, with the library's compile policy, for uint8 batches of `batch_size`."""
   spec = jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.uint8)
-  lowered = jax.jit(infer).lower(spec)
-  if jax.default_backend() != 'cpu':
-    return lowered.compile()
-  try:
-    return lowered.compile(compiler_options=CPU_COMPILER_OPTIONS)
-  except Exception as e:  # noqa: BLE001 - an option this XLA lacks costs speed, not correctness
-    logging.warning('Compiling with XLA defaults: %s', str(e).splitlines()[0][:200])
-    return lowered.compile()
+  return compilation.jit(infer).lower(spec).compile()
 
 
 def reference_outputs(model: SEResNet, variables: dict, mean: Sequence[float],
@@ -197,7 +182,7 @@ def reference_outputs(model: SEResNet, variables: dict, mean: Sequence[float],
                       batch_size: int = 256) -> tuple:
   """The library's own eval-mode (logits, probabilities) in float32, unfolded: the yardstick."""
   model = model.clone(dtype=jnp.float32)
-  run = jax.jit(lambda v, im: eval_logits(
+  run = compilation.jit(lambda v, im: eval_logits(
       lambda x: model.apply(v, x, train=False),
       augment.preprocess_for_eval(im, mean, std, jnp.float32), tta_flip))
   logits = np.concatenate([np.asarray(run(variables, images[i:i + batch_size]))

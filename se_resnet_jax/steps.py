@@ -18,7 +18,7 @@ from clu import metrics
 from flax.training import train_state
 from jax.sharding import NamedSharding
 
-from se_resnet_jax import augment
+from se_resnet_jax import augment, compilation
 from se_resnet_jax.models import SEResNet, compute_dtype
 from se_resnet_jax.sharding import sample_batch
 
@@ -97,11 +97,11 @@ def init_train_state(config: ml_collections.ConfigDict, model: SEResNet,
   On CPU the initialiser is compiled without backend optimisation: its random draws take XLA
   longer to optimise (about 2.5x at full width) than the unoptimised program takes to run once.
   """
-  init = jax.jit(functools.partial(create_train_state, config, model, tx, image_shape),
-                 out_shardings=sharding)
+  init = compilation.jit(functools.partial(create_train_state, config, model, tx, image_shape),
+                         out_shardings=sharding,
+                         cpu_options={'xla_backend_optimization_level': 0})
   rng = jax.random.key(config.seed)
-  options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
-  return init.lower(rng).compile(compiler_options=options)(rng)
+  return init(rng)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
@@ -145,7 +145,7 @@ def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: int, per
   the step number is read from `state.step`, already on the device, so nothing is copied per step.
   """
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
+  @functools.partial(compilation.jit, donate_argnums=(0,))
   def compiled_step(state, train_metrics, images, labels, perm, step_rng):
     x, y = sample_batch(images, labels, perm, state.step % steps_per_epoch, per_device)
     return train_step(state, train_metrics, x, y, jax.random.fold_in(step_rng, state.step),
@@ -157,7 +157,7 @@ def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: int, per
 def make_eval_step(config: ml_collections.ConfigDict, model: SEResNet, mean: tuple, std: tuple):
   """Per-example predictions, top-5 hits and losses, plus masked clu metrics, for one chunk."""
 
-  @jax.jit
+  @compilation.jit
   def eval_step(variables, images, labels, mask):
     x = augment.preprocess_for_eval(images, mean, std, compute_dtype(config))
     logits = model.apply(variables, x, train=False)

@@ -4,6 +4,7 @@ Both stop the loop between steps. A signal lets the loop save a checkpoint first
 before any save, so no checkpoint a resume would trust ever holds NaN.
 """
 
+import functools
 import os
 import signal
 from typing import Any, Optional
@@ -14,6 +15,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from se_resnet_jax import compilation
 from se_resnet_jax.checkpoints import RunCheckpoints
 from se_resnet_jax.errors import DivergedError
 from se_resnet_jax.steps import TrainState
@@ -82,7 +84,11 @@ class Interruption:
       signal.signal(signum, previous)
 
 
-@jax.jit
+@functools.cache
+def _all_finite_program() -> Any:
+  return compilation.jit(_all_finite)
+
+
 def _all_finite(tree: Any) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -97,7 +103,7 @@ def check_finite(loss: float, step: int, ckpts: RunCheckpoints, workdir: str,
   loss and non-finite weights: with `state` the weights are checked too, so no checkpoint (which a
   resume would trust) ever holds NaN.
   """
-  if np.isfinite(loss) and (state is None or bool(_all_finite(
+  if np.isfinite(loss) and (state is None or bool(_all_finite_program()(
       (state.params, state.batch_stats, state.opt_state, state.ema_params)))):
     return
   last = ckpts.latest_intact_step()  # never a step whose checksums were not verified

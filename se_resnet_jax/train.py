@@ -23,17 +23,26 @@ from flax.training.early_stopping import EarlyStopping
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from se_resnet_jax import files, input_pipeline, report, sharding, steps, summary, writers
+from se_resnet_jax import (
+  compilation,
+  files,
+  input_pipeline,
+  report,
+  sharding,
+  steps,
+  summary,
+  writers,
+)
 from se_resnet_jax.checkpoints import RunCheckpoints
 from se_resnet_jax.config import ConfigError, validate_config
 from se_resnet_jax.console import Console, TrainingProgress
 from se_resnet_jax.errors import Preempted
 from se_resnet_jax.evaluation import (
-    abstract_train_state,
-    eval_variables,
-    evaluate,
-    final_report,
-    load_run_config,
+  abstract_train_state,
+  eval_variables,
+  evaluate,
+  final_report,
+  load_run_config,
 )
 from se_resnet_jax.models import architecture, build_model
 from se_resnet_jax.stopping import Interruption, check_finite
@@ -187,9 +196,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
                 if data.validation is not None else None)
   data_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   step_rng = jax.random.fold_in(jax.random.key(config.seed), 2)
-  permutation = jax.jit(functools.partial(sharding.epoch_permutation, num_shards=mesh.size,
-                                          shard_size=train_images.shape[1]),
-                        out_shardings=NamedSharding(mesh, P('data')))
+  permutation = compilation.jit(functools.partial(sharding.epoch_permutation, num_shards=mesh.size,
+                                                  shard_size=train_images.shape[1]),
+                                out_shardings=NamedSharding(mesh, P('data')))
   eval_step = steps.make_eval_step(config, model, data.mean, data.std)
   writer = writer or writers.create_writer(workdir)
   if start_step == 0:

@@ -6,7 +6,9 @@ session, lets the later runs load those programs instead of compiling them again
 that tests start in subprocesses share it through `subprocess_env`.
 """
 
+import ast
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -137,3 +139,40 @@ def make_tiny_config():
     return config
 
   return make
+
+
+def library_function_names() -> set:
+  """Names of every function defined in the library's source, nested ones included: the names JAX
+  gives the programs the library compiles (jit(<name>))."""
+  package = os.path.join(REPO, 'se_resnet_jax')
+  names = set()
+  for root, _, filenames in os.walk(package):
+    for filename in filenames:
+      if filename.endswith('.py'):
+        with open(os.path.join(root, filename)) as f:
+          tree = ast.parse(f.read())
+        names |= {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+  return names
+
+
+def dumped_programs(directory) -> set:
+  """Names of the programs XLA dumped into `directory` (module_NNNN.jit_<name>.*)."""
+  if not os.path.isdir(directory):
+    return set()
+  return {m.group(1) for m in (re.match(r'module_\d+\.jit_(\w+?)\.', n)
+                               for n in os.listdir(directory)) if m}
+
+
+@pytest.fixture
+def policy_dump(tmp_path, monkeypatch):
+  """The compile policy's options plus an HLO dump into a fresh directory, which is returned.
+
+  XLA dumps a program under `xla_dump_to` only when that option is among the program's own compile
+  options, so the directory lists exactly the programs compiled with the policy.
+  """
+  from se_resnet_jax import compilation
+  directory = str(tmp_path / 'xla_dump')
+  backend = jax.default_backend()
+  monkeypatch.setitem(compilation.BACKEND_OPTIONS, backend,
+                      {**compilation.BACKEND_OPTIONS.get(backend, {}), 'xla_dump_to': directory})
+  return directory

@@ -4,13 +4,15 @@ A step that recompiles, fails to donate its state, or copies something from the 
 still trains correctly, only slower (recompiles can cost more than the training itself), so no
 accuracy test would notice. These tests run the library loop on tiny generated data and watch it:
 XLA compilations through jax.monitoring, host-to-device copies through a transfer guard switched
-on between steps, and donation through the state the loop hands to evaluation.
+on between steps, donation through the state the loop hands to evaluation, and the compile policy
+(`se_resnet_jax.compilation`) through an HLO dump that only programs compiled with it write.
 """
 
 import warnings
 
 import jax
 import pytest
+from conftest import dumped_programs, library_function_names
 
 from se_resnet_jax import train, writers
 
@@ -42,8 +44,10 @@ class LoopWatcher:
     self.donation_checked = False
 
   def on_compile(self, event, duration_secs, **kwargs):
-    if event == '/jax/core/compile/backend_compile_duration':  # a compile or a cache load
-      self.compiled.append(kwargs.get('fun_name', '?'))
+    name = kwargs.get('fun_name', '?')
+    # A compile or a cache load; the compile policy checks each option once per process.
+    if event == '/jax/core/compile/backend_compile_duration' and name != 'jit(_option_probe)':
+      self.compiled.append(name)
 
   def hook(self, step, state):
     if self.evaluated_state is not None and step % STEPS_PER_EPOCH == 1:
@@ -74,8 +78,10 @@ def run_watched(config, workdir) -> LoopWatcher:
   return watcher
 
 
-def test_no_recompilation_no_copies_and_donation(config, tmp_path):
-  """One epoch and three epochs (steps, epoch boundaries, evaluations) compile the same programs.
+def test_no_recompilation_no_copies_donation_and_the_compile_policy(config, tmp_path,
+                                                                   policy_dump):
+  """One epoch and three epochs (steps, epoch boundaries, evaluations) compile the same programs,
+  and every program the library defines is compiled with the compile policy.
 
   Counting programs obtained (compiled, or loaded from the persistent cache the test session may
   use) makes the comparison independent of caching: a program that only the longer run needs
@@ -86,5 +92,11 @@ def test_no_recompilation_no_copies_and_donation(config, tmp_path):
   assert sorted(three.compiled) == sorted(one.compiled), (
       f'compiled {len(one.compiled)} programs in 1 epoch but {len(three.compiled)} in 3')
   assert three.guarded_steps == 3 * (STEPS_PER_EPOCH // LOG_EVERY)
+  compiled = {name.removeprefix('jit(').removesuffix(')') for name in one.compiled}
+  assert {'compiled_step', 'eval_step', 'create_train_state', 'epoch_permutation'} <= compiled
+  library_programs = compiled & library_function_names()
+  if jax.default_backend() == 'cpu':  # the backend whose policy sets options
+    assert library_programs <= dumped_programs(policy_dump), (
+        library_programs - dumped_programs(policy_dump))
   assert three.donation_checked
 

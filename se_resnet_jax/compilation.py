@@ -1,0 +1,76 @@
+"""The compile policy: which XLA options every program the library compiles gets, by backend.
+
+XLA:CPU hands convolutions to YNNPACK fusions by default. For these networks XLA's own (Eigen)
+convolutions are faster on the CPUs measured (BENCHMARKS.md, "The compile policy on a CPU"): on an
+AVX2-only CPU the training step runs about 3x faster and needs a third less memory, and inference is
+faster too. The options change how a program is compiled, not what it computes (the same numbers up
+to float rounding, which the PyTorch-parity and export tests bound).
+
+Every `jax.jit` in the library goes through `jit` (train, eval and init steps, the evaluation and
+inference functions, the export's check, the experiments through the training loop), so one table
+decides them all, and a program built elsewhere by a user keeps XLA's defaults. An option this XLA
+does not know is dropped with one warning: it costs speed, never correctness.
+"""
+
+import contextlib
+import functools
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+from absl import logging
+
+# Options per backend (`jax.default_backend()`); a backend not listed compiles with XLA's defaults.
+BACKEND_OPTIONS: dict = {
+    'cpu': {'xla_cpu_experimental_ynn_fusion_type': ''},
+}
+
+
+def _option_probe(x):
+  return x + 1
+
+
+@functools.cache
+def _known(backend: str, name: str, value: Any) -> bool:
+  """Whether this XLA accepts the option `name` (compiling a one-op program with it, once)."""
+  device = jax.devices(backend)[0]
+  spec = jax.ShapeDtypeStruct((), 'float32', sharding=jax.sharding.SingleDeviceSharding(device))
+  try:
+    jax.jit(_option_probe, compiler_options={name: value}).lower(spec).compile()
+  except Exception as e:  # noqa: BLE001 - XLA's error type for an unknown option varies
+    logging.warning('XLA on %s does not take the compile option %s (%s); compiling without it.',
+                    backend, name, str(e).splitlines()[0][:160])
+    return False
+  return True
+
+
+def compiler_options(backend: Optional[str] = None, **extra: Any) -> Optional[dict]:
+  """The policy's options for `backend` (default: JAX's default backend), plus `extra`.
+
+  None when there are none, which is what `jax.jit` takes as "XLA's defaults". Each option is
+  checked against this XLA once per process; the unknown ones are left out with one warning.
+  """
+  backend = backend or jax.default_backend()
+  options = {**BACKEND_OPTIONS.get(backend, {}), **extra}
+  known = {name: value for name, value in options.items() if _known(backend, name, value)}
+  return known or None
+
+
+def jit(fun: Callable, *, cpu_options: Optional[dict] = None, **jit_kwargs: Any) -> Callable:
+  """`jax.jit(fun, **jit_kwargs)` compiled with the policy's options for the default backend.
+
+  `cpu_options` adds options on a CPU only (the initialiser's lower optimisation level).
+  """
+  extra = cpu_options if jax.default_backend() == 'cpu' and cpu_options else {}
+  return jax.jit(fun, compiler_options=compiler_options(**extra), **jit_kwargs)
+
+
+@contextlib.contextmanager
+def xla_defaults() -> Iterator[None]:
+  """Programs built by `jit` within compile with XLA's defaults: the baseline the benchmark times
+  the policy against."""
+  saved = dict(BACKEND_OPTIONS)
+  BACKEND_OPTIONS.clear()
+  try:
+    yield
+  finally:
+    BACKEND_OPTIONS.update(saved)
