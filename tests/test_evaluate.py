@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from se_resnet_jax import evaluate, evaluation, files, input_pipeline
-from se_resnet_jax.checkpoints import CheckpointError, RunCheckpoints
+from se_resnet_jax.checkpoints import CheckpointNotFoundError, RunCheckpoints
 from se_resnet_jax.errors import ConfigError, WorkdirError
 from se_resnet_jax.input_pipeline import DataSettingsChangedError
 from se_resnet_jax.models import architecture
@@ -122,8 +122,13 @@ def test_a_workdir_without_checkpoints_fails_fast_and_stays_empty(tmp_path, run_
   workdir = tmp_path / 'empty'
   os.makedirs(workdir)
   os.replace(os.path.join(run_dir, 'config.json'), workdir / 'config.json')
-  with pytest.raises(CheckpointError, match='No latest checkpoint'):
+  with pytest.raises(CheckpointNotFoundError) as error:
     evaluate.evaluate_checkpoint(str(workdir))
+  assert (error.value.which, error.value.available) == ('best', [])
+  with pytest.raises(CheckpointNotFoundError) as error:
+    evaluate.evaluate_checkpoint(str(workdir), checkpoint='99')
+  assert (error.value.which, error.value.step) == ('99', 99)
+  assert 'latest' not in str(error.value)
   assert sorted(os.listdir(workdir)) == ['config.json', 'run.lock']
 
 
