@@ -440,11 +440,12 @@ class RunCheckpoints:
       return
     try:
       saved = manager.item_metadata(step)['state']
-      fields = sorted(k for k in saved.keys() if hasattr(target, k))
+      wanted = target if isinstance(target, dict) else vars(target)
+      fields = sorted(k for k in saved.keys() if k in wanted)
     except Exception:  # noqa: BLE001 - no readable metadata: the damage is reported instead
       return
     differ = [k for k in fields
-              if _count_leaves(saved[k]) != len(jax.tree.leaves(getattr(target, k)))]
+              if _count_leaves(saved[k]) != len(jax.tree.leaves(wanted[k]))]
     if not differ:
       return
     settings = [STATE_SETTINGS.get(k, k) for k in differ]

@@ -138,6 +138,15 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(reference_run, tmp_pa
     assert resumed[split]['loss'] == reference[split]['loss']
   assert ([row['val_loss'] for row in meta['history']]
           == [row['val_loss'] for row in reference_meta['history']])
+  # The interrupted epoch's training metrics and timing cover all of its steps (issue 20: they
+  # covered only those after the resume), in the report as in the checkpoints.
+  history, reference_history = _read_report(workdir)['history'], _read_report(reference_dir)[
+      'history']
+  for key in ('train_loss', 'train_accuracy', 'learning_rate'):
+    assert [row[key] for row in history] == [row[key] for row in reference_history], key
+  for row in history:
+    assert row['train_images_per_s'] * row['epoch_time_s'] == pytest.approx(
+        STEPS_PER_EPOCH * config.batch_size), row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,3 +290,21 @@ def test_onecycle_schedule():
   assert float(schedule(30)) == pytest.approx(0.1, rel=1e-5)
   assert float(schedule(100)) == pytest.approx(0.1 / 25 / 1e4, rel=1e-3)
   assert float(schedule(15)) < float(schedule(30)) and float(schedule(65)) < float(schedule(30))
+
+
+def test_ctrl_c_during_the_final_evaluation_ends_at_once(make_tiny_config, tmp_path, monkeypatch):
+  """Issue 20 (10): the handler said it would save, saved nothing, evaluated on and exited 0.
+  Training is over by then (every checkpoint saved): the Ctrl-C raises KeyboardInterrupt, which
+  the commands turn into exit 130."""
+  config = make_tiny_config(**{'model.num_filters': 4, 'num_epochs': 1, 'max_steps': 4})
+  original = train.final_report
+
+  def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(train, 'final_report', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'report.json')
+  assert '4' in os.listdir(tmp_path / 'checkpoints')
