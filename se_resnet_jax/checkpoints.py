@@ -239,9 +239,13 @@ class RunCheckpoints:
     """The workdir's run id, recorded in run.json at the start of a run that has none.
 
     A workdir of an older version (checkpoints without run.json) takes the id its oldest step
-    records, if any, so its own steps stay its own.
+    records, if any, so its own steps stay its own. A workdir without any step starts a new run,
+    with a new id, even if an earlier run's run.json is left: reports of that run must not be
+    taken for this one's.
     """
-    if self.run_id is not None:
+    fresh = not self.steps() and (self._legacy_best is None or
+                                  self._legacy_best.latest_step() is None)
+    if self.run_id is not None and not fresh:
       return self.run_id
     if jax.process_index() == 0:
       adopted = None

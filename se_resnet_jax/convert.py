@@ -526,6 +526,7 @@ def import_torch_weights(path: str, config: ml_collections.ConfigDict, workdir: 
     files.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
   checkpoints = RunCheckpoints(workdir)
   try:
+    checkpoints.start_run()  # a new run: its step 0 records the run id
     checkpoints.save(0, state, meta, best=True)
   finally:
     checkpoints.close()

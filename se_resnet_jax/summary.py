@@ -92,9 +92,12 @@ def finished_report(workdir: str, config: ml_collections.ConfigDict,
     return None
   recorded = report.get('data')
   if recorded is None:  # a report of an older version: its config says the data settings
-    recorded = input_pipeline.data_identity(ml_collections.ConfigDict(report['config']))
+    try:
+      recorded = input_pipeline.data_identity(ml_collections.ConfigDict(report['config']))
+    except (KeyError, AttributeError, TypeError):  # too old to tell: the config check decides
+      recorded = None
   current = input_pipeline.data_identity(config)
-  if recorded != current:
+  if recorded is not None and recorded != current:
     if allow_changed_data:
       return None
     differ = sorted(k for k in recorded.keys() | current.keys()
