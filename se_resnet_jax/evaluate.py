@@ -84,7 +84,8 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'bo
   destination = output_dir or os.path.join(workdir, 'evaluation')
   if output_dir is not None:
     files.check_output(output_dir, '--output_dir', directory=True)
-    files.check_output(os.path.join(output_dir, summary.REPORT_JSON), '--output_dir', overwrite)
+    if os.path.isdir(output_dir):  # else it is made for this report
+      files.check_output(os.path.join(output_dir, summary.REPORT_JSON), '--output_dir', overwrite)
   _check_writable(destination)
   if data_dir is not None or npz_path is not None:
     config = config or load_run_config(workdir)

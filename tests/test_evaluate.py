@@ -149,3 +149,19 @@ def test_a_training_run_holding_the_workdir_is_waited_for_unless_the_report_goes
   finally:
     proc.kill()
     proc.wait()
+
+
+def test_an_output_dir_holding_a_report_is_kept_unless_overwrite(run_dir, no_work, tmp_path):
+  """One writer for every path a user names (issue 20): an --output_dir's report is replaced only
+  with --overwrite; a file named as --output_dir is refused; both before any work."""
+  out = tmp_path / 'out'
+  os.makedirs(out)
+  (out / 'report.json').write_text('{"kept": true}')
+  with pytest.raises(files.OutputPathError) as error:
+    evaluate.evaluate_checkpoint(run_dir, output_dir=str(out))
+  assert error.value.reason == 'exists' and error.value.flag == '--output_dir'
+  with pytest.raises(WorkBegan):
+    evaluate.evaluate_checkpoint(run_dir, output_dir=str(out), overwrite=True)
+  with pytest.raises(files.OutputPathError):
+    evaluate.evaluate_checkpoint(run_dir, output_dir=str(out / 'report.json'))
+  assert (out / 'report.json').read_text() == '{"kept": true}'
