@@ -13,8 +13,9 @@ step, moving the unusable ones to `workdir/set_aside/` (nothing is deleted).
 
 Each step carries a JSON `meta` item (epoch, history, early-stopping state, architecture, the run
 id of `workdir/run.json`) so a resumed run continues its curves, refuses weights from a different
-network, and sets aside a step copied in from another run (whose checksums are its own). Runs made before
-this layout kept their best state in a second directory, `workdir/best`; it is still read.
+network, and sets aside a step copied in from another run (whose checksums are its own). Runs
+made before this layout kept their best state in a second directory, `workdir/best`; it is still
+read.
 """
 
 import errno
