@@ -11,9 +11,11 @@ weight, and zeroed blocks can restore as Inf/NaN. So each saved step also gets `
 are finite. A damaged step is reported by name; on resume the run falls back to the newest intact
 step, moving the unusable ones to `workdir/set_aside/` (nothing is deleted).
 
-Each step carries a JSON `meta` item (epoch, history, early-stopping state, architecture) so a
-resumed run continues its curves and refuses weights from a different network. Runs made before
-this layout kept their best state in a second directory, `workdir/best`; it is still read.
+Each step carries a JSON `meta` item (epoch, history, early-stopping state, architecture, the run
+id of `workdir/run.json`) so a resumed run continues its curves, refuses weights from a different
+network, and sets aside a step copied in from another run (whose checksums are its own). Runs
+made before this layout kept their best state in a second directory, `workdir/best`; it is still
+read.
 """
 
 import errno
@@ -32,6 +34,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from se_resnet_jax.errors import UserError
+from se_resnet_jax.workdir import read_run_id, write_run_id
 
 CHECKSUMS = 'checksums.json'
 SET_ASIDE = 'set_aside'
@@ -48,6 +51,51 @@ class DamagedCheckpointError(CheckpointError):
   def __init__(self, where: str, step: int, reason: str):
     super().__init__(f'Checkpoint {where} is damaged: {reason}.')
     self.where, self.step, self.reason = where, step, reason
+
+
+class ForeignCheckpointError(DamagedCheckpointError):
+  """A step recorded by another run (copied in, its checksums its own): never used as this run's.
+
+  `run_id` is the id the step records, `expected` the workdir's.
+  """
+
+  def __init__(self, where: str, step: int, run_id: str, expected: str):
+    super().__init__(where, step, f'it belongs to another run (run id {run_id}; this run is '
+                                  f'{expected})')
+    self.run_id, self.expected = run_id, expected
+
+
+class CheckpointNotFoundError(CheckpointError):
+  """The checkpoint asked for ('best', 'latest' or a step: `which`, `step`) is not there."""
+
+  def __init__(self, message: str, which: str, step: Optional[int], available: list):
+    super().__init__(message)
+    self.which, self.step, self.available = which, step, available
+
+
+class CheckpointSettingsError(CheckpointError):
+  """The step is intact but holds another training state than the config makes: `fields` are the
+  differing parts of the state, `settings` the config fields that decide them."""
+
+  def __init__(self, message: str, fields: list, settings: list):
+    super().__init__(message)
+    self.fields, self.settings = fields, settings
+
+
+# The parts of a TrainState whose presence or shape a config setting decides (beyond the network,
+# which `architecture` checks): named in the message instead of a tree-structure mismatch.
+STATE_SETTINGS = {'ema_params': 'ema_decay (an EMA of the weights kept or not)',
+                  'opt_state': 'the optimizer settings (momentum, nesterov, weight decay)'}
+
+
+def _count_leaves(node: Any) -> int:
+  if node is None:
+    return 0
+  if hasattr(node, 'keys'):
+    return sum(_count_leaves(node[k]) for k in node.keys())
+  if isinstance(node, (list, tuple)):
+    return sum(_count_leaves(v) for v in node)
+  return 1
 
 
 def _manager(directory: str, keep: Optional[int]):
@@ -187,6 +235,43 @@ class RunCheckpoints:
     self._legacy_best = _manager(legacy, None) if os.path.isdir(legacy) else None
     self._read_only = read_only
     self._verified = {}  # (directory, step) -> None (intact), reason (damaged) or 'unverified'
+    self.run_id = read_run_id(workdir)  # None: no run.json (a run made before run ids)
+
+  def start_run(self) -> str:
+    """The workdir's run id, recorded in run.json at the start of a run that has none.
+
+    A workdir of an older version (checkpoints without run.json) takes the id its oldest step
+    records, if any, so its own steps stay its own. A workdir without any step starts a new run,
+    with a new id, even if an earlier run's run.json is left: reports of that run must not be
+    taken for this one's.
+    """
+    fresh = not self.steps() and (self._legacy_best is None or
+                                  self._legacy_best.latest_step() is None)
+    if self.run_id is not None and not fresh:
+      return self.run_id
+    if jax.process_index() == 0:
+      adopted = None
+      for step in self.steps():
+        meta = self._read_meta(self._manager, step)
+        if meta is not None and meta.get('run_id'):
+          adopted = meta['run_id']
+          break
+      os.makedirs(self.workdir, exist_ok=True)
+      write_run_id(self.workdir, adopted)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('se_resnet_jax: run id written')
+    self.run_id = read_run_id(self.workdir)
+    return self.run_id
+
+  def _read_meta(self, manager, step: int) -> Optional[dict]:
+    try:
+      return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception:  # noqa: BLE001 - a damaged step: the restore that needs it reports it
+      return None
+
+  def _foreign(self, meta: dict) -> bool:
+    recorded = meta.get('run_id')
+    return bool(self.run_id and recorded and recorded != self.run_id)
 
   # Where the steps are.
 
@@ -217,11 +302,9 @@ class RunCheckpoints:
     moves anything.
     """
     for step in reversed(self.steps()):
-      try:
-        return self._manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))['meta']
-      except Exception:  # noqa: BLE001 - a damaged step: resume() reports it
-        continue
+      meta = self._read_meta(self._manager, step)
+      if meta is not None and not self._foreign(meta):  # else resume() reports it
+        return meta
     return None
 
   def _step_dir(self, manager, step) -> str:
@@ -264,6 +347,8 @@ class RunCheckpoints:
     """
     if self._read_only:
       raise ValueError('RunCheckpoints(read_only=True) cannot save.')
+    if self.run_id is not None:
+      meta = {**meta, 'run_id': self.run_id}
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     best_value = meta.get('best_val_accuracy')
     metrics = {BEST_METRIC: float(best_value)} if best and best_value is not None else None
@@ -326,11 +411,14 @@ class RunCheckpoints:
     Raises DamagedCheckpointError when the files fail their checksums, cannot be read, or the
     state holds NaN/Inf; CheckpointError for a missing step or another network.
     """
-    manager, step = self._locate(which, step)
-    if step is None or step not in manager.all_steps():
-      raise CheckpointError(f'No {which} checkpoint{"" if step is None else f" at step {step}"} in '
-                            f'{manager.directory} (have steps {list(manager.all_steps())}).')
-    return self._restore(manager, step, target, architecture)
+    manager, step_found = self._locate(which, step)
+    available = list(manager.all_steps())
+    if step_found is None or step_found not in available:
+      what = f'checkpoint at step {step}' if step is not None else f'{which} checkpoint'
+      have = f'it has steps {available}' if available else 'it has no checkpoints'
+      raise CheckpointNotFoundError(f'No {what} in {manager.directory}: {have}.', which, step,
+                                    available)
+    return self._restore(manager, step_found, target, architecture)
 
   def _restore(self, manager, step: int, target: Any, architecture: Optional[dict]):
     meta = self._check_readable(manager, step, architecture)
@@ -339,6 +427,7 @@ class RunCheckpoints:
       state = manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
     except Exception as e:  # noqa: BLE001 - any read failure means the same to the user
+      self._check_state_settings(manager, step, target)
       raise DamagedCheckpointError(where, step,
                                    f'it could not be restored ({_reason(e)})') from None
     bad = nonfinite_leaves(state)
@@ -346,6 +435,31 @@ class RunCheckpoints:
       raise DamagedCheckpointError(where, step, f'{bad[0]} holds NaN/Inf' +
                                    (f' (and {len(bad) - 1} more arrays)' if bad[1:] else ''))
     return state, meta
+
+  def _check_state_settings(self, manager, step: int, target: Any) -> None:
+    """Raises CheckpointSettingsError when the saved state's parts differ from `target`'s.
+
+    An intact step of this run restored under a changed setting (ema_decay turned on or off)
+    fails as a tree mismatch; that must name the setting, not call the checkpoint unusable.
+    """
+    if target is None:
+      return
+    try:
+      saved = manager.item_metadata(step)['state']
+      wanted = target if isinstance(target, dict) else vars(target)
+      fields = sorted(k for k in saved.keys() if k in wanted)
+    except Exception:  # noqa: BLE001 - no readable metadata: the damage is reported instead
+      return
+    differ = [k for k in fields
+              if _count_leaves(saved[k]) != len(jax.tree.leaves(wanted[k]))]
+    if not differ:
+      return
+    settings = [STATE_SETTINGS.get(k, k) for k in differ]
+    raise CheckpointSettingsError(
+        f'Checkpoint {self._where(manager, step)} is intact but was made with other settings: '
+        f'{", ".join(settings)} changed (the saved {", ".join(differ)} differ from what this '
+        'config makes). Use the values the run was made with, or a new --workdir.',
+        differ, settings)
 
   def _check_readable(self, manager, step: int, architecture: Optional[dict]) -> dict:
     """The step's meta, once its checksums pass and it is the config's network."""
@@ -360,6 +474,8 @@ class RunCheckpoints:
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     except Exception as e:  # noqa: BLE001
       raise DamagedCheckpointError(where, step, f'its meta is unreadable ({_reason(e)})') from None
+    if self._foreign(meta):
+      raise ForeignCheckpointError(where, step, meta['run_id'], self.run_id)
     if architecture is not None and meta.get('architecture') != architecture:
       raise CheckpointError(
           f'Checkpoint {where} holds a different network ({meta.get("architecture")}) than the '

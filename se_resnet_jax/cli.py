@@ -167,7 +167,7 @@ def run(argv: Sequence[str], command: Callable[[], Any]) -> Any:
       sys.exit(e.exit_code)
     return None
   except USER_ERRORS as e:
-    logging.error('%s: %s', type(e).__name__, e)
+    logging.debug('%s: %s', type(e).__name__, e)  # the type, for -v 1; the user reads one line
     sys.exit(f'error: {e}')
   except KeyboardInterrupt:
     print('error: interrupted (Ctrl-C).', file=sys.stderr)

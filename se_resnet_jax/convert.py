@@ -426,6 +426,19 @@ def flax_to_torch(variables: Mapping[str, Any], model: models.SEResNet) -> 'Orde
 # Files.
 
 
+class NotATorchFileError(ConversionError):
+  """A weights file that is no PyTorch file at all (random or damaged bytes); `path`, `reason`.
+
+  Told apart from a whole pickled model: advising --trust_pickle for damaged bytes would invite
+  running code from a file nobody can vouch for.
+  """
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f'{path} is not a PyTorch weights file ({reason}): give a file written by '
+                     'torch.save (a state_dict) or a .safetensors file.')
+    self.path, self.reason = path, reason
+
+
 def load_torch_file(path: str, trust_pickle: bool = False) -> 'OrderedDict':
   """The state dict in a .pth/.pt or .safetensors file, unwrapped from whatever holds it.
 
@@ -441,14 +454,23 @@ def load_torch_file(path: str, trust_pickle: bool = False) -> 'OrderedDict':
   import pickle
 
   import torch
+  with open(path, 'rb') as f:
+    head = f.read(4)
+  if not (head.startswith(b'PK\x03\x04') or head[:1] == b'\x80'):  # torch.save's zip, or pickle
+    raise NotATorchFileError(path, 'it is neither a zip archive (torch.save) nor a pickle')
   try:
     obj = torch.load(path, map_location='cpu', weights_only=not trust_pickle)
   except pickle.UnpicklingError as e:
+    if trust_pickle or 'Unsupported global' not in str(e):  # damaged bytes, not a whole model
+      raise NotATorchFileError(path, str(e).splitlines()[-1][:200]) from None
     raise ConversionError(
         f'{path} holds pickled Python objects beyond tensors (a whole model, for one), which only '
         'loading with code execution can read. If you trust the file\'s source, pass '
         'trust_pickle=True (--trust_pickle on the command line); or save model.state_dict() '
         f'instead. ({str(e).splitlines()[0][:200]})') from None
+  except (RuntimeError, EOFError, ValueError, OSError) as e:  # a damaged zip or truncated pickle
+    raise NotATorchFileError(path, f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'
+                             ) from None
   return unwrap_state_dict(obj, path)
 
 
@@ -504,31 +526,43 @@ def import_torch_weights(path: str, config: ml_collections.ConfigDict, workdir: 
     files.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
   checkpoints = RunCheckpoints(workdir)
   try:
+    checkpoints.start_run()  # a new run: its step 0 records the run id
     checkpoints.save(0, state, meta, best=True)
   finally:
     checkpoints.close()
   return report
 
 
-def export_torch_weights(workdir: str, path: str, checkpoint: str = 'best') -> str:
+def export_torch_weights(workdir: str, path: str, checkpoint: str = 'best',
+                         overwrite: bool = False) -> str:
   """Writes the weights of a run's checkpoint as a PyTorch state dict (.pth/.pt: torch.save;
-  .safetensors) for `se_resnet_jax.torch_models`; returns the call that builds that model."""
+  .safetensors) for `se_resnet_jax.torch_models`; returns the call that builds that model.
+
+  The file names the weights it holds: the run id and step, in the safetensors metadata or as
+  the `se_resnet_jax` attribute of the saved state dict. An existing `path` is refused unless
+  `overwrite`, before anything is restored.
+  """
+  import io
+
   import torch
   from safetensors.torch import save as safetensors_bytes
 
   if not path.endswith(('.pth', '.pt', '.safetensors')):
     raise ConversionError(f'--to_torch={path}: name the file .pth, .pt or .safetensors.')
-  if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-    raise ConversionError(f'--to_torch={path}: the directory {os.path.dirname(path)!r} does not '
-                          'exist.')
+  files.check_output(path, '--to_torch', overwrite)
   run = restore_run(workdir, checkpoint)
   state_dict = flax_to_torch(run.variables, run.model)
+  weights = {'run_id': run.run_id or '', 'step': str(run.step), 'checkpoint': checkpoint,
+             'library': 'se_resnet_jax'}
   if jax.process_index() == 0:
-    with files.atomic_open(path, 'wb') as f:
-      if path.endswith('.safetensors'):
-        f.write(safetensors_bytes(state_dict))
-      else:
-        torch.save(state_dict, f)
+    if path.endswith('.safetensors'):
+      data = safetensors_bytes(state_dict, metadata=weights)
+    else:
+      state_dict.se_resnet_jax = weights  # pickled with the dict; load_state_dict ignores it
+      buffer = io.BytesIO()
+      torch.save(state_dict, buffer)
+      data = buffer.getvalue()
+    files.write_output(path, data, '--to_torch', overwrite)
   model = run.model
   options = [f'num_classes={model.num_classes}', f'num_filters={model.num_filters}']
   if models.has_se(run.config.model.name):
@@ -548,6 +582,7 @@ def define_flags() -> None:
                       '.safetensors) of a checkpoint of the run in --workdir.')
   flags.DEFINE_string('workdir', None, 'The run directory to write (--from_torch) or read.')
   flags.DEFINE_string('checkpoint', 'best', "With --to_torch: 'best', 'latest' or a step number.")
+  flags.DEFINE_bool('overwrite', False, 'With --to_torch: replace the file if it exists.')
   flags.DEFINE_bool('trust_pickle', False, 'Read a .pth holding a whole pickled model: this runs '
                     'code from the file, so only for files from a source you trust.')
   config_flags.DEFINE_config_file('config', None, 'With --from_torch: the config the weights fit '
@@ -570,7 +605,8 @@ def main(argv):
       print(f'Wrote the weights as step 0 of a run in {FLAGS.workdir}. Report on them with:\n'
             f'  python -m se_resnet_jax.evaluate --workdir={FLAGS.workdir}')
     else:
-      constructor = export_torch_weights(FLAGS.workdir, FLAGS.to_torch, FLAGS.checkpoint)
+      constructor = export_torch_weights(FLAGS.workdir, FLAGS.to_torch, FLAGS.checkpoint,
+                                         FLAGS.overwrite)
       read = ('safetensors.torch.load_file' if FLAGS.to_torch.endswith('.safetensors')
               else 'torch.load')
       print(f'Wrote {FLAGS.to_torch}. Load it with:\n'

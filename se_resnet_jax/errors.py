@@ -22,11 +22,11 @@ class DivergedError(UserError, FloatingPointError):
 
 
 class Preempted(Exception):
-  """The run stopped on SIGTERM or SIGINT with its progress saved; rerunning the command resumes.
+  """The run stopped on SIGTERM, SIGHUP or SIGINT with its progress saved; rerunning resumes.
 
   `saved` is False when the signal came before the first step of this (re)start: there was nothing
-  new to save. The command exits with `exit_code`: 0 for SIGTERM (a preemption is no failure), 130
-  for SIGINT (Ctrl-C), as shells report an interrupted command.
+  new to save. The command exits with `exit_code`: 0 for SIGTERM and SIGHUP (a preemption or a
+  closed terminal is no failure), 130 for SIGINT (Ctrl-C), as shells report an interrupted command.
   """
 
   def __init__(self, step: int, workdir: str, signal_name: str = 'SIGTERM', saved: bool = True):

@@ -6,8 +6,9 @@ The run's config is read from `workdir/config.json` (written when training start
 is given; it names where the training read its data (absolute paths, $TFDS_DATA_DIR filled in), so
 no environment needs repeating. --data_dir or --npz_path point at the data where it has moved.
 The report goes to `workdir/evaluation/<checkpoint>-<step>/` so the training report stays.
-Writing into the workdir takes its lock (a run training there makes this wait its turn); with
---output_dir elsewhere the workdir is only read.
+Writing into the workdir takes its lock (while a run trains there, this is refused, with the advice
+to pass --output_dir outside it); with --output_dir elsewhere the workdir is only read. An
+--output_dir that already holds a report is refused unless --overwrite.
 """
 
 import contextlib
@@ -21,7 +22,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from se_resnet_jax import cli, input_pipeline, report, summary
+from se_resnet_jax import cli, files, input_pipeline, report, summary
 from se_resnet_jax.console import Console
 from se_resnet_jax.errors import ConfigError, WorkdirError
 from se_resnet_jax.evaluation import final_report, load_run_config, restore_run
@@ -69,7 +70,7 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'bo
                         config: Optional[ml_collections.ConfigDict] = None,
                         tta_flip: Optional[bool] = None,
                         allow_changed_data: bool = False, data_dir: Optional[str] = None,
-                        npz_path: Optional[str] = None) -> dict:
+                        npz_path: Optional[str] = None, overwrite: bool = False) -> dict:
   """Writes report.json/.md and the pictures for one checkpoint; returns the report (and where).
 
   `config` defaults to the run's own (workdir/config.json); `tta_flip` overrides its setting, and
@@ -81,6 +82,10 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'bo
   if not os.path.isdir(workdir):
     raise WorkdirError(f'Workdir {workdir!r} does not exist.')
   destination = output_dir or os.path.join(workdir, 'evaluation')
+  if output_dir is not None:
+    files.check_output(output_dir, '--output_dir', directory=True)
+    if os.path.isdir(output_dir):  # else it is made for this report
+      files.check_output(os.path.join(output_dir, summary.REPORT_JSON), '--output_dir', overwrite)
   _check_writable(destination)
   if data_dir is not None or npz_path is not None:
     config = config or load_run_config(workdir)
@@ -101,9 +106,11 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'bo
     eval_step = make_eval_step(config, run.model, data.mean, data.std)
     result = final_report(config, data, run.model, run.variables, run.step, run.meta, eval_step,
                           data_mesh(), None, splits)
-    result['checkpoint'] = {'which': checkpoint, 'step': run.step, 'epoch': run.meta['epoch']}
-    result['weights'] = {'epoch': run.meta['epoch'], 'step': run.step,
+    result['checkpoint'] = {'which': checkpoint, 'step': run.step, 'epoch': run.meta['epoch'],
+                            'run_id': run.run_id}
+    result['weights'] = {'epoch': run.meta['epoch'], 'step': run.step, 'run_id': run.run_id,
                          'chosen_by': f'checkpoint {checkpoint!r} of {workdir}'}
+    result['run_id'] = run.run_id
     output_dir = output_dir or os.path.join(destination, f'{checkpoint}-{run.step}')
     if jax.process_index() == 0:
       report.write_report(output_dir, result, run.meta.get('history', []))
@@ -117,6 +124,7 @@ def define_flags() -> None:
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest', or a step number.")
   flags.DEFINE_enum('split', 'both', ['validation', 'test', 'both'], 'Which split(s) to evaluate.')
   flags.DEFINE_string('output_dir', None, 'Where to write the report (default under the workdir).')
+  flags.DEFINE_bool('overwrite', False, 'Replace the report an --output_dir already holds.')
   flags.DEFINE_bool('tta_flip', None, 'Override the run config: average with the flipped image.')
   flags.DEFINE_bool('allow_changed_data', False, 'Evaluate even when the config\'s data settings '
                     '(dataset, split, batch size) differ from those the checkpoint was made with.')
@@ -133,7 +141,7 @@ def main(argv):
   def command():
     result = evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.split, FLAGS.output_dir,
                                  FLAGS.config, FLAGS.tta_flip, FLAGS.allow_changed_data,
-                                 FLAGS.data_dir, FLAGS.npz_path)
+                                 FLAGS.data_dir, FLAGS.npz_path, FLAGS.overwrite)
     if jax.process_index() == 0:
       print(summary.closing_summary(result['output_dir'], result))
 

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from se_resnet_jax import compilation, input_pipeline, report
-from se_resnet_jax.checkpoints import CheckpointError, RunCheckpoints
+from se_resnet_jax.checkpoints import CheckpointError, CheckpointNotFoundError, RunCheckpoints
 from se_resnet_jax.config import DATASETS, base_config, validate_config
 from se_resnet_jax.errors import ConfigError
 from se_resnet_jax.models import SEResNet, architecture, build_model
@@ -173,6 +173,7 @@ class RestoredRun:
   variables: dict  # the evaluated weights: see eval_variables
   step: int
   meta: dict  # the run's record at that step: epoch, best_epoch, history, ...
+  run_id: Optional[str] = None  # the run the step belongs to (None: made before run ids)
 
 
 def restore_run(workdir: str, which: str = 'best',
@@ -198,6 +199,11 @@ def restore_run(workdir: str, which: str = 'best',
   target = abstract_train_state(config, num_classes, NamedSharding(data_mesh(), P()))
   ckpts = RunCheckpoints(workdir, read_only=True)
   try:
+    if not ckpts.steps() and ckpts.latest_step('best') is None:
+      raise CheckpointNotFoundError(
+          f'No checkpoints in {os.path.join(workdir, "checkpoints")} (asked for checkpoint '
+          f'{which!r}): the run saved none yet; train it first.', which,
+          int(which) if which.isdigit() else None, [])
     manager, step = (which, None) if not which.isdigit() else ('latest', int(which))
     if which == 'best' and ckpts.latest_step('best') is None:
       manager = 'latest'
@@ -212,4 +218,4 @@ def restore_run(workdir: str, which: str = 'best',
     input_pipeline.check_same_data(recorded, input_pipeline.data_identity(config),
                                    f'Checkpoint step {int(state.step)} in {workdir}')
   return RestoredRun(config, build_model(config, num_classes), eval_variables(state),
-                     int(state.step), meta)
+                     int(state.step), meta, ckpts.run_id or meta.get('run_id'))

@@ -52,15 +52,8 @@ def sidecar_path(out: str) -> str:
 
 def check_destination(out: str, overwrite: bool) -> None:
   """Refuses, before any compute, an --out that exists (unless overwriting) or cannot be written."""
-  for path in (out, sidecar_path(out)):
-    if os.path.exists(path) and not overwrite:
-      raise ExportError(f'{path} already exists; pass --overwrite to replace it, or choose '
-                        'another --out.')
-  directory = os.path.dirname(os.path.abspath(out))
-  if not os.path.isdir(directory):
-    raise ExportError(f'Directory {directory} of --out does not exist; create it first.')
-  if not os.access(directory, os.W_OK):
-    raise ExportError(f'Cannot write to {directory}: choose a writable --out.')
+  files.check_output(out, '--out', overwrite)
+  files.check_output(sidecar_path(out), '--out', overwrite)
 
 
 def check_images(run: inference.RunModel, count: int = CHECK_IMAGES) -> tuple:
@@ -183,6 +176,11 @@ def model_card(run: inference.RunModel, fmt: str, out: str, check: dict) -> dict
       'dataset': run.config.dataset,
       'checkpoint': run.checkpoint,
       'test_accuracy': run.test_accuracy,
+      'test_accuracy_source': (
+          f'{run.test_accuracy_source} of the run (it names these weights)'
+          if run.test_accuracy_source else
+          f'none: no report of step {run.checkpoint["step"]}; `python -m '
+          f'se_resnet_jax.evaluate --checkpoint={run.checkpoint["step"]}` measures it'),
       'class_names': list(run.class_names),
       'input': {'name': 'images', 'dtype': 'uint8', 'shape': [None, *inference.IMAGE_SHAPE],
                 'layout': 'NHWC', 'channels': 'RGB', 'range': [0, 255]},
@@ -230,8 +228,8 @@ def export_run(workdir: str, fmt: str, out: str, checkpoint: str = 'best',
         f'{result["max_abs_diff_probabilities"]:.3g} (allowed {PROBABILITIES_ATOL:g}). Nothing '
         'was written.')
   card = {**model_card(run, fmt, out, check), **extra}
-  with files.atomic_open(out, 'wb') as f:
-    f.write(data)
+  check_destination(out, overwrite)  # again: the file may have appeared while this computed
+  files.write_output(out, data, '--out', overwrite)
   files.write_json_atomic(sidecar_path(out), card)
   logging.info('Wrote %s (%d bytes) and %s', out, len(data), sidecar_path(out))
   return card
@@ -255,10 +253,12 @@ def main(argv):
                       FLAGS.config)
     check = card['check']
     accuracy = card['test_accuracy']
+    run_id = card['checkpoint'].get('run_id')
     print(f'Wrote {FLAGS.out} ({card["format"]}) and {sidecar_path(FLAGS.out)}: '
           f'{card["model"]["name"]}, {len(card["class_names"])} classes, checkpoint '
-          f'{card["checkpoint"]["which"]} (step {card["checkpoint"]["step"]}), test accuracy '
-          f'{"n/a" if accuracy is None else f"{accuracy:.4f}"}.')
+          f'{card["checkpoint"]["which"]} (step {card["checkpoint"]["step"]}'
+          f'{f", run {run_id}" if run_id else ""}), test accuracy '
+          f'{"not measured for these weights" if accuracy is None else f"{accuracy:.4f}"}.')
     print(f'Checked on {check["images"]} {check["source"]} images against the library: max '
           f'|logits diff| {check["max_abs_diff_logits"]:.2g} (allowed '
           f'{check["tolerance_logits"]:.2g}), max |probabilities diff| '

@@ -16,6 +16,64 @@ from typing import IO, Any, Iterator, Mapping, Sequence
 import numpy as np
 from absl import logging
 
+from se_resnet_jax.errors import UserError
+
+
+class OutputPathError(UserError):
+  """A path the user named for output that cannot be written; nothing was computed or written.
+
+  `path` is the path as given, `flag` the option that named it (e.g. '--csv') and `reason` one of
+  'exists', 'no_directory', 'not_writable', 'is_directory'.
+  """
+
+  def __init__(self, message: str, path: str, flag: str, reason: str):
+    super().__init__(message)
+    self.path, self.flag, self.reason = path, flag, reason
+
+
+def check_output(path: str, flag: str, overwrite: bool = False, *,
+                 directory: bool = False) -> None:
+  """Refuses, before any compute, an output path a user named that could not be written.
+
+  Every command that writes where a user says (`--out`, `--to_torch`, `--csv`, `--output_dir`)
+  calls this first, so a missing folder or a typo costs nothing and an existing file is never
+  replaced unless `overwrite`. With `directory`, `path` is a folder to be (created and) filled: an
+  existing one is fine, an existing file is not.
+  """
+  full = os.path.abspath(path)
+  if directory:
+    if os.path.exists(full) and not os.path.isdir(full):
+      raise OutputPathError(f'{flag}={path} is a file, not a directory: choose another {flag}.',
+                            path, flag, 'exists')
+    existing = full
+    while not os.path.exists(existing):
+      existing = os.path.dirname(existing)
+  else:
+    if os.path.isdir(full):
+      raise OutputPathError(f'{flag}={path} is a directory; name a file.', path, flag,
+                            'is_directory')
+    if os.path.lexists(full) and not overwrite:
+      raise OutputPathError(f'{path} already exists; pass --overwrite to replace it, or choose '
+                            f'another {flag}.', path, flag, 'exists')
+    existing = os.path.dirname(full)
+    if not os.path.isdir(existing):
+      raise OutputPathError(f'{flag}={path}: its directory {os.path.dirname(path) or "."!r} does '
+                            'not exist; create it first.', path, flag, 'no_directory')
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise OutputPathError(f'{flag}={path}: cannot write to {existing!r}; choose a writable '
+                          f'{flag}.', path, flag, 'not_writable')
+
+
+def write_output(path: str, data: Any, flag: str, overwrite: bool = False) -> None:
+  """Writes `data` (bytes or str) to a path a user named: checked again, then atomically.
+
+  Checked again because the computation between `check_output` and this write may have taken
+  minutes, in which time the file may have appeared.
+  """
+  check_output(path, flag, overwrite)
+  with atomic_open(path, 'wb' if isinstance(data, (bytes, bytearray)) else 'w') as f:
+    f.write(data)
+
 
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = 'w') -> Iterator[IO[Any]]:

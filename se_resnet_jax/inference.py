@@ -9,6 +9,7 @@ equality check measures, and it removes per-channel arithmetic from every layer.
 """
 
 import dataclasses
+import glob
 import json
 import os
 from typing import Callable, Optional, Sequence
@@ -36,17 +37,38 @@ class RunModel:
   mean: tuple
   std: tuple
   class_names: Sequence[str]
-  checkpoint: dict  # {'which', 'step'}
+  checkpoint: dict  # {'which', 'step', 'run_id'}
   test_images: np.ndarray  # the run's test split, uint8 NHWC
-  test_accuracy: Optional[float]  # from the run's report.json
+  test_accuracy: Optional[float]  # from a report of these very weights (None: none names them)
+  test_accuracy_source: Optional[str] = None  # that report's path in the workdir
 
 
-def _report_test_accuracy(workdir: str) -> Optional[float]:
-  try:
-    with open(os.path.join(workdir, 'report.json')) as f:
-      return float(json.load(f)['test']['accuracy'])
-  except (OSError, ValueError, KeyError, TypeError):  # no report yet, or one without a test split
-    return None
+def _report_step(report: dict) -> Optional[int]:
+  weights = report.get('weights') or {}
+  step = weights.get('step', report.get('step'))
+  return int(step) if isinstance(step, (int, float)) else None
+
+
+def report_test_accuracy(workdir: str, step: int, run_id: Optional[str]) -> tuple:
+  """(test accuracy, its report's path in `workdir`) of these very weights, or (None, None).
+
+  Only a report that names the same step of the same run counts (the training report, or an
+  `evaluate` report under workdir/evaluation/): the best checkpoint's accuracy is no figure for
+  an earlier step's weights.
+  """
+  candidates = [os.path.join(workdir, 'report.json')]
+  candidates += sorted(glob.glob(os.path.join(workdir, 'evaluation', '*', 'report.json')))
+  for path in candidates:
+    try:
+      with open(path) as f:
+        report = json.load(f)
+      accuracy = float(report['test']['accuracy'])
+    except (OSError, ValueError, KeyError, TypeError):  # no report, or one without a test split
+      continue
+    run = report.get('run_id') or (report.get('weights') or {}).get('run_id')
+    if _report_step(report) == step and run == run_id:
+      return accuracy, os.path.relpath(path, workdir)
+  return None, None
 
 
 def restore_run(workdir: str, checkpoint: str = 'best',
@@ -63,10 +85,12 @@ def restore_run(workdir: str, checkpoint: str = 'best',
                           'pass the --workdir of a training run.')
   run = evaluation.restore_run(workdir, checkpoint, config)
   data = input_pipeline.load_dataset(run.config)
+  accuracy, source = report_test_accuracy(workdir, run.step, run.run_id)
   return RunModel(config=run.config, model=run.model, variables=jax.device_get(run.variables),
                   mean=tuple(data.mean), std=tuple(data.std), class_names=list(data.class_names),
-                  checkpoint={'which': checkpoint, 'step': run.step},
-                  test_images=data.test.images, test_accuracy=_report_test_accuracy(workdir))
+                  checkpoint={'which': checkpoint, 'step': run.step, 'run_id': run.run_id},
+                  test_images=data.test.images, test_accuracy=accuracy,
+                  test_accuracy_source=source)
 
 
 def _batch_norm_inputs(model: nn.Module, variables: dict, image_shape: tuple) -> dict:

@@ -40,6 +40,18 @@ class InvalidDataError(UserError, ValueError):
   """Arrays that would train silently wrong; the message names the source, the array and the fix."""
 
 
+class ClassCountError(InvalidDataError):
+  """A `classes` array naming another number of classes than the dataset (or the labels) have.
+
+  `names` is the count the array gives, `expected` the count of `source` ('dataset cifar10', or
+  the labels).
+  """
+
+  def __init__(self, message: str, names: int, expected: int, source: str):
+    super().__init__(message)
+    self.names, self.expected, self.source = names, expected, source
+
+
 class DataSettingsChangedError(UserError, ValueError):
   """A run resumed or evaluated with settings that pick other images than it was made with."""
 
@@ -317,6 +329,13 @@ def _npz_splits(config: ml_collections.ConfigDict):
                              f'{str(e)[:120]}); the file is truncated or damaged: {how}') from None
   if 'classes' in arrays:
     names = tuple(str(n) for n in np.atleast_1d(arrays['classes']))
+    expected = _npz_num_classes(config)
+    dataset = config.dataset + (f' ({config.label_key})' if config.dataset == 'cifar100' else '')
+    if len(names) != expected:  # it would size the classifier and average metrics over it
+      raise ClassCountError(
+          f'{path}: the classes array names {len(names)} classes, but dataset {dataset} has '
+          f'{expected}: give {expected} names, or set --config.dataset to the data\'s.',
+          len(names), expected, f'dataset {config.dataset}')
   elif config.dataset == 'cifar10':
     names = CIFAR10_CLASSES
   else:

@@ -11,14 +11,15 @@ CSV, --csv or ./predictions.csv.
 """
 
 import csv
+import io
 import json
 import os
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from absl import app, flags
 
-from se_resnet_jax import cli
+from se_resnet_jax import cli, files
 from se_resnet_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -32,15 +33,53 @@ class PredictError(UserError):
   """Input the command cannot use; the message says what to give instead."""
 
 
+def to_rgb8(image: Any) -> Any:
+  """`image` as the 8-bit RGB picture it shows (alpha dropped), or PredictError for a mode without
+  an agreed 8-bit scale.
+
+  PIL's convert('RGB') clips wide integer modes to 255 (a 16-bit grey picture becomes white), so
+  16-bit values are scaled by 255/65535 instead. 'I' (32-bit integers, what PIL makes of some
+  16-bit files) is read as 16-bit when every value fits; float pixels ('F') have no agreed range.
+  """
+  from PIL import Image
+
+  mode = image.mode
+  if mode == 'RGB':
+    return image
+  if mode.startswith('I;16') or mode == 'I':
+    values = np.asarray(image).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+      raise PredictError(f'mode {mode!r} image with values in [{values.min()}, {values.max()}], '
+                         'beyond 16 bits: no 8-bit scale for it; save it as an 8-bit PNG/JPEG')
+    grey = np.round(values * (255 / 65535)).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1), 'RGB')
+  if mode == 'F':
+    raise PredictError("mode 'F' image (32-bit float pixels) has no agreed 8-bit scale; save it "
+                       'as an 8-bit PNG/JPEG')
+  if mode in ('LA', 'La', 'PA', 'RGBa') or (mode == 'P' and 'transparency' in image.info):
+    image = image.convert('RGBA')  # via RGBA, so every palette entry and grey level maps as shown
+  try:
+    return image.convert('RGB')
+  except (ValueError, OSError) as e:
+    raise PredictError(f'mode {mode!r} cannot be converted to RGB ({e}); save it as an 8-bit '
+                       'RGB PNG/JPEG') from None
+
+
 def load_image(path: str, size: int = 32) -> np.ndarray:
-  """uint8 (size, size, 3): centre square crop, then PIL bicubic resize."""
+  """uint8 (size, size, 3): the 8-bit RGB picture (`to_rgb8`), centre square crop, PIL bicubic."""
   from PIL import Image, UnidentifiedImageError
 
   try:
     with Image.open(path) as image:
-      image = image.convert('RGB')
+      image.load()
+      image = to_rgb8(image)
   except FileNotFoundError:
     raise PredictError(f'Image {path} does not exist.') from None
+  except PredictError as e:
+    raise PredictError(f'Image {path}: {e}.') from None
+  except Image.DecompressionBombError as e:
+    raise PredictError(f'Image {path} is too large to read safely ({e}); give a smaller image.'
+                       ) from None
   except (UnidentifiedImageError, OSError, ValueError) as e:
     reason = str(e).split(' (')[0] if str(e) else type(e).__name__
     raise PredictError(f'Cannot read image {path} ({reason}): give PNG or JPEG files, or '
@@ -79,6 +118,16 @@ def _sidecar_class_names(path: str):
       return list(json.load(f)['class_names'])
   except (OSError, ValueError, KeyError, TypeError):
     return None
+
+
+def exported_weights(path: str) -> dict:
+  """{'run_id', 'step'} of the weights an export holds, from its model card (empty without one)."""
+  try:
+    with open(path + '.json') as f:
+      checkpoint = json.load(f)['checkpoint']
+    return {'run_id': checkpoint.get('run_id'), 'step': checkpoint.get('step')}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return {}
 
 
 def _check_signature(path: str, inputs: Sequence[tuple], num_outputs: int) -> None:
@@ -150,14 +199,17 @@ def load_exported(path: str) -> tuple:
 
 
 def load_run(workdir: str, checkpoint: str, config) -> tuple:
-  """(predict function, class names, description) of a training run's checkpoint."""
+  """(predict function, class names, description, {'run_id', 'step'}) of a run's checkpoint."""
   from se_resnet_jax import inference
 
   run = inference.restore_run(workdir, checkpoint, config)
   infer = inference.inference_function(run.model, run.variables, run.mean, run.std,
                                        tta_flip=bool(run.config.tta_flip))
+  run_id = run.checkpoint.get('run_id')
   return (compiled_per_batch(infer), list(run.class_names),
-          f'{workdir} ({checkpoint} checkpoint, step {run.checkpoint["step"]})')
+          f'{workdir} ({checkpoint} checkpoint, step {run.checkpoint["step"]}'
+          f'{f", run {run_id}" if run_id else ""})',
+          {'run_id': run_id, 'step': run.checkpoint['step']})
 
 
 def predict_probabilities(predict: Callable, images: np.ndarray) -> np.ndarray:
@@ -177,16 +229,21 @@ def top_k(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list
   return [[(class_names[i], float(p[i])) for i in row] for row, p in zip(order, probabilities)]
 
 
-def write_csv(path: str, image_paths: Sequence[str], ranked: list) -> None:
-  from se_resnet_jax import files
-
+def write_csv(path: str, image_paths: Sequence[str], ranked: list, weights: Optional[dict] = None,
+              overwrite: bool = False) -> None:
+  """The ranked classes per image; the last two columns name the weights (run id, step)."""
+  weights = weights or {}
   k = len(ranked[0])
-  header = ['image'] + [f'{what}_{r}' for r in range(1, k + 1) for what in ('class', 'probability')]
-  with files.atomic_open(path, 'w') as f:
-    writer = csv.writer(f)
-    writer.writerow(header)
-    for image, row in zip(image_paths, ranked):
-      writer.writerow([image] + [v for name, p in row for v in (name, f'{p:.6f}')])
+  ranks = [f'{what}_{r}' for r in range(1, k + 1) for what in ('class', 'probability')]
+  header = ['image'] + ranks + ['run_id', 'step']
+  out = io.StringIO()
+  writer = csv.writer(out)
+  writer.writerow(header)
+  for image, row in zip(image_paths, ranked):
+    writer.writerow([image] + [v for name, p in row for v in (name, f'{p:.6f}')]
+                    + [weights.get('run_id') or '', '' if weights.get('step') is None
+                       else weights['step']])
+  files.write_output(path, out.getvalue(), '--csv', overwrite)
 
 
 def define_flags() -> None:
@@ -215,18 +272,18 @@ def main(argv):
       raise PredictError('Give one or more images (PNG/JPEG) or folders of them after the flags.')
     paths, from_folder = expand_inputs(inputs)
     csv_path = FLAGS.csv or ('predictions.csv' if from_folder else None)
-    if csv_path and os.path.exists(csv_path) and not FLAGS.overwrite:
-      raise PredictError(f'{csv_path} already exists; pass --overwrite to replace it, or choose '
-                         'another --csv.')
+    if csv_path:
+      files.check_output(csv_path, '--csv', FLAGS.overwrite)  # before any compute
     images = np.stack([load_image(p) for p in paths])  # every image is read before any compute
     if FLAGS.model:
       predict, names, source = load_exported(FLAGS.model)
+      weights = exported_weights(FLAGS.model)
     else:
-      predict, names, source = load_run(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config)
+      predict, names, source, weights = load_run(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config)
     ranked = top_k(predict_probabilities(predict, images), names, min(FLAGS.top_k, len(names)))
     print(f'Model: {source}. Images: {RESIZE}.')
     if csv_path:
-      write_csv(csv_path, paths, ranked)
+      write_csv(csv_path, paths, ranked, weights, FLAGS.overwrite)
       print(f'Wrote the top {len(ranked[0])} classes of {len(paths)} images to {csv_path}.')
     if not from_folder:
       for path, row in zip(paths, ranked):

@@ -351,8 +351,9 @@ def write_markdown(report: Mapping[str, Any], path: str,
     lines.append(_epochs_line(report))
   if 'weights' in report:
     weights = report['weights']
-    lines.append(f"- Weights reported: epoch {weights['epoch']} (step {weights['step']:,}), "
-                 f"{weights['chosen_by']}")
+    run_id = weights.get('run_id') or report.get('run_id')
+    lines.append(f"- Weights reported: epoch {weights['epoch']} (step {weights['step']:,}"
+                 f"{f', run {run_id}' if run_id else ''}), {weights['chosen_by']}")
   if 'device' in report:
     device = report['device']
     lines.append(f"- Device: {device.get('count', '?')} x {device.get('kind', '?')} "

@@ -22,7 +22,9 @@ from se_resnet_jax.steps import TrainState
 
 
 class Interruption:
-  """Remembers a SIGTERM (preemption) or SIGINT (Ctrl-C): the loop saves and exits between steps.
+  """Remembers a SIGTERM (preemption), SIGHUP (a closed terminal or ssh session) or SIGINT (Ctrl-C):
+  the loop saves and exits between steps. Once training is over (`disarm`) the previous handlers
+  are back, so a Ctrl-C during the final evaluation ends the command at once (exit 130).
 
   Installed before anything is compiled: a Ctrl-C then never lands inside XLA's compiler (which
   used to crash the process), it stops the run at the next step instead. After the first Ctrl-C
@@ -43,6 +45,7 @@ class Interruption:
     handlers = {signal.SIGINT: self._on_sigint}
     if not self._multiprocess:
       handlers[signal.SIGTERM] = self._on_sigterm
+      handlers[signal.SIGHUP] = self._on_sigterm
     for signum, handler in handlers.items():
       try:
         self._previous[signum] = signal.signal(signum, handler)
@@ -51,7 +54,7 @@ class Interruption:
     return self
 
   def _on_sigterm(self, signum, frame):
-    self.signal_name = self.signal_name or 'SIGTERM'
+    self.signal_name = self.signal_name or (signal.Signals(signum).name if signum else 'SIGTERM')
 
   def _on_sigint(self, signum, frame):
     self.signal_name = 'SIGINT'
@@ -79,9 +82,14 @@ class Interruption:
         return synced
     return self.signal_name is not None
 
-  def __exit__(self, *exc):
+  def disarm(self) -> None:
+    """Puts the previous handlers back: from now on nothing is saved on a signal."""
     for signum, previous in self._previous.items():
       signal.signal(signum, previous)
+    self._previous = {}
+
+  def __exit__(self, *exc):
+    self.disarm()
 
 
 @functools.cache

@@ -10,10 +10,14 @@ compiled and evaluated again.
 import glob
 import json
 import os
+import shlex
 from typing import Optional
 
 import ml_collections
+from absl import logging
 from flax import traverse_util
+
+from se_resnet_jax.errors import UserError
 
 REPORT_JSON = 'report.json'
 PICTURES = ('curves.png', 'confusion_matrix.png', 'per_class_accuracy.png')
@@ -35,20 +39,100 @@ def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list:
                 if k not in RERUN_NEUTRAL_FIELDS and saved.get(k) != current.get(k))
 
 
+class FinishedRunError(UserError):
+  """A finished run's report cannot answer for this command: `reason` is 'data' (other data
+  settings than the report's) or 'checkpoints' (the weights it reports on are gone)."""
+
+  def __init__(self, message: str, reason: str):
+    super().__init__(message)
+    self.reason = reason
+
+
 def read_report(workdir: str) -> Optional[dict]:
+  """The workdir's report.json; None when there is none, or it is damaged (with a warning).
+
+  A report truncated or emptied (a full disk, a kill during a copy) is no answer: the run is then
+  evaluated again from its checkpoints, which rewrites it.
+  """
   path = os.path.join(workdir, REPORT_JSON)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      report = json.load(f)
+  except (OSError, ValueError) as e:
+    logging.warning('%s is unreadable (%s): treating the run as unreported; its checkpoints are '
+                    'evaluated again.', path, str(e).splitlines()[0][:100] or type(e).__name__)
+    return None
+  return report if isinstance(report, dict) else None
 
 
-def finished_report(workdir: str, config: ml_collections.ConfigDict) -> Optional[dict]:
-  """The report of the finished run in `workdir` if `config` asks for that very run, else None."""
+def _report_weights_present(workdir: str, report: dict) -> bool:
+  """Whether the checkpoint step the report's numbers are of is still in the workdir."""
+  step = (report.get('weights') or {}).get('step', report.get('step'))
+  if step is None:
+    return True  # a report of an older version: nothing to look for
+  return any(os.path.isdir(os.path.join(workdir, directory, str(step)))
+             for directory in ('checkpoints', 'best'))
+
+
+def finished_report(workdir: str, config: ml_collections.ConfigDict,
+                    allow_changed_data: bool = False) -> Optional[dict]:
+  """The report of the finished run in `workdir` if `config` asks for that very run, else None.
+
+  The very run means the same config (but for RERUN_NEUTRAL_FIELDS), the same data settings
+  (`input_pipeline.data_identity`: an npz_path moved elsewhere may hold other arrays), and the
+  report's weights still on disk. Other data settings are refused (FinishedRunError) unless
+  `allow_changed_data`, which evaluates the run's checkpoints again on the data given.
+  """
+  from se_resnet_jax import input_pipeline
+
   report = read_report(workdir)
   if report is None or 'config' not in report or config_differences(report['config'], config):
     return None
+  recorded = report.get('data')
+  if recorded is None:  # a report of an older version: its config says the data settings
+    try:
+      recorded = input_pipeline.data_identity(ml_collections.ConfigDict(report['config']))
+    except (KeyError, AttributeError, TypeError):  # too old to tell: the config check decides
+      recorded = None
+  current = input_pipeline.data_identity(config)
+  if recorded is not None and recorded != current:
+    if allow_changed_data:
+      return None
+    differ = sorted(k for k in recorded.keys() | current.keys()
+                    if recorded.get(k) != current.get(k))
+    shown = ', '.join(f'{k}: {recorded.get(k)!r} there, {current.get(k)!r} now' for k in differ)
+    raise FinishedRunError(
+        f'{workdir} holds a finished run made with other data settings ({shown}); its report '
+        'does not answer for these data. Use the settings it was made with, pass '
+        '--allow_changed_data to evaluate its weights on these data, or use a new --workdir.',
+        'data')
+  if not _report_weights_present(workdir, report):
+    weights = report.get('weights') or {}
+    raise FinishedRunError(
+        f'{workdir} holds a finished run whose {REPORT_JSON} reports on step '
+        f'{weights.get("step", report.get("step"))}, but that checkpoint is no longer in '
+        f'{os.path.join(workdir, "checkpoints")}: its numbers cannot be tied to weights. Put the '
+        f'checkpoints back, or move {REPORT_JSON} aside to evaluate what is left, or use a new '
+        '--workdir.', 'checkpoints')
   return report
+
+
+def ensure_markdown(workdir: str, report: dict) -> None:
+  """Rewrites report.md from report.json when it is missing (a kill between the two writes):
+  the summary points at it."""
+  from se_resnet_jax import report as report_lib
+
+  path = os.path.join(workdir, 'report.md')
+  if os.path.exists(path):
+    return
+  captions = {'curves.png': 'Learning curves', 'confusion_matrix.png': 'Confusion matrix',
+              'per_class_accuracy.png': 'Per-class accuracy'}
+  report_lib.write_markdown(report, path, figures={
+      caption: name for name, caption in captions.items()
+      if os.path.exists(os.path.join(workdir, name))})
+  logging.warning('%s was missing: rewrote it from %s.', path, REPORT_JSON)
 
 
 def finished_message(workdir: str, report: dict) -> str:
@@ -80,8 +164,9 @@ def weights_line(report: dict) -> str:
   weights = report.get('weights')
   if weights is None:
     return f'epoch {report.get("best_epoch") or report.get("epochs_completed")}'
-  return (f'epoch {weights["epoch"]} of {report.get("epochs_completed")}, step {weights["step"]} '
-          f'({weights["chosen_by"]})')
+  run_id = weights.get('run_id') or report.get('run_id')
+  return (f'epoch {weights["epoch"]} of {report.get("epochs_completed")}, step {weights["step"]}'
+          f'{f" of run {run_id}" if run_id else ""} ({weights["chosen_by"]})')
 
 
 def closing_summary(workdir: str, report: dict) -> str:
@@ -106,5 +191,5 @@ def closing_summary(workdir: str, report: dict) -> str:
                f'{os.path.join(workdir, REPORT_JSON)})')
   lines.append(f'  pictures     {", ".join(pictures) if pictures else "none (install matplotlib)"}')
   if glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
-    lines.append(f'  TensorBoard  tensorboard --logdir {workdir}')
+    lines.append(f'  TensorBoard  tensorboard --logdir {shlex.quote(workdir)}')
   return '\n'.join(lines)

@@ -122,8 +122,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   validate_config(config, jax.device_count())
   prepare_workdir(workdir)
   console = console or Console()
-  finished = summary.finished_report(workdir, config)
+  finished = summary.finished_report(workdir, config, allow_changed_data)
   if finished is not None:
+    if jax.process_index() == 0:
+      summary.ensure_markdown(workdir, finished)
     console.say(summary.finished_message(workdir, finished))
     return finished
   with workdir_lock(workdir, jax.process_index()), Interruption() as interruption:
@@ -167,6 +169,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
   progress = Progress(architecture(config, data.num_classes), input_pipeline.data_identity(config),
                       early_stopping=_early_stopping(config.early_stopping))
   ckpts = RunCheckpoints(workdir, config.keep_checkpoints)
+  run_id = ckpts.start_run()  # before reading any step: a step of another run is set aside
   recorded = _recorded_data(ckpts, workdir)
   try:
     input_pipeline.check_same_data(recorded, progress.data, f'The run in {workdir}')
@@ -187,6 +190,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
     progress = Progress.from_meta(meta, config)
     console.say(f'Resumed from {workdir} at step {int(state.step)} (epoch {progress.epoch}).')
   start_step = int(state.step)
+  if start_step > total_steps:
+    raise ConfigError(
+        f'The run in {workdir} has trained {start_step} steps (epoch {progress.epoch}), more than '
+        f'this config plans ({total_steps} steps: num_epochs={config.num_epochs}'
+        f'{f", max_steps={config.max_steps}" if config.max_steps > 0 else ""}); a run cannot be '
+        'shortened. Rerun with the num_epochs (and max_steps) it was trained with to read its '
+        'result, or use a new --workdir.')
   if jax.process_index() == 0:  # only once the checkpoints are known to fit this config
     files.write_json_atomic(os.path.join(workdir, 'config.json'),
                             input_pipeline.with_data_location(config).to_dict())
@@ -207,11 +217,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
   compile_start = time.perf_counter()
   empty_metrics = jax.device_put(steps.Metrics.empty(), replicated)
   train_step = steps.make_train_step(config, steps_per_epoch, per_device, data.mean, data.std)
+  trains = start_step < total_steps and progress.stopped_epoch is None  # else: evaluate only
   step_fn = train_step.lower(state, empty_metrics, train_images, train_labels,
-                             permutation(data_rng, 0), step_rng).compile()
-  compile_s = time.perf_counter() - compile_start
-  console.say(f'Compiled the train step in {compile_s:.1f}s; {steps_per_epoch} steps/epoch, '
-              f'{mesh.size} devices, global batch {config.batch_size}.')
+                             permutation(data_rng, 0), step_rng).compile() if trains else None
+  compile_s = time.perf_counter() - compile_start if trains else None
+  if trains:
+    console.say(f'Compiled the train step in {compile_s:.1f}s; {steps_per_epoch} steps/epoch, '
+                f'{mesh.size} devices, global batch {config.batch_size}.')
   if interruption.before_training():  # a signal while data loaded or the step compiled
     raise Preempted(start_step, workdir, interruption.signal_name, saved=False)
   display = TrainingProgress(console, total_steps, steps_per_epoch, config.num_epochs,
@@ -219,6 +231,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
 
   epoch_metrics, perm_epoch, perm = empty_metrics, None, None
   epoch_start, epoch_first_step = time.perf_counter(), start_step
+  partial = (meta or {}).get('epoch_partial')  # a save mid-epoch: that epoch's running sums
+  if partial and partial.get('step') == start_step:
+    epoch_metrics = _metrics_from_meta(partial['metrics'], empty_metrics, replicated)
+    epoch_start -= partial['elapsed_s']
+    epoch_first_step = partial['first_step']
   step = start_step
   while step < total_steps and progress.stopped_epoch is None:
     epoch = step // steps_per_epoch
@@ -258,7 +275,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
     elif preempted:
       check_finite(epoch_metrics.scalars()['loss'], step, ckpts, workdir, state)
     if save or preempted:
-      ckpts.save(step, state, progress.to_meta(monitor), best=best)
+      step_meta = progress.to_meta(monitor)
+      if not end_of_epoch:  # so a resumed epoch's train metrics and timing cover all its steps
+        step_meta['epoch_partial'] = {
+            'step': step, 'first_step': epoch_first_step,
+            'elapsed_s': time.perf_counter() - epoch_start,
+            'metrics': [np.asarray(x).item() for x in jax.tree.leaves(epoch_metrics)]}
+      ckpts.save(step, state, step_meta, best=best)
     if end_of_epoch:  # after the save, so the next progress line times training alone
       display.epoch(row, best)
       if progress.stopped_epoch is not None:
@@ -269,11 +292,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
       ckpts.close()
       raise Preempted(step, workdir, interruption.signal_name)
   writer.flush()
+  interruption.disarm()  # from here a signal ends the command at once: there is nothing to save
 
-  final, weights = state, {'epoch': progress.epoch, 'step': step, 'chosen_by': 'the last epoch'}
+  final, weights = state, {'epoch': progress.epoch, 'step': step, 'run_id': run_id,
+                           'chosen_by': 'the last epoch'}
   if val_chunks is not None and ckpts.latest_step('best') is not None:
     final, best_meta = ckpts.restore(state, which='best', architecture=progress.architecture)
-    weights = {'epoch': best_meta['epoch'], 'step': int(final.step),
+    weights = {'epoch': best_meta['epoch'], 'step': int(final.step), 'run_id': run_id,
                'chosen_by': 'the best validation accuracy'}
   ckpts.close()
   splits = ('validation', 'test') if config.evaluate_test else ('validation',)
@@ -283,6 +308,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
   result = final_report(config, data, model, eval_variables(final), int(final.step),
                         progress.to_meta(monitor), eval_step, mesh, compile_s, splits)
   result['weights'] = weights
+  result['run_id'] = run_id
+  result['data'] = progress.data  # what a rerun must ask for to be answered from this report
   result['training'] = {'steps': step, 'steps_per_epoch': steps_per_epoch,
                         'planned_steps': steps_per_epoch * config.num_epochs}
   if jax.process_index() == 0:
@@ -292,6 +319,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
                                          for k in ('accuracy', 'loss')})
   writer.close()
   return result
+
+
+def _metrics_from_meta(values: list, empty: Any, sharding: Any) -> Any:
+  """The running train metrics a checkpoint recorded, as the loop's Metrics (same dtypes)."""
+  leaves, treedef = jax.tree.flatten(empty)
+  return jax.device_put(jax.tree.unflatten(treedef, [
+      np.asarray(v, np.asarray(leaf).dtype) for v, leaf in zip(values, leaves)]), sharding)
 
 
 def _validate(config: ml_collections.ConfigDict, progress: Progress, row: dict,

@@ -249,3 +249,57 @@ def test_a_full_disk_at_the_first_save_says_what_the_arrays_take(tmp_path, monke
                      r'in the .* free in .*checkpoints \(its arrays alone take 64\.5 KB; orbax '
                      r'adds metadata\)\. .*then rerun the same command\. '):
     ckpts.save(1, _state(1), _meta(1))
+
+
+def test_a_step_copied_from_another_run_is_set_aside_like_a_damaged_one(tmp_path, warnings):
+  """Issue 20 (13): its own checksums pass, so it used to be resumed from without notice."""
+  runs = {}
+  for name, steps in (('ours', (1, 2)), ('theirs', (1, 2, 3))):
+    ckpts = RunCheckpoints(str(tmp_path / name))
+    runs[name] = ckpts.start_run()
+    for step in steps:
+      ckpts.save(step, _state(step), _meta(step))
+    ckpts.close()
+  assert runs['ours'] != runs['theirs']
+  os.replace(tmp_path / 'theirs' / 'checkpoints' / '3', tmp_path / 'ours' / 'checkpoints' / '3')
+
+  ckpts = RunCheckpoints(str(tmp_path / 'ours'))
+  with pytest.raises(checkpoints.ForeignCheckpointError) as error:  # evaluate would refuse it
+    ckpts.restore(None)
+  assert (error.value.step, error.value.run_id, error.value.expected) == (
+      3, runs['theirs'], runs['ours'])
+  state, meta = ckpts.resume(None, ARCH)
+  assert meta['epoch'] == 2 and meta['run_id'] == runs['ours'] and ckpts.steps() == [1, 2]
+  assert os.path.isdir(tmp_path / 'ours' / 'set_aside' / 'checkpoints-3')
+  assert any('checkpoints/3 is unusable (it belongs to another run' in w for w in warnings())
+
+
+def test_a_run_made_before_run_ids_keeps_its_steps(tmp_path):
+  _run(tmp_path, steps=(1, 2))  # no run.json, no run id in the steps
+  ckpts = RunCheckpoints(str(tmp_path))
+  run_id = ckpts.start_run()
+  assert run_id and ckpts.resume(None, ARCH)[1]['epoch'] == 2
+
+
+def test_changing_ema_decay_on_resume_names_the_setting_and_keeps_the_checkpoint(
+    tmp_path, make_tiny_config):
+  """Issue 20 (9): it said 'No usable checkpoint ... move checkpoints aside to start over'."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import SingleDeviceSharding
+
+  from se_resnet_jax import evaluation
+
+  def target(ema_decay):
+    config = make_tiny_config(**{'model.num_filters': 4, 'ema_decay': ema_decay})
+    return evaluation.abstract_train_state(config, 10, SingleDeviceSharding(jax.devices()[0]))
+
+  with_ema = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), target(0.99))
+  ckpts = RunCheckpoints(str(tmp_path))
+  ckpts.save(16, with_ema, _meta(1))
+  ckpts.close()
+  ckpts = RunCheckpoints(str(tmp_path))
+  with pytest.raises(checkpoints.CheckpointSettingsError) as error:
+    ckpts.resume(target(0.0), ARCH)
+  assert error.value.fields == ['ema_params'] and 'ema_decay' in error.value.settings[0]
+  assert ckpts.steps() == [16] and not (tmp_path / 'set_aside').exists()

@@ -384,3 +384,13 @@ def test_file_formats(tmp_path, seresnet18_state_dict):
     convert.load_torch_file(str(tmp_path / 'other.pth'), trust_pickle=True)
   with pytest.raises(convert.ConversionError, match='No PyTorch weights file'):
     convert.load_torch_file(str(tmp_path / 'absent.pth'))
+
+  # Random or damaged bytes are no pickled model: no advice to run code from them (issue 20).
+  (tmp_path / 'random.pth').write_bytes(np.random.RandomState(0).bytes(4096))
+  (tmp_path / 'cut.pth').write_bytes((tmp_path / 'plain.pth').read_bytes()[:3000])
+  for name in ('random.pth', 'cut.pth'):
+    for trust in (False, True):
+      with pytest.raises(convert.NotATorchFileError) as error:
+        convert.load_torch_file(str(tmp_path / name), trust_pickle=trust)
+      assert error.value.path == str(tmp_path / name)
+      assert 'trust_pickle' not in str(error.value), str(error.value)

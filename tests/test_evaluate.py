@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from se_resnet_jax import evaluate, evaluation, files, input_pipeline
-from se_resnet_jax.checkpoints import CheckpointError, RunCheckpoints
+from se_resnet_jax.checkpoints import CheckpointNotFoundError, RunCheckpoints
 from se_resnet_jax.errors import ConfigError, WorkdirError
 from se_resnet_jax.input_pipeline import DataSettingsChangedError
 from se_resnet_jax.models import architecture
@@ -122,8 +122,13 @@ def test_a_workdir_without_checkpoints_fails_fast_and_stays_empty(tmp_path, run_
   workdir = tmp_path / 'empty'
   os.makedirs(workdir)
   os.replace(os.path.join(run_dir, 'config.json'), workdir / 'config.json')
-  with pytest.raises(CheckpointError, match='No latest checkpoint'):
+  with pytest.raises(CheckpointNotFoundError) as error:
     evaluate.evaluate_checkpoint(str(workdir))
+  assert (error.value.which, error.value.available) == ('best', [])
+  with pytest.raises(CheckpointNotFoundError) as error:
+    evaluate.evaluate_checkpoint(str(workdir), checkpoint='99')
+  assert (error.value.which, error.value.step) == ('99', 99)
+  assert 'latest' not in str(error.value)
   assert sorted(os.listdir(workdir)) == ['config.json', 'run.lock']
 
 
@@ -144,3 +149,19 @@ def test_a_training_run_holding_the_workdir_is_waited_for_unless_the_report_goes
   finally:
     proc.kill()
     proc.wait()
+
+
+def test_an_output_dir_holding_a_report_is_kept_unless_overwrite(run_dir, no_work, tmp_path):
+  """One writer for every path a user names (issue 20): an --output_dir's report is replaced only
+  with --overwrite; a file named as --output_dir is refused; both before any work."""
+  out = tmp_path / 'out'
+  os.makedirs(out)
+  (out / 'report.json').write_text('{"kept": true}')
+  with pytest.raises(files.OutputPathError) as error:
+    evaluate.evaluate_checkpoint(run_dir, output_dir=str(out))
+  assert error.value.reason == 'exists' and error.value.flag == '--output_dir'
+  with pytest.raises(WorkBegan):
+    evaluate.evaluate_checkpoint(run_dir, output_dir=str(out), overwrite=True)
+  with pytest.raises(files.OutputPathError):
+    evaluate.evaluate_checkpoint(run_dir, output_dir=str(out / 'report.json'))
+  assert (out / 'report.json').read_text() == '{"kept": true}'

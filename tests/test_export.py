@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -171,3 +172,52 @@ def test_a_workdir_without_checkpoints_is_one_line(tmp_path):
                                      f'--out={tmp_path / "m.jax"}'))
   assert 'holds no checkpoints' in error
   assert os.listdir(tmp_path) == []  # nothing created in it either
+
+
+def test_a_card_states_an_accuracy_only_for_the_weights_it_holds(tiny_run, tmp_path):  # noqa: F811
+  """Issue 20 (2): a card of an early step copied the best step's test accuracy from report.json.
+  Here the report names another step of the run than the checkpoint exported."""
+  with open(os.path.join(tiny_run, 'report.json')) as f:
+    report = json.load(f)
+  run = inference.restore_run(tiny_run, 'best')
+  assert run.test_accuracy == report['test']['accuracy'] and run.checkpoint['run_id']
+  assert run.test_accuracy_source == 'report.json'
+
+  workdir = tmp_path / 'run'
+  shutil.copytree(tiny_run, workdir)
+  report['weights']['step'] = report['step'] = 99  # a report of another step
+  with open(workdir / 'report.json', 'w') as f:
+    json.dump(report, f)
+  run = inference.restore_run(str(workdir), 'best')
+  card = export.model_card(run, 'jax', str(tmp_path / 'm.jax'), {})
+  assert card['test_accuracy'] is None and card['test_accuracy_source'].startswith('none')
+  assert card['checkpoint'] == {'which': 'best', 'step': run.checkpoint['step'],
+                                'run_id': run.checkpoint['run_id']}
+
+
+def test_convert_to_torch_refuses_an_existing_file_and_names_the_weights(tiny_run,  # noqa: F811
+                                                                          tmp_path):
+  """Issue 20 (3): --to_torch replaced any file (a notes file became a state dict, exit 0)."""
+  import torch
+  from safetensors import safe_open
+
+  from se_resnet_jax import convert, files, workdir
+
+  notes = tmp_path / 'notes.pth'
+  notes.write_text('my notes')
+  with pytest.raises(files.OutputPathError) as error:
+    convert.export_torch_weights(tiny_run, str(notes))
+  assert (error.value.reason, error.value.flag) == ('exists', '--to_torch')
+  assert notes.read_text() == 'my notes'
+  with pytest.raises(files.OutputPathError) as error:
+    convert.export_torch_weights(tiny_run, str(tmp_path / 'missing' / 'w.pth'))
+  assert error.value.reason == 'no_directory'
+
+  run_id = workdir.read_run_id(tiny_run)
+  step = inference.restore_run(tiny_run).checkpoint['step']
+  convert.export_torch_weights(tiny_run, str(notes), overwrite=True)
+  assert torch.load(notes, weights_only=True).se_resnet_jax == {
+      'run_id': run_id, 'step': str(step), 'checkpoint': 'best', 'library': 'se_resnet_jax'}
+  convert.export_torch_weights(tiny_run, str(tmp_path / 'w.safetensors'))
+  with safe_open(str(tmp_path / 'w.safetensors'), 'pt') as f:
+    assert (f.metadata()['run_id'], f.metadata()['step']) == (run_id, str(step))

@@ -277,3 +277,22 @@ def test_changed_data_settings_are_named():
                      r'64 now, validation_seed: 0 there, 7 now\)\. .*--allow_changed_data'):
     input_pipeline.check_same_data(recorded, dict(recorded, batch_size=64, validation_seed=7),
                                    'The run')
+
+
+@pytest.mark.parametrize('dataset, label_key, count, expected', [
+    ('cifar10', 'label', 15, 10), ('cifar10', 'label', 9, 10),
+    ('cifar100', 'coarse_label', 100, 20),
+])
+def test_a_classes_array_of_another_count_than_the_dataset_is_refused(tmp_path, dataset,
+                                                                      label_key, count, expected):
+  """Issue 20 (12): 15 names with cifar10 built a 15-output network and averaged the macro
+  metrics over 5 empty classes."""
+  path = tmp_path / 'named.npz'
+  np.savez(path, classes=np.array([f'c{i}' for i in range(count)]), **_arrays())
+  config = _config(dataset=dataset, npz_path=str(path), validation_size=0, label_key=label_key)
+  with pytest.raises(input_pipeline.ClassCountError) as error:
+    input_pipeline.load_dataset(config)
+  assert (error.value.names, error.value.expected) == (count, expected)
+  assert dataset in str(error.value)
+  np.savez(path, classes=np.array([f'c{i}' for i in range(expected)]), **_arrays())
+  assert input_pipeline.load_dataset(config).num_classes == expected

@@ -1,6 +1,7 @@
 """The predict command on PNG and JPEG files of any size, with either export or a run."""
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -82,6 +83,10 @@ def test_a_folder_goes_to_a_csv(files, tiny_run, tmp_path):  # noqa: F811
     assert row['class_1'] == f'class_{np.argmax(probabilities)}'
     assert float(row['probability_1']) >= float(row['probability_2'])
     np.testing.assert_allclose(float(row['probability_1']), probabilities.max(), atol=2e-5)
+  with open(files / 'model.onnx.json') as f:  # each row names the weights (issue 20)
+    checkpoint = json.load(f)['checkpoint']
+  assert checkpoint['run_id'] and {(r['run_id'], r['step']) for r in rows} == {
+      (checkpoint['run_id'], str(checkpoint['step']))}
   error = one_line_error(run_command('predict', f'--model={files / "model.onnx"}',
                                      str(files / 'images'), cwd=str(tmp_path)))
   assert 'predictions.csv already exists; pass --overwrite' in error
@@ -100,3 +105,71 @@ def test_bad_input_is_one_line(files, tmp_path):
   error = one_line_error(run_command('predict', f'--workdir={tmp_path}',
                                      str(files / 'images' / 'wide.png')))
   assert 'holds no checkpoints' in error
+
+
+def _picture() -> np.ndarray:
+  """A 24x40 RGB picture with every channel varying, and a grey level of it."""
+  rs = np.random.RandomState(1)
+  return rs.randint(0, 256, (24, 40, 3), np.uint8)
+
+
+@pytest.mark.parametrize('mode', ['1', 'L', 'LA', 'P', 'PA', 'RGBA', 'CMYK', 'I;16', 'I', 'F'])
+def test_every_pil_mode_becomes_its_8bit_rgb_picture_or_is_refused(mode, tmp_path):
+  """Issue 20 (1): PIL's convert('RGB') clipped 16-bit grey to 255, a white picture."""
+  rgb = Image.fromarray(_picture(), 'RGB')
+  grey8 = np.asarray(rgb.convert('L'))
+  if mode in ('I;16', 'I'):  # the same grey in 16 bits: every level times 257
+    wide = grey8.astype(np.uint16 if mode == 'I;16' else np.int32) * 257
+    image = Image.fromarray(wide, mode if mode == 'I' else None)
+    if mode == 'I;16':
+      assert image.mode == 'I;16'
+    expected = Image.fromarray(grey8, 'L').convert('RGB')
+  elif mode == 'F':
+    image = Image.fromarray(grey8.astype(np.float32), 'F')
+    with pytest.raises(predict.PredictError, match="'F'"):
+      predict.to_rgb8(image)
+    return
+  elif mode in ('1', 'L', 'CMYK', 'RGBA'):
+    image = rgb.convert(mode)
+    expected = image.convert('RGB')  # PIL's own conversion is right for 8-bit modes
+  elif mode == 'LA':
+    image = Image.merge('LA', (Image.fromarray(grey8, 'L'), Image.new('L', rgb.size, 7)))
+    expected = Image.fromarray(grey8, 'L').convert('RGB')  # alpha dropped
+  elif mode == 'P':
+    image = rgb.quantize(64)
+    expected = image.convert('RGB')
+  else:  # PA: a palette picture with its own alpha
+    palette = rgb.quantize(64)
+    image = palette.copy()
+    image.putalpha(Image.new('L', rgb.size, 9))
+    assert image.mode == 'PA'
+    expected = palette.convert('RGB')
+  np.testing.assert_array_equal(np.asarray(predict.to_rgb8(image)), np.asarray(expected))
+  if mode == 'I;16':  # and through a 16-bit PNG file, against the 8-bit PNG of the same grey
+    image.save(tmp_path / 'wide.png')
+    Image.fromarray(grey8, 'L').save(tmp_path / 'narrow.png')
+    with Image.open(tmp_path / 'wide.png') as reopened:
+      assert reopened.mode in ('I;16', 'I')
+    np.testing.assert_array_equal(predict.load_image(str(tmp_path / 'wide.png')),
+                                  predict.load_image(str(tmp_path / 'narrow.png')))
+
+
+def test_an_image_too_large_to_decode_safely_is_a_predict_error(tmp_path, monkeypatch):
+  """Issue 20 (7): a DecompressionBombError traceback; the limit is lowered instead of writing a
+  15000x15000 picture."""
+  Image.fromarray(_picture()).save(tmp_path / 'huge.png')
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)  # 24x40 is over twice this: an error
+  with pytest.raises(predict.PredictError, match='too large'):
+    predict.load_image(str(tmp_path / 'huge.png'))
+
+
+@pytest.mark.slow  # runs the command in a subprocess (nothing is computed: it stops before)
+def test_a_csv_in_a_missing_folder_is_refused_before_any_compute(tmp_path):
+  """Issue 20 (8): it computed every prediction, then failed with a traceback. The model named
+  does not exist: the CSV's refusal coming first shows nothing was loaded before it."""
+  Image.fromarray(_picture()).save(tmp_path / 'a.png')
+  result = run_command('predict', f'--model={tmp_path / "absent.jax"}', str(tmp_path / 'a.png'),
+                       f'--csv={tmp_path / "missing_dir" / "p.csv"}')
+  error = one_line_error(result)
+  assert 'missing_dir' in error and '--csv' in error, error
+  assert not [line for line in result.stderr.splitlines() if line.startswith('E')], result.stderr

@@ -24,6 +24,7 @@ from conftest import REPO, checkpoint_steps, subprocess_env, wait_until
 
 from se_resnet_jax import input_pipeline, stopping
 from se_resnet_jax.checkpoints import RunCheckpoints
+from se_resnet_jax.errors import Preempted
 from se_resnet_jax.input_pipeline import DatasetUnavailableError
 
 pytestmark = pytest.mark.slow  # every run here is the real command in a subprocess
@@ -495,3 +496,17 @@ def test_a_second_ctrl_c_gets_the_default_action(monkeypatch):
     assert interruption.signal_name == 'SIGINT' and interruption.reached(1)
     assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
   assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_sighup_stops_the_loop_like_sigterm(monkeypatch):
+  """Issue 20 (10): a closed terminal or ssh session killed the run without a save."""
+  monkeypatch.setattr(jax, 'process_count', lambda: 1)
+  before = signal.getsignal(signal.SIGHUP)
+  with stopping.Interruption() as interruption:
+    # only with the loop's handler in place: the default action would end pytest itself
+    assert signal.getsignal(signal.SIGHUP) == interruption._on_sigterm
+    os.kill(os.getpid(), signal.SIGHUP)
+    time.sleep(0.01)
+    assert interruption.signal_name == 'SIGHUP' and interruption.reached(1)
+  assert signal.getsignal(signal.SIGHUP) == before
+  assert Preempted(3, 'w', 'SIGHUP').exit_code == 0

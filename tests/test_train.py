@@ -6,8 +6,10 @@ run must reproduce exactly. The resumed run reuses its compiled programs through
 cache that conftest.py sets up.
 """
 
+import io
 import json
 import os
+import shutil
 import signal
 
 import flax.linen as nn
@@ -19,10 +21,12 @@ import pytest
 from conftest import random_variables
 from flax import traverse_util
 from jax.sharding import SingleDeviceSharding
+from trained_run import tiny_run  # noqa: F401
 
 from se_resnet_jax import config as config_lib
-from se_resnet_jax import evaluation, input_pipeline, sharding, steps, train
+from se_resnet_jax import evaluation, files, input_pipeline, sharding, steps, summary, train
 from se_resnet_jax.checkpoints import RunCheckpoints
+from se_resnet_jax.console import Console
 from se_resnet_jax.errors import Preempted
 from se_resnet_jax.models import ResidualBlock, SEResNet
 
@@ -138,6 +142,15 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(reference_run, tmp_pa
     assert resumed[split]['loss'] == reference[split]['loss']
   assert ([row['val_loss'] for row in meta['history']]
           == [row['val_loss'] for row in reference_meta['history']])
+  # The interrupted epoch's training metrics and timing cover all of its steps (issue 20: they
+  # covered only those after the resume), in the report as in the checkpoints.
+  history, reference_history = _read_report(workdir)['history'], _read_report(reference_dir)[
+      'history']
+  for key in ('train_loss', 'train_accuracy', 'learning_rate'):
+    assert [row[key] for row in history] == [row[key] for row in reference_history], key
+  for row in history:
+    assert row['train_images_per_s'] * row['epoch_time_s'] == pytest.approx(
+        STEPS_PER_EPOCH * config.batch_size), row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,3 +294,98 @@ def test_onecycle_schedule():
   assert float(schedule(30)) == pytest.approx(0.1, rel=1e-5)
   assert float(schedule(100)) == pytest.approx(0.1 / 25 / 1e4, rel=1e-3)
   assert float(schedule(15)) < float(schedule(30)) and float(schedule(65)) < float(schedule(30))
+
+
+def test_ctrl_c_during_the_final_evaluation_ends_at_once(make_tiny_config, tmp_path, monkeypatch):
+  """Issue 20 (10): the handler said it would save, saved nothing, evaluated on and exited 0.
+  Training is over by then (every checkpoint saved): the Ctrl-C raises KeyboardInterrupt, which
+  the commands turn into exit 130."""
+  config = make_tiny_config(**{'model.num_filters': 4, 'num_epochs': 1, 'max_steps': 4})
+  original = train.final_report
+
+  def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(train, 'final_report', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / 'report.json')
+  assert '4' in os.listdir(tmp_path / 'checkpoints')
+
+
+# ---------------------------------------------------------------------------------------------
+# Rerunning a finished run (issue 20): answered from its report only for the very same run.
+
+
+def _tiny_run_config(make_tiny_config, **changes):
+  """The config `tiny_run` was trained with (trained_run.py), with `changes`."""
+  return make_tiny_config(**{'model.num_filters': 4, 'num_epochs': 1, 'max_steps': 4, **changes})
+
+
+@pytest.fixture
+def finished_copy(tiny_run, tmp_path):  # noqa: F811
+  workdir = tmp_path / 'finished'
+  shutil.copytree(tiny_run, workdir)
+  return str(workdir)
+
+
+def test_a_damaged_report_is_evaluated_again_without_compiling_the_train_step(
+    finished_copy, make_tiny_config):
+  """Issue 20 (6): a truncated report.json ended in a JSONDecodeError traceback. A run at its
+  last step has nothing to train: its train step is not compiled (it took 12-15 s)."""
+  expected = _read_report(finished_copy)
+  path = os.path.join(finished_copy, 'report.json')
+  with open(path, 'r+') as f:
+    f.truncate(os.path.getsize(path) // 2)
+  stream = io.StringIO()
+  result = train.train_and_evaluate(_tiny_run_config(make_tiny_config), finished_copy,
+                                    console=Console(stream, enabled=True))
+  assert 'Compiled the train step' not in stream.getvalue(), stream.getvalue()
+  assert result['test']['accuracy'] == expected['test']['accuracy']
+  assert _read_report(finished_copy)['run_id'] == expected['run_id']
+
+
+def test_a_lost_report_md_is_written_again(finished_copy, make_tiny_config):
+  os.remove(os.path.join(finished_copy, 'report.md'))
+  result = train.train_and_evaluate(_tiny_run_config(make_tiny_config), finished_copy,
+                                    console=Console(io.StringIO()))
+  with open(os.path.join(finished_copy, 'report.md')) as f:
+    assert f'run {result["run_id"]}' in f.read()
+
+
+def test_a_finished_run_is_not_shortened_silently(finished_copy, make_tiny_config):
+  """It reported 'Epochs completed: 2 of 1' without a word."""
+  with pytest.raises(config_lib.ConfigError, match='cannot be shortened'):
+    train.train_and_evaluate(_tiny_run_config(make_tiny_config, max_steps=2), finished_copy,
+                             console=Console(io.StringIO()))
+  assert _read_report(finished_copy)['training']['steps'] == 4
+
+
+def test_a_finished_run_answers_only_for_its_data_and_its_checkpoints(tmp_path,
+                                                                      make_tiny_config):
+  """Issue 20 (5): npz_path is rerun-neutral, so another --config.npz_path got the old numbers."""
+  config = make_tiny_config(dataset='cifar10', npz_path=str(tmp_path / 'a.npz'))
+  workdir = tmp_path / 'run'
+  os.makedirs(workdir / 'checkpoints' / '16')
+  files.write_json_atomic(str(workdir / 'report.json'), {
+      'config': config.to_dict(), 'data': input_pipeline.data_identity(config), 'step': 16,
+      'weights': {'epoch': 1, 'step': 16, 'run_id': 'abc'}})
+  assert summary.finished_report(str(workdir), config)['step'] == 16
+  moved = make_tiny_config(dataset='cifar10', npz_path=str(tmp_path / 'b.npz'))
+  with pytest.raises(summary.FinishedRunError) as error:
+    summary.finished_report(str(workdir), moved)
+  assert error.value.reason == 'data' and 'b.npz' in str(error.value)
+  assert summary.finished_report(str(workdir), moved, allow_changed_data=True) is None
+  os.rmdir(workdir / 'checkpoints' / '16')
+  with pytest.raises(summary.FinishedRunError) as error:
+    summary.finished_report(str(workdir), config)
+  assert error.value.reason == 'checkpoints'
+
+
+def test_the_tensorboard_command_quotes_a_path_with_spaces(tmp_path):
+  workdir = tmp_path / 'my run'
+  os.makedirs(workdir)
+  (workdir / 'events.out.tfevents.1').write_bytes(b'')
+  text = summary.closing_summary(str(workdir), {})
+  assert f"tensorboard --logdir '{workdir}'" in text, text

@@ -25,7 +25,7 @@ from se_resnet_jax.config import validate_config
 from se_resnet_jax.console import Console
 from se_resnet_jax.errors import ConfigError, Preempted, UserError
 from se_resnet_jax.models import build_model, has_se
-from se_resnet_jax.summary import config_differences
+from se_resnet_jax.summary import config_differences, read_report
 
 REPORT = 'report.json'
 CACHE_SUBDIR = 'jax_cache'
@@ -114,7 +114,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   run evaluated it) 'test' as {'accuracy', 'loss'}, 'stopped_epoch' with early stopping,
   'trained_now', and for runs trained now 'compile_cache': {'requests', 'hits', 'misses'}}.
   """
-  finished = _read_json(os.path.join(run_dir, REPORT))
+  finished = read_report(run_dir)  # a damaged report is none: the run is evaluated again
   if finished is not None:
     _check_same_config(finished.get('config'), config, run_dir)
     Console().say(f'{run_dir}: finished earlier, read from its {REPORT}.')
