@@ -456,7 +456,7 @@ class RunCheckpoints:
       return
     settings = [STATE_SETTINGS.get(k, k) for k in differ]
     raise CheckpointSettingsError(
-        f'Checkpoint {self._where(manager, step)} is intact but was made with other settings: '
+        f'Checkpoint {self._step_dir(manager, step)} is intact but was made with other settings: '
         f'{", ".join(settings)} changed (the saved {", ".join(differ)} differ from what this '
         'config makes). Use the values the run was made with, or a new --workdir.',
         differ, settings)
