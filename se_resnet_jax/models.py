@@ -82,7 +82,8 @@ class SEBlock(nn.Module):
   def __call__(self, x):
     gates = Excitation(x.shape[-1], self.reduction, use_bias=self.use_bias,
                        dtype=self.dtype)(Squeeze()(x))
-    self.sow(GATES, 'gates', gates)
+    if not self.is_initializing():  # init returns only params and batch statistics
+      self.sow(GATES, 'gates', gates)
     return x * gates[:, None, None, :].astype(x.dtype)
 
 
