@@ -580,6 +580,8 @@ def export_torch_weights(workdir: str, path: str, checkpoint: str = 'best') -> s
     options.append(f'se_reduction={model.se_reduction!r}')
   if model.relu_before_se:
     options.append('relu_before_se=True')
+  set_options = models.model_options(run.config, model.num_classes)
+  options += [f'{k}={set_options[k]!r}' for k in ('shortcut', 'se_bias') if k in set_options]
   if model.dropout_rate:
     options.append(f'dropout_rate={model.dropout_rate}')
   return f'torch_models.create_model({run.config.model.name!r}, {", ".join(options)})'

@@ -489,14 +489,26 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
   return jnp.bfloat16 if config.half_precision else jnp.float32
 
 
+def model_options(config: ml_collections.ConfigDict, num_classes: int) -> dict:
+  """The create_model keyword arguments `config.model` gives (the PyTorch twin takes the same);
+  options left at their defaults are left out, so every family accepts what it is given."""
+  m = config.model
+  kwargs = dict(num_classes=num_classes, num_filters=m.num_filters, dropout_rate=m.dropout_rate)
+  if has_se(m.name):
+    kwargs['se_reduction'] = model_se_reduction(config)
+  if m.relu_before_se:
+    kwargs['relu_before_se'] = True
+  if m.get('shortcut'):
+    kwargs['shortcut'] = m.shortcut
+  if not m.get('se_bias', True):
+    kwargs['se_bias'] = False
+  return kwargs
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> SEResNet:
   """The network `config.model` describes; SEResNet's own checks refuse impossible SE widths."""
-  kwargs = dict(num_classes=num_classes, num_filters=config.model.num_filters,
-                dropout_rate=config.model.dropout_rate,
-                relu_before_se=config.model.relu_before_se, dtype=compute_dtype(config))
-  if has_se(config.model.name):
-    kwargs['se_reduction'] = model_se_reduction(config)
-  return create_model(config.model.name, **kwargs)
+  return create_model(config.model.name, dtype=compute_dtype(config),
+                      **model_options(config, num_classes))
 
 
 def architecture(config: ml_collections.ConfigDict, num_classes: int) -> dict:
@@ -512,4 +524,6 @@ def architecture(config: ml_collections.ConfigDict, num_classes: int) -> dict:
                      num_classes=num_classes)
   if config.model.relu_before_se:
     fingerprint['relu_before_se'] = True
+  options = model_options(config, num_classes)  # recorded only when set, as relu_before_se
+  fingerprint.update({k: options[k] for k in ('shortcut', 'se_bias') if k in options})
   return fingerprint

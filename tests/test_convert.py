@@ -51,9 +51,10 @@ def torch_logits(model: nn.Module, train: bool) -> np.ndarray:
 
 def flax_logits(model, variables, train: bool) -> np.ndarray:
   if train:
-    return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=True,
-                                                       mutable=['batch_stats'])[0])(variables, IMAGES))
-  return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, IMAGES))
+    run = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[0])
+  else:
+    run = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  return np.asarray(run(variables, IMAGES))
 
 
 def max_abs_difference(torch_model, flax_model, variables) -> dict:
