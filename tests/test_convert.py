@@ -97,7 +97,7 @@ def test_flax_to_torch_same_logits_and_round_trip_is_bit_exact(name):
 
 
 def test_mapping_covers_every_model_and_matches_torch_names():
-  """Every Flax variable of all ten models has a row in LAYERS, and the names and shapes that
+  """Every Flax variable of every model has a row in LAYERS, and the names and shapes that
   flax_to_torch writes are exactly those of the PyTorch twin (traced at full width, not run)."""
   for name in torch_models.MODELS:
     torch_model = torch_models.create_model(name, num_classes=100, num_filters=4,
