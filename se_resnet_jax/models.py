@@ -2,7 +2,13 @@
 
 Squeeze, Excitation and SEBlock are separate modules so they can be reused in other networks. The
 residual units take `conv` and `norm` constructors, as in Flax's ImageNet example, so the network
-decides dtype, BatchNorm momentum and train/eval mode in one place.
+decides dtype, BatchNorm momentum and train/eval mode in one place (`SEResNet.layers`, which the
+pre-activation networks inherit).
+
+Two families: SEResNet (post-activation units: the ResNet-18...152 layout with four stages, and He
+et al.'s CIFAR ResNet-20...110 with three) and PreActResNet (pre-activation units: ResNet-164 and the
+wide ResNets). Each has a plain counterpart without SE (se_reduction=None) for the ablation, and
+each is a backbone (`features`, `num_classes=0`, the 'se_gates' collection, `replace_head`).
 
 Every convolution pads like PyTorch's `padding=k//2`: one pixel on each side for a 3x3, none for a
 1x1. Flax's default 'SAME' pads a stride-2 3x3 by (0, 1) on an even input, which shifts every
