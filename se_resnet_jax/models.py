@@ -5,10 +5,11 @@ residual units take `conv` and `norm` constructors, as in Flax's ImageNet exampl
 decides dtype, BatchNorm momentum and train/eval mode in one place (`SEResNet.layers`, which the
 pre-activation networks inherit).
 
-Two families: SEResNet (post-activation units: the ResNet-18...152 layout with four stages, and He
-et al.'s CIFAR ResNet-20...110 with three) and PreActResNet (pre-activation units: ResNet-164 and the
-wide ResNets). Each has a plain counterpart without SE (se_reduction=None) for the ablation, and
-each is a backbone (`features`, `num_classes=0`, the 'se_gates' collection, `replace_head`).
+Two families: SEResNet (post-activation units: the ResNet-18...152 layout with four stages, and
+He et al.'s CIFAR ResNet-20...110 with three) and PreActResNet (pre-activation units: ResNet-164
+and the wide ResNets). Each has a plain counterpart without SE (se_reduction=None) for the
+ablation, and each is a backbone (`features`, `num_classes=0`, the 'se_gates' collection,
+`replace_head`).
 
 Every convolution pads like PyTorch's `padding=k//2`: one pixel on each side for a 3x3, none for a
 1x1. Flax's default 'SAME' pads a stride-2 3x3 by (0, 1) on an even input, which shifts every
@@ -282,11 +283,12 @@ class SEResNet(nn.Module):
                            relu_before_se=self.relu_before_se, shortcut=self.shortcut,
                            se_bias=self.se_bias, dtype=self.dtype)(x)
       maps[f'stage{i + 1}'] = x
-    return self.head(Squeeze()(x), train, head), maps
+    return self.classify(Squeeze()(x), train, head), maps
 
   @nn.nowrap
-  def head(self, pooled: jax.Array, train: bool, head: bool) -> jax.Array:
-    """Dropout and Dense(num_classes) on the pooled vector (called inside `forward`)."""
+  def classify(self, pooled: jax.Array, train: bool, head: bool) -> jax.Array:
+    """Dropout and Dense(num_classes) on the pooled vector (called inside `forward`); the pooled
+    vector itself in float32 without a head."""
     if not head or not self.num_classes:
       return pooled.astype(jnp.float32)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
@@ -389,7 +391,7 @@ class PreActResNet(SEResNet):
                            se_reduction=reductions[i], se_bias=self.se_bias, dtype=self.dtype)(x)
       maps[f'stage{i + 1}'] = x
     x = self.act(norm(name='bn_final')(x))
-    return self.head(Squeeze()(x), train, head), maps
+    return self.classify(Squeeze()(x), train, head), maps
 
 
 def replace_head(model: SEResNet, variables: Mapping, num_classes: int,

@@ -150,3 +150,16 @@ def test_pre_activation_units_and_final_norm():
   assert 'bn_init' not in shapes and shapes['bn_final']['scale'].shape == (256,)
   projections = [k for k, v in shapes.items() if 'conv_proj' in v]
   assert projections == ['PreActBottleneck_0', 'PreActBottleneck_18', 'PreActBottleneck_36']
+
+
+def test_runs_saved_before_the_new_model_fields_are_the_same_run():
+  """A finished run's config without model.shortcut / model.se_bias asked for their defaults."""
+  from se_resnet_jax.config import base_config
+  from se_resnet_jax.summary import config_differences
+
+  saved = base_config().to_dict()
+  del saved['model']['shortcut'], saved['model']['se_bias']
+  assert config_differences(saved, base_config()) == []
+  changed = base_config()
+  changed.model.se_bias = False
+  assert config_differences(saved, changed) == ['model.se_bias']
