@@ -169,11 +169,7 @@ def to_model_input(x_nhwc: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
   """The config's network in PyTorch, with the arguments the library's build_model gives Flax."""
-  kwargs = dict(num_classes=num_classes, num_filters=config.model.num_filters,
-                dropout_rate=config.model.dropout_rate, relu_before_se=config.model.relu_before_se)
-  if models.has_se(config.model.name):
-    kwargs['se_reduction'] = models.model_se_reduction(config)
-  return torch_models.create_model(config.model.name, **kwargs)
+  return torch_models.create_model(config.model.name, **models.model_options(config, num_classes))
 
 
 INITIALISATIONS = ('torch', 'flax')

@@ -15,7 +15,7 @@ import ml_collections
 from se_resnet_jax import augment
 from se_resnet_jax.errors import ConfigError
 from se_resnet_jax.input_pipeline import IMAGE_SHAPE
-from se_resnet_jax.models import MODELS, build_model
+from se_resnet_jax.models import MODELS, SEResNet, build_model
 
 DATASETS = {'cifar10': 10, 'cifar100': 100, 'synthetic': None}
 SCHEDULES = ('cosine', 'multistep', 'onecycle', 'constant')
@@ -43,7 +43,11 @@ def base_config() -> ml_collections.ConfigDict:
       name='SEResNet18', num_filters=64, se_reduction=16, se_reductions=(), dropout_rate=0.5,
       # A ReLU between each residual branch's last BatchNorm and its SE block: not the paper's
       # network, but the layout of public PyTorch CIFAR SE-ResNets whose weights convert.py reads.
-      relu_before_se=False))
+      relu_before_se=False,
+      # Post-activation networks: 'A' (zero-padded identity) or 'B' (1x1 conv + BN) shortcuts
+      # where a unit changes shape; '' = the network's own (A for ResNet20...110, else B).
+      shortcut='',
+      se_bias=True))  # biases in the SE Dense layers (senet.pytorch's CIFAR SE-ResNets: none)
   c.augment = augment.default_augment_config()
 
   c.num_epochs = 100
@@ -133,6 +137,12 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int = 1) ->
   _require(0.0 <= m.dropout_rate < 1.0,
            f'model.dropout_rate must be in [0, 1), got {m.dropout_rate}.')
   _require(m.num_filters >= 1, f'model.num_filters must be positive, got {m.num_filters}.')
+  _require(m.shortcut in ('', 'A', 'B'),
+           f"model.shortcut must be 'A', 'B' or '' (the network's own), got {m.shortcut!r}.")
+  if MODELS[m.name].func is not SEResNet:
+    _require(not m.relu_before_se and m.shortcut in ('', 'B'),
+             f'model.name={m.name} has pre-activation units: model.relu_before_se and '
+             "model.shortcut='A' apply to post-activation networks only.")
   try:  # the network checks its own SE widths when it is built (no weights are made)
     build_model(config, num_classes=1)
   except ValueError as e:

@@ -1,4 +1,4 @@
-"""PyTorch weights <-> Flax variables for the library's ten networks, both ways.
+"""PyTorch weights <-> Flax variables for the library's networks, both ways.
 
   python -m se_resnet_jax.convert --from_torch=weights.pth --config=configs/cifar100.py \
       --workdir=runs/from_torch          # a run directory that `se_resnet_jax.evaluate` reports on
@@ -25,13 +25,23 @@ layouts read (S: stage 1-4, U: unit in the stage from 0, [..]: bottleneck units 
   the model must be built with relu_before_se=True.
 - weiaicunzai/pytorch-cifar100 resnet.py: stem `conv1.0/1`; units
   `conv{S+1}_x.U.residual_function.0/1/3/4[/6/7]`, `conv{S+1}_x.U.shortcut.0/1`; head `fc`.
+- moskomule/senet.pytorch se_resnet.py, CIFAR SE-ResNet-20/32/56 (CifarSEResNet): as the native
+  layout with SE as `layerS.U.se.fc.0/2` (Linear without bias), projection shortcuts
+  `layerS.U.downsample.0/1` and head `fc`: the model must be built with shortcut='B' and
+  se_bias=False (He et al.'s networks, as this library builds them, have option A shortcuts). Its
+  CifarSEPreActResNet is not read: its forward returns nothing and its final BatchNorm has the
+  stem's width.
+- The pre-activation networks (ResNet164, WRN16_8, WRN28_10 and SE versions) in the native layout:
+  stem `conv1` (no BN), units `layerS.U.bn1/conv1/bn2/conv2[/bn3/conv3]`, `layerS.U.shortcut.0`
+  (1x1 conv without BN), final `bn_final`, head `linear`.
 
 Conv biases before a BatchNorm are folded into that BatchNorm's running mean, mean' = mean - bias:
 exact in eval mode; in train mode a bias before BatchNorm cancels out of the normalised output and
 shifts the batch mean, hence the running-mean update, by exactly the bias. The returned
 ConversionReport lists every folded bias.
-Pre-activation units (kuangliu's PreActBlock, its SENet18 and old ResNet18) are a different network
-and are refused with a message saying so.
+Pre-activation units converted into a post-activation network (kuangliu's PreActBlock, its SENet18
+and old ResNet18) are refused with a message saying so; those with this library's pre-activation
+stem and final BatchNorm go into ResNet164 or a WRN.
 """
 
 import dataclasses
@@ -75,8 +85,11 @@ LAYERS = (
     ('{u}.shortcut.1', '{u}/norm_proj', 'bn'),
     ('{u}.se.reduce', '{u}/SEBlock_0/Excitation_0/reduce', 'linear'),  # SE models only
     ('{u}.se.expand', '{u}/SEBlock_0/Excitation_0/expand', 'linear'),
+    ('bn_final', 'bn_final', 'bn'),  # pre-activation networks only
     ('linear', 'Dense_0', 'linear'),
 )
+# In pre-activation units (PreActBlock, PreActBottleneck) the same rows hold: their k-th BatchNorm
+# (BatchNorm_{k-1}, PyTorch bn{k}) comes before their k-th convolution instead of after it.
 
 # Per kind: (PyTorch tensor, Flax collection, Flax name, PyTorch axes of the Flax array).
 TENSORS = {
@@ -88,7 +101,7 @@ TENSORS = {
            ('running_mean', 'batch_stats', 'mean', None),
            ('running_var', 'batch_stats', 'var', None)),
 }
-# The BatchNorm that follows each convolution, into which a conv bias folds.
+# The BatchNorm that follows each convolution, into which a conv bias folds (post-activation units).
 BN_AFTER_CONV = {'conv1': 'bn1', 'conv2': 'bn2', 'conv3': 'bn3', 'shortcut.0': 'shortcut.1'}
 PREFIXES = ('module.', '_orig_mod.')  # DataParallel / DistributedDataParallel, torch.compile
 WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model', 'net')
@@ -100,6 +113,7 @@ class Layout:
   name: str
   renames: tuple  # (pattern, replacement) pairs, tried in order on each key
   relu_before_se: bool = False
+  options: tuple = ()  # (model option, value) pairs the layout's network was built with
 
 
 def _sequential(prefix: str, target: str, indices: dict) -> tuple:
@@ -125,6 +139,14 @@ PUBLIC_LAYOUTS = (
     Layout('kuangliu/pytorch-cifar senet.py', (
         (r'^(layer\d+\.\d+)\.fc1\.', r'\1.se.reduce.'),
         (r'^(layer\d+\.\d+)\.fc2\.', r'\1.se.expand.'))),
+    # CifarSEResNet (se_resnet20/32/56): He et al.'s CIFAR layout with projection shortcuts
+    # (`downsample`, conv + BN, where the width changes) and SE Linear layers without biases.
+    Layout('moskomule/senet.pytorch se_resnet.py (CIFAR)', (
+        (r'^(layer\d+\.\d+)\.se\.fc\.0\.', r'\1.se.reduce.'),
+        (r'^(layer\d+\.\d+)\.se\.fc\.2\.', r'\1.se.expand.'),
+        (r'^(layer\d+\.\d+)\.downsample\.', r'\1.shortcut.'),
+        (r'^fc\.', 'linear.')),
+        options=(('shortcut', 'B'), ('se_bias', False))),
 )
 NATIVE_LAYOUT = 'se_resnet_jax.torch_models / kuangliu/pytorch-cifar'
 
@@ -225,8 +247,10 @@ def normalise_names(state_dict: Mapping[str, Any]) -> tuple:
       names = [n[len(prefix):] for n in names]
       dropped = prefix
   renamed, origin, layouts = {}, {}, []
+  # A key some layouts share ('fc.') is read in the layout that explains most of the file's keys.
+  ranked = sorted(PUBLIC_LAYOUTS, key=lambda lay: -sum(_rename(n, lay) != n for n in names))
   for original, name in zip(state_dict, names):
-    for layout in PUBLIC_LAYOUTS:
+    for layout in ranked:
       new = _rename(name, layout)
       if new != name:
         name = new
@@ -271,6 +295,10 @@ def infer_options(state_dict: Mapping[str, Any]) -> dict:
       units[stage] = max(units.get(stage, 0), unit + 1)
   stage_sizes = [units.get(s, 0) for s in range(1, max(units, default=0) + 1)]
   bottleneck = any(re.match(r'layer\d+\.\d+\.conv3\.weight$', n) for n in shapes)
+  preact = 'bn_final.weight' in shapes
+  widen = 1
+  if preact and not bottleneck and found.get('num_filters') and 'layer1.0.conv1.weight' in shapes:
+    widen = shapes['layer1.0.conv1.weight'][0] // found['num_filters']
   ratios = []
   for stage in range(1, len(stage_sizes) + 1):
     reduce = shapes.get(f'layer{stage}.0.se.reduce.weight')  # (C/r, C)
@@ -278,7 +306,9 @@ def infer_options(state_dict: Mapping[str, Any]) -> dict:
   for name, constructor in models.MODELS.items():
     keywords = constructor.keywords
     if (list(keywords['stage_sizes']) == stage_sizes
-        and (keywords['block_cls'] is models.BottleneckBlock) == bottleneck
+        and (constructor.func is models.PreActResNet) == preact
+        and (keywords['block_cls'].expansion == 4) == bottleneck
+        and keywords.get('widen_factor', 1) == widen
         and (keywords.get('se_reduction', 16) is None) == all(r is None for r in ratios)):
       found['name'] = name
   if stage_sizes:
@@ -286,11 +316,17 @@ def infer_options(state_dict: Mapping[str, Any]) -> dict:
   return found
 
 
+def _pre_activation(model: models.SEResNet) -> bool:
+  return isinstance(model, models.PreActResNet)
+
+
 def _model_name(model: models.SEResNet) -> str:
   for name, constructor in models.MODELS.items():
     keywords = constructor.keywords
     if (list(keywords['stage_sizes']) == list(model.stage_sizes)
+        and constructor.func is type(model)
         and keywords['block_cls'] is model.block_cls
+        and keywords.get('widen_factor', 1) == getattr(model, 'widen_factor', 1)
         and (keywords.get('se_reduction', 16) is None) == (model.se_reduction is None)):
       return name
   return type(model).__name__
@@ -321,6 +357,13 @@ def torch_to_flax(state_dict: Mapping[str, Any], model: models.SEResNet) -> tupl
   renamed, origin, layouts, dropped = normalise_names(state_dict)
   slots = torch_slots(model)
   problems, folds = [], {}
+  for layout in PUBLIC_LAYOUTS:
+    wrong = [f'{k}={v!r}' for k, v in layout.options
+             if layout.name in layouts and getattr(model, k, v) != v]
+    if wrong:
+      raise ConversionError(f'Weights in the {layout.name} layout come from a network built with '
+                            f'{", ".join(wrong)}: build the model with those options to compute '
+                            'their function.')
 
   def key(name):  # the file's key, and the name it was read as when a layout renamed it
     return origin[name] if origin[name] == name else f'{origin[name]} (read as {name})'
@@ -328,7 +371,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], model: models.SEResNet) -> tupl
   for name, value in renamed.items():
     if name.endswith('num_batches_tracked'):
       continue  # only used by momentum=None BatchNorm; both sides use a fixed momentum
-    bn = _bn_of_conv_bias(name)
+    bn = None if _pre_activation(model) else _bn_of_conv_bias(name)
     if bn is not None and f'{bn}.running_mean' in slots:
       folds[name] = bn
       continue
@@ -381,11 +424,13 @@ def _problem_message(problems: list, renamed: Mapping, model: models.SEResNet,
   lines += [f'  {p}' for p in shown]
   if len(problems) > len(shown):
     lines.append(f'  ... and {len(problems) - len(shown)} more.')
-  if any(re.match(r'layer\d+\.\d+\.shortcut\.0\.weight$', n) for n in renamed) and not any(
+  if not _pre_activation(model) and any(
+      re.match(r'layer\d+\.\d+\.shortcut\.0\.weight$', n) for n in renamed) and not any(
       re.match(r'layer\d+\.\d+\.shortcut\.1\.weight$', n) for n in renamed):
     lines.append('The shortcuts have a convolution but no BatchNorm: these are pre-activation '
                  'units (BN-ReLU before each conv, as kuangliu\'s PreActBlock), a different '
-                 'network that this library does not build.')
+                 'network: build a pre-activation one (ResNet164, WRN16_8, WRN28_10 or their SE '
+                 'versions) if the stem, units and final BatchNorm match those.')
   else:
     fitting = _fitting_options(renamed, model)
     if fitting:
@@ -569,6 +614,8 @@ def export_torch_weights(workdir: str, path: str, checkpoint: str = 'best',
     options.append(f'se_reduction={model.se_reduction!r}')
   if model.relu_before_se:
     options.append('relu_before_se=True')
+  set_options = models.model_options(run.config, model.num_classes)
+  options += [f'{k}={set_options[k]!r}' for k in ('shortcut', 'se_bias') if k in set_options]
   if model.dropout_rate:
     options.append(f'dropout_rate={model.dropout_rate}')
   return f'torch_models.create_model({run.config.model.name!r}, {", ".join(options)})'

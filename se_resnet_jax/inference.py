@@ -4,7 +4,8 @@
 a function `uint8 (N, H, W, 3) -> (logits, probabilities)`, so whoever calls it (the exported
 artifact, ONNX Runtime, the predict command) needs nothing but images. BatchNorm is folded into the
 preceding convolution: in eval mode it is an affine map per channel, so the convolution's kernel is
-scaled and only a bias remains. That is the same function up to float rounding, which the export's
+scaled and only a bias remains (a pre-activation unit's BatchNorm, which follows no convolution of
+its own, stays that affine map). That is the same function up to float rounding, which the export's
 equality check measures, and it removes per-channel arithmetic from every layer.
 """
 
@@ -94,24 +95,31 @@ def restore_run(workdir: str, checkpoint: str = 'best',
 
 
 def _batch_norm_inputs(model: nn.Module, variables: dict, image_shape: tuple) -> dict:
-  """{BatchNorm path: (path of the convolution whose output it normalises, epsilon)}.
+  """{BatchNorm path: (path of the convolution it folds into, or None; epsilon)}.
 
   Found by tracing the network once and watching which array each BatchNorm receives, so it holds
-  for every model in the registry; a BatchNorm fed by anything but a convolution is refused.
+  for every model in the registry. A BatchNorm folds into a convolution only when it receives that
+  convolution's output and nothing else was handed that output first: in a pre-activation network
+  the stem's output also feeds the first unit's shortcut, and the BatchNorms at the start of each
+  unit and before pooling normalise sums, so those get None (they stay a per-channel affine map).
   """
   pairs, last_conv = {}, {}
 
   def watch(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
     if context.method_name != '__call__':
-      return out
+      return next_fun(*args, **kwargs)
+    if last_conv.get('out') is not None and not isinstance(context.module, nn.BatchNorm) and any(
+        a is last_conv['out'] for a in args):
+      last_conv['out'] = None  # another module receives the output: it must stay as it is
+    out = next_fun(*args, **kwargs)
     if isinstance(context.module, nn.Conv):
       last_conv['out'], last_conv['path'] = out, context.module.path
     elif isinstance(context.module, nn.BatchNorm):
-      if args[0] is not last_conv.get('out'):
-        raise ValueError(f'BatchNorm {"/".join(context.module.path)} does not follow a '
-                         'convolution: it cannot be folded.')
-      pairs[context.module.path] = (last_conv['path'], context.module.epsilon)
+      follows = last_conv.get('out') is not None and args[0] is last_conv['out']
+      pairs[context.module.path] = (last_conv['path'] if follows else None,
+                                    context.module.epsilon)
+      if follows:
+        last_conv['out'] = None
     return out
 
   def trace():
@@ -127,8 +135,10 @@ def fold_batch_norm(model: nn.Module, variables: dict,
   """Eval-mode variables with each BatchNorm folded into its convolution's kernel.
 
   BatchNorm(conv(x, k)) = conv(x, k * s) + (bias - mean * s), s = scale / sqrt(var + eps). The
-  result keeps each BatchNorm's folded bias only (no scale, no statistics), so it is usable solely
-  through `apply_folded`: applied as ordinary variables it fails instead of computing nonsense.
+  result keeps each folded BatchNorm's bias only (no scale, no statistics); a BatchNorm with no
+  convolution to fold into (pre-activation units) keeps s as its scale and the same bias, x * s +
+  bias. Either way it is usable solely through `apply_folded`: applied as ordinary variables it
+  fails instead of computing nonsense.
   """
   params = traverse_util.flatten_dict(jax.device_get(variables['params']))
   stats = traverse_util.flatten_dict(jax.device_get(variables['batch_stats']))
@@ -136,20 +146,26 @@ def fold_batch_norm(model: nn.Module, variables: dict,
   for norm, (conv, eps) in _batch_norm_inputs(model, variables, image_shape).items():
     s = (np.asarray(params[norm + ('scale',)], np.float64)
          / np.sqrt(np.asarray(stats[norm + ('var',)], np.float64) + eps))
-    kernel = params[conv + ('kernel',)]
-    folded[conv + ('kernel',)] = (np.asarray(kernel, np.float64) * s).astype(kernel.dtype)
     bias = params[norm + ('bias',)]
     folded[norm + ('bias',)] = (np.asarray(bias, np.float64)
                                 - np.asarray(stats[norm + ('mean',)], np.float64) * s
                                 ).astype(bias.dtype)
+    if conv is None:
+      folded[norm + ('scale',)] = s.astype(params[norm + ('scale',)].dtype)
+      continue
+    kernel = params[conv + ('kernel',)]
+    folded[conv + ('kernel',)] = (np.asarray(kernel, np.float64) * s).astype(kernel.dtype)
     del folded[norm + ('scale',)]
   return {'params': traverse_util.unflatten_dict(folded)}
 
 
 def _folded_norm(next_fun, args, kwargs, context):
-  """A folded BatchNorm: only its bias is left to add."""
+  """A folded BatchNorm: its bias to add (times its scale where it could not be folded)."""
   if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
-    return args[0] + context.module.get_variable('params', 'bias').astype(args[0].dtype)
+    x, module = args[0], context.module
+    if module.has_variable('params', 'scale'):
+      x = x * module.get_variable('params', 'scale').astype(x.dtype)
+    return x + module.get_variable('params', 'bias').astype(x.dtype)
   return next_fun(*args, **kwargs)
 
 

@@ -2,7 +2,14 @@
 
 Squeeze, Excitation and SEBlock are separate modules so they can be reused in other networks. The
 residual units take `conv` and `norm` constructors, as in Flax's ImageNet example, so the network
-decides dtype, BatchNorm momentum and train/eval mode in one place.
+decides dtype, BatchNorm momentum and train/eval mode in one place (`SEResNet.layers`, which the
+pre-activation networks inherit).
+
+Two families: SEResNet (post-activation units: the ResNet-18...152 layout with four stages, and
+He et al.'s CIFAR ResNet-20...110 with three) and PreActResNet (pre-activation units: ResNet-164
+and the wide ResNets). Each has a plain counterpart without SE (se_reduction=None) for the
+ablation, and each is a backbone (`features`, `num_classes=0`, the 'se_gates' collection,
+`replace_head`).
 
 Every convolution pads like PyTorch's `padding=k//2`: one pixel on each side for a 3x3, none for a
 1x1. Flax's default 'SAME' pads a stride-2 3x3 by (0, 1) on an even input, which shifts every
@@ -11,17 +18,20 @@ output pixel of that layer by one against the PyTorch network of the same weight
 """
 
 from functools import partial
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import traverse_util
 
 ModuleDef = Any
 Reduction = Optional[Union[int, Sequence[Optional[int]]]]
 
 PAD_3X3 = ((1, 1), (1, 1))  # PyTorch's padding=1
 PAD_1X1 = ((0, 0), (0, 0))
+GATES = 'se_gates'  # the collection SEBlock records its gates in
 
 
 def se_hidden_width(channels: int, reduction: int) -> int:
@@ -65,14 +75,44 @@ class Excitation(nn.Module):
 
 
 class SEBlock(nn.Module):
-  """Recalibrates channels: x * Excitation(Squeeze(x))[:, None, None, :]."""
+  """Recalibrates channels: x * Excitation(Squeeze(x))[:, None, None, :].
+
+  The gates (N, C) are recorded with `sow` in the collection 'se_gates', so
+  `apply(..., mutable=['se_gates'])` returns every block's gates without them being parameters;
+  without that collection mutable, recording costs nothing.
+  """
   reduction: int = 16
+  use_bias: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    gates = Excitation(x.shape[-1], self.reduction, dtype=self.dtype)(Squeeze()(x))
+    gates = Excitation(x.shape[-1], self.reduction, use_bias=self.use_bias,
+                       dtype=self.dtype)(Squeeze()(x))
+    if not self.is_initializing():  # init returns only params and batch statistics
+      self.sow(GATES, 'gates', gates)
     return x * gates[:, None, None, :].astype(x.dtype)
+
+
+def gates_by_block(se_gates: Mapping) -> dict:
+  """{'ResidualBlock_3': gates (N, C), ...} from the 'se_gates' collection an apply returned.
+
+  The key is the path of the residual unit holding the SE block ('/'-joined when nested), in the
+  order the network runs them.
+  """
+  flat = traverse_util.flatten_dict(dict(se_gates))
+  return {'/'.join(path[:-2]): values[-1] for path, values in flat.items()}
+
+
+def zero_pad_shortcut(x: jax.Array, strides: int, channels: int) -> jax.Array:
+  """He et al.'s option A shortcut: subsample by `strides`, append zero channels up to `channels`.
+
+  Parameter-free, so a network with it has the parameters of its plain (no-shortcut) counterpart.
+  The zeros go after the input's channels, as in the Torch code of He et al.'s CIFAR experiments
+  (fb.resnet.torch, shortcutType 'A'); akamaster/pytorch_resnet_cifar10 pads half on each side.
+  """
+  x = x[:, ::strides, ::strides, :]
+  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, channels - x.shape[-1])))
 
 
 class ResidualBlock(nn.Module):
@@ -80,7 +120,8 @@ class ResidualBlock(nn.Module):
 
   `relu_before_se` puts a ReLU between the branch's last BatchNorm and the SE block, the layout of
   widely used public PyTorch CIFAR SE-ResNets (not the paper's), so their weights compute the
-  function they were trained as.
+  function they were trained as. Where the unit changes shape, `shortcut='B'` projects (1x1 conv +
+  BN), `'A'` subsamples and zero-pads (`zero_pad_shortcut`, He et al.'s CIFAR networks).
   """
   filters: int
   conv: ModuleDef
@@ -89,7 +130,10 @@ class ResidualBlock(nn.Module):
   strides: int = 1
   se_reduction: Optional[int] = 16
   relu_before_se: bool = False
+  shortcut: str = 'B'
+  se_bias: bool = True
   dtype: Any = jnp.float32
+  expansion = 1  # output channels per `filters`
 
   @nn.compact
   def __call__(self, x):
@@ -100,8 +144,10 @@ class ResidualBlock(nn.Module):
     if self.relu_before_se:
       y = self.act(y)
     if self.se_reduction:
-      y = SEBlock(self.se_reduction, dtype=self.dtype)(y)
-    if x.shape != y.shape:
+      y = SEBlock(self.se_reduction, self.se_bias, dtype=self.dtype)(y)
+    if x.shape != y.shape and self.shortcut == 'A':
+      x = zero_pad_shortcut(x, self.strides, self.filters)
+    elif x.shape != y.shape:
       x = self.conv(self.filters, (1, 1), strides, padding=PAD_1X1, name='conv_proj')(x)
       x = self.norm(name='norm_proj')(x)
     return self.act(x + y)
@@ -110,8 +156,8 @@ class ResidualBlock(nn.Module):
 class BottleneckBlock(nn.Module):
   """Bottleneck unit (1x1, 3x3, 1x1 x4) with SE on the residual branch before the addition.
 
-  The stride sits on the 3x3, as in the PyTorch CIFAR ResNets; `relu_before_se` as in
-  ResidualBlock.
+  The stride sits on the 3x3, as in the PyTorch CIFAR ResNets; `relu_before_se` and `shortcut` as
+  in ResidualBlock.
   """
   filters: int
   conv: ModuleDef
@@ -120,7 +166,10 @@ class BottleneckBlock(nn.Module):
   strides: int = 1
   se_reduction: Optional[int] = 16
   relu_before_se: bool = False
+  shortcut: str = 'B'
+  se_bias: bool = True
   dtype: Any = jnp.float32
+  expansion = 4  # output channels per `filters`
 
   @nn.compact
   def __call__(self, x):
@@ -132,8 +181,10 @@ class BottleneckBlock(nn.Module):
     if self.relu_before_se:
       y = self.act(y)
     if self.se_reduction:
-      y = SEBlock(self.se_reduction, dtype=self.dtype)(y)
-    if x.shape != y.shape:
+      y = SEBlock(self.se_reduction, self.se_bias, dtype=self.dtype)(y)
+    if x.shape != y.shape and self.shortcut == 'A':
+      x = zero_pad_shortcut(x, self.strides, self.filters * 4)
+    elif x.shape != y.shape:
       x = self.conv(self.filters * 4, (1, 1), strides, padding=PAD_1X1, name='conv_proj')(x)
       x = self.norm(name='norm_proj')(x)
     return self.act(x + y)
@@ -151,14 +202,26 @@ def stage_reductions(se_reduction: Reduction, num_stages: int) -> list:
 
 
 class SEResNet(nn.Module):
-  """ResNet for 32x32 inputs (3x3 stride-1 stem, no max-pool) with SE in every residual unit."""
+  """ResNet for 32x32 inputs (3x3 stride-1 stem, no max-pool) with SE in every residual unit.
+
+  Stage i has `num_filters * 2**i` filters (times the unit's expansion) and halves the resolution
+  from the second stage on. Four stages give the ResNet-18...152 family; three stages of basic units
+  at `num_filters=16` with `shortcut='A'` are He et al.'s CIFAR ResNets (ResNet20...110).
+
+  Besides logits, every network of the library is a backbone: `features` gives the pre-logit vector
+  and, with `stages=True`, each stage's output; `num_classes=0` makes the network headless (it
+  returns the pre-logit vector); the SE gates are in the 'se_gates' collection (see SEBlock); and
+  `replace_head` puts trained weights under a head for another class count.
+  """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
-  num_classes: int = 10
+  num_classes: int = 10  # 0: no head, the output is the pre-logit vector
   num_filters: int = 64
   se_reduction: Reduction = 16
   dropout_rate: float = 0.0
   relu_before_se: bool = False  # see ResidualBlock; for weights of that PyTorch layout
+  shortcut: str = 'B'  # where a unit changes shape: 'B' 1x1 conv + BN, 'A' zero-padded identity
+  se_bias: bool = True  # biases in the SE Dense layers (senet.pytorch has none)
   dtype: Any = jnp.float32
   act: Callable = nn.relu
   conv: ModuleDef = nn.Conv
@@ -166,33 +229,187 @@ class SEResNet(nn.Module):
   def __post_init__(self):
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f'dropout_rate must be in [0, 1), got {self.dropout_rate}.')
-    if self.num_classes < 1 or self.num_filters < 1:
-      raise ValueError('num_classes and num_filters must be positive, got '
+    if self.num_classes < 0 or self.num_filters < 1:
+      raise ValueError('num_classes must be >= 0 (0: no head) and num_filters positive, got '
                        f'{self.num_classes} and {self.num_filters}.')
-    expansion = 4 if self.block_cls is BottleneckBlock else 1
-    for i, r in enumerate(stage_reductions(self.se_reduction, len(self.stage_sizes))):
+    if self.shortcut not in ('A', 'B'):
+      raise ValueError(f"shortcut must be 'A' (zero-padded identity) or 'B' (projection), got "
+                       f'{self.shortcut!r}.')
+    for width, r in zip(self.stage_widths(),
+                        stage_reductions(self.se_reduction, len(self.stage_sizes))):
       if r is not None:
-        se_hidden_width(self.num_filters * 2**i * expansion, r)
+        se_hidden_width(width, r)
     super().__post_init__()
 
-  @nn.compact
-  def __call__(self, x, train: bool = True):
+  @nn.nowrap
+  def stage_widths(self) -> list:
+    """Output channels of each stage (what its SE blocks squeeze)."""
+    return [self.num_filters * 2**i * self.block_cls.expansion
+            for i in range(len(self.stage_sizes))]
+
+  @nn.nowrap
+  def layers(self, train: bool) -> tuple:
+    """(conv, norm): the constructors every unit builds its layers with, so options set here
+    (dtype, BatchNorm momentum, train/eval mode) reach every layer of the network."""
     conv = partial(self.conv, use_bias=False, dtype=self.dtype)
     norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                    dtype=self.dtype)
+    return conv, norm
+
+  def __call__(self, x, train: bool = True):
+    """Logits (N, num_classes) in float32; with num_classes=0 the pre-logit vector (N, C)."""
+    return self.forward(x, train)[0]
+
+  def features(self, x, train: bool = True, stages: bool = False):
+    """The pre-logit vector (N, C) in float32 (after global pooling, before dropout and head);
+    with `stages=True`, also {'stem': ..., 'stage1': ..., ...}: each stage's output map (N, H, W,
+    C) in compute dtype. Use as `model.apply(variables, x, train=False, method='features')`."""
+    pooled, maps = self.forward(x, train, head=False)
+    return (pooled, maps) if stages else pooled
+
+  @nn.compact
+  def forward(self, x, train: bool = True, head: bool = True) -> tuple:
+    """(logits, or the pre-logit vector without a head; {name: stage output map})."""
+    conv, norm = self.layers(train)
     x = self.act(norm(name='bn_init')(
         conv(self.num_filters, (3, 3), padding=PAD_3X3, name='conv_init')(x)))
+    maps = {'stem': x}
     reductions = stage_reductions(self.se_reduction, len(self.stage_sizes))
     for i, block_size in enumerate(self.stage_sizes):
       for j in range(block_size):
         strides = 2 if i > 0 and j == 0 else 1
         x = self.block_cls(self.num_filters * 2**i, conv=conv, norm=norm, act=self.act,
                            strides=strides, se_reduction=reductions[i],
-                           relu_before_se=self.relu_before_se, dtype=self.dtype)(x)
-    x = Squeeze()(x)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
-    return x.astype(jnp.float32)
+                           relu_before_se=self.relu_before_se, shortcut=self.shortcut,
+                           se_bias=self.se_bias, dtype=self.dtype)(x)
+      maps[f'stage{i + 1}'] = x
+    return self.classify(Squeeze()(x), train, head), maps
+
+  @nn.nowrap
+  def classify(self, pooled: jax.Array, train: bool, head: bool) -> jax.Array:
+    """Dropout and Dense(num_classes) on the pooled vector (called inside `forward`); the pooled
+    vector itself in float32 without a head."""
+    if not head or not self.num_classes:
+      return pooled.astype(jnp.float32)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class PreActBlock(nn.Module):
+  """Pre-activation basic unit (He et al. 2016, "Identity Mappings"; the wide unit of Zagoruyko &
+  Komodakis): BN-ReLU, 3x3 (stride), BN-ReLU, 3x3, SE on the branch, plus the shortcut.
+
+  Where the unit changes shape the shortcut is a 1x1 convolution (no BN) of the pre-activated input,
+  as in both papers' code; elsewhere the identity. The branch ends in a convolution, so there is no
+  last BatchNorm scale to start at zero. SE recalibrates the branch before the addition (the SENet
+  paper's standard placement; it also tried others).
+  """
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  act: Callable = nn.relu
+  strides: int = 1
+  se_reduction: Optional[int] = 16
+  se_bias: bool = True
+  dtype: Any = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x):
+    out = self.act(self.norm()(x))
+    shortcut = self.projection(x, out)
+    y = self.conv(self.filters, (3, 3), (self.strides,) * 2, padding=PAD_3X3)(out)
+    y = self.conv(self.filters, (3, 3), padding=PAD_3X3)(self.act(self.norm()(y)))
+    if self.se_reduction:
+      y = SEBlock(self.se_reduction, self.se_bias, dtype=self.dtype)(y)
+    return shortcut + y
+
+  @nn.nowrap
+  def projection(self, x, out):
+    channels = self.filters * self.expansion
+    if self.strides == 1 and x.shape[-1] == channels:
+      return x
+    return self.conv(channels, (1, 1), (self.strides,) * 2, padding=PAD_1X1, name='conv_proj')(out)
+
+
+class PreActBottleneck(PreActBlock):
+  """Pre-activation bottleneck unit (He et al. 2016, ResNet-164): BN-ReLU, 1x1, BN-ReLU, 3x3
+  (stride), BN-ReLU, 1x1 (x4), SE, plus the shortcut as in PreActBlock.
+
+  The stride sits on the 3x3, as in the public PyTorch ports (kuangliu, pytorchcv); the Torch code
+  of He et al. puts it on the first 1x1, which has the same parameters.
+  """
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x):
+    out = self.act(self.norm()(x))
+    shortcut = self.projection(x, out)
+    y = self.conv(self.filters, (1, 1), padding=PAD_1X1)(out)
+    y = self.conv(self.filters, (3, 3), (self.strides,) * 2,
+                  padding=PAD_3X3)(self.act(self.norm()(y)))
+    y = self.conv(self.filters * 4, (1, 1), padding=PAD_1X1)(self.act(self.norm()(y)))
+    if self.se_reduction:
+      y = SEBlock(self.se_reduction, self.se_bias, dtype=self.dtype)(y)
+    return shortcut + y
+
+
+class PreActResNet(SEResNet):
+  """Pre-activation ResNet for 32x32 inputs: 3x3 stem conv (no BN: each unit normalises its own
+  input), pre-activation units, a final BN-ReLU, global pooling, dropout, Dense.
+
+  Stage i has `num_filters * widen_factor * 2**i` filters (times the unit's expansion): ResNet-164
+  is 3 x 18 bottleneck units at 16-32-64 (outputs 64-128-256); WRN-d-k is 3 x (d-4)/6 basic units
+  at widths 16k-32k-64k. WRN's dropout between a unit's convolutions is not built; `dropout_rate`
+  is before the classifier, as for every network here. Options as SEResNet (`relu_before_se` and
+  `shortcut` do not apply: the shortcut is the papers' 1x1 projection where the shape changes).
+  """
+  widen_factor: int = 1
+
+  def __post_init__(self):
+    if self.relu_before_se or self.shortcut != 'B':
+      raise ValueError('relu_before_se and shortcut apply to post-activation units only; '
+                       f'{type(self).__name__} has pre-activation units.')
+    if self.widen_factor < 1:
+      raise ValueError(f'widen_factor must be positive, got {self.widen_factor}.')
+    super().__post_init__()
+
+  @nn.nowrap
+  def stage_widths(self) -> list:
+    return [w * self.widen_factor for w in super().stage_widths()]
+
+  @nn.compact
+  def forward(self, x, train: bool = True, head: bool = True) -> tuple:
+    conv, norm = self.layers(train)
+    x = conv(self.num_filters, (3, 3), padding=PAD_3X3, name='conv_init')(x)
+    maps = {'stem': x}
+    reductions = stage_reductions(self.se_reduction, len(self.stage_sizes))
+    for i, block_size in enumerate(self.stage_sizes):
+      for j in range(block_size):
+        x = self.block_cls(self.num_filters * self.widen_factor * 2**i, conv=conv, norm=norm,
+                           act=self.act, strides=2 if i > 0 and j == 0 else 1,
+                           se_reduction=reductions[i], se_bias=self.se_bias, dtype=self.dtype)(x)
+      maps[f'stage{i + 1}'] = x
+    x = self.act(norm(name='bn_final')(x))
+    return self.classify(Squeeze()(x), train, head), maps
+
+
+def replace_head(model: SEResNet, variables: Mapping, num_classes: int,
+                 rng: jax.Array) -> tuple:
+  """(model for `num_classes`, its variables): the backbone's weights and BatchNorm statistics
+  kept, the head new (drawn from `rng` with the network's own initialiser), or none for 0.
+
+  For fine-tuning a trained run on another class count: `run = evaluation.restore_run(workdir)`,
+  then `replace_head(run.model, run.variables, 100, key)`.
+  """
+  new = model.clone(num_classes=num_classes)
+  params = {k: v for k, v in variables['params'].items() if k != 'Dense_0'}
+  if num_classes:
+    sample = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    # Only the head's initial values are kept: jit lets XLA drop the rest of the network's init.
+    params['Dense_0'] = jax.jit(
+        lambda key: new.init(key, sample, train=False)['params']['Dense_0'])(rng)
+  return new, {**variables, 'params': params}
 
 
 SEResNet18 = partial(SEResNet, stage_sizes=[2, 2, 2, 2], block_cls=ResidualBlock)
@@ -207,8 +424,41 @@ ResNet50 = partial(SEResNet50, se_reduction=None)
 ResNet101 = partial(SEResNet101, se_reduction=None)
 ResNet152 = partial(SEResNet152, se_reduction=None)
 
+# He et al. 2015 (Deep Residual Learning, Sec. 4.2), the networks of the SENet paper's CIFAR table:
+# 6n+2 layers, 3 stages of n basic units at 16-32-64 filters, option A shortcuts ("identity
+# shortcuts in all cases"), 0.27M (20) to 1.7M (110) parameters. senet.pytorch and pytorchcv
+# build them with projection shortcuts instead: shortcut='B' (and se_bias=False for senet.pytorch's
+# SE layers) computes their function.
+_CIFAR = partial(SEResNet, block_cls=ResidualBlock, num_filters=16, shortcut='A')
+SEResNet20 = partial(_CIFAR, stage_sizes=[3, 3, 3])
+SEResNet32 = partial(_CIFAR, stage_sizes=[5, 5, 5])
+SEResNet44 = partial(_CIFAR, stage_sizes=[7, 7, 7])
+SEResNet56 = partial(_CIFAR, stage_sizes=[9, 9, 9])
+SEResNet110 = partial(_CIFAR, stage_sizes=[18, 18, 18])
+# He et al. 2016 (Identity Mappings): 9n+2 layers of pre-activation bottleneck units, 1.7M.
+SEResNet164 = partial(PreActResNet, stage_sizes=[18, 18, 18], block_cls=PreActBottleneck,
+                      num_filters=16)
+# Zagoruyko & Komodakis 2016: WRN-d-k, (d-4)/6 pre-activation basic units per stage, widen k.
+SEWRN16_8 = partial(PreActResNet, stage_sizes=[2, 2, 2], block_cls=PreActBlock, num_filters=16,
+                    widen_factor=8)
+SEWRN28_10 = partial(PreActResNet, stage_sizes=[4, 4, 4], block_cls=PreActBlock, num_filters=16,
+                     widen_factor=10)
+
+ResNet20 = partial(SEResNet20, se_reduction=None)
+ResNet32 = partial(SEResNet32, se_reduction=None)
+ResNet44 = partial(SEResNet44, se_reduction=None)
+ResNet56 = partial(SEResNet56, se_reduction=None)
+ResNet110 = partial(SEResNet110, se_reduction=None)
+ResNet164 = partial(SEResNet164, se_reduction=None)
+WRN16_8 = partial(SEWRN16_8, se_reduction=None)
+WRN28_10 = partial(SEWRN28_10, se_reduction=None)
+
 MODEL_NAMES = ('SEResNet18', 'SEResNet34', 'SEResNet50', 'SEResNet101', 'SEResNet152',
-               'ResNet18', 'ResNet34', 'ResNet50', 'ResNet101', 'ResNet152')
+               'ResNet18', 'ResNet34', 'ResNet50', 'ResNet101', 'ResNet152',
+               'SEResNet20', 'SEResNet32', 'SEResNet44', 'SEResNet56', 'SEResNet110',
+               'SEResNet164', 'SEWRN16_8', 'SEWRN28_10',
+               'ResNet20', 'ResNet32', 'ResNet44', 'ResNet56', 'ResNet110', 'ResNet164',
+               'WRN16_8', 'WRN28_10')
 MODELS = {name: globals()[name] for name in MODEL_NAMES}
 
 
@@ -229,7 +479,7 @@ def create_model(name: str, **kwargs) -> SEResNet:
 
 
 def has_se(name: str) -> bool:
-  """Whether the registered model `name` has SE blocks (the ResNet* baselines fix r=None)."""
+  """Whether the registered model `name` has SE blocks (the plain baselines fix r=None)."""
   return 'se_reduction' not in MODELS[name].keywords
 
 
@@ -247,14 +497,26 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
   return jnp.bfloat16 if config.half_precision else jnp.float32
 
 
+def model_options(config: ml_collections.ConfigDict, num_classes: int) -> dict:
+  """The create_model keyword arguments `config.model` gives (the PyTorch twin takes the same);
+  options left at their defaults are left out, so every family accepts what it is given."""
+  m = config.model
+  kwargs = dict(num_classes=num_classes, num_filters=m.num_filters, dropout_rate=m.dropout_rate)
+  if has_se(m.name):
+    kwargs['se_reduction'] = model_se_reduction(config)
+  if m.relu_before_se:
+    kwargs['relu_before_se'] = True
+  if m.get('shortcut'):
+    kwargs['shortcut'] = m.shortcut
+  if not m.get('se_bias', True):
+    kwargs['se_bias'] = False
+  return kwargs
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> SEResNet:
   """The network `config.model` describes; SEResNet's own checks refuse impossible SE widths."""
-  kwargs = dict(num_classes=num_classes, num_filters=config.model.num_filters,
-                dropout_rate=config.model.dropout_rate,
-                relu_before_se=config.model.relu_before_se, dtype=compute_dtype(config))
-  if has_se(config.model.name):
-    kwargs['se_reduction'] = model_se_reduction(config)
-  return create_model(config.model.name, **kwargs)
+  return create_model(config.model.name, dtype=compute_dtype(config),
+                      **model_options(config, num_classes))
 
 
 def architecture(config: ml_collections.ConfigDict, num_classes: int) -> dict:
@@ -270,4 +532,6 @@ def architecture(config: ml_collections.ConfigDict, num_classes: int) -> dict:
                      num_classes=num_classes)
   if config.model.relu_before_se:
     fingerprint['relu_before_se'] = True
+  options = model_options(config, num_classes)  # recorded only when set, as relu_before_se
+  fingerprint.update({k: options[k] for k in ('shortcut', 'se_bias') if k in options})
   return fingerprint

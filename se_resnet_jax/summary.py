@@ -34,7 +34,11 @@ def _flat(config_dict: dict) -> dict:
 
 def config_differences(saved: dict, config: ml_collections.ConfigDict) -> list:
   """Dotted names of the fields where `config` asks for another run than `saved` records."""
-  saved, current = _flat(saved), _flat(config.to_dict())
+  from se_resnet_jax.config import base_config  # config imports the models; summary stays light
+
+  # A field added since the run was saved asks for its default, which is what the run computed.
+  saved = {**_flat(base_config().to_dict()), **_flat(saved)}
+  current = _flat(config.to_dict())
   return sorted(k for k in saved.keys() | current.keys()
                 if k not in RERUN_NEUTRAL_FIELDS and saved.get(k) != current.get(k))
 

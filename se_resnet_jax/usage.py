@@ -29,12 +29,16 @@ FIELD_MEANINGS = {
     'synthetic.num_test': 'generated data: test images',
     'synthetic.noise': 'generated data: std of the pixel noise added to each class template',
     'synthetic.seed': 'generated data: seed',
-    'model.name': 'SEResNet18/34/50/101/152 or ResNet18/34/50/101/152 (no SE)',
-    'model.num_filters': 'width of the first stage; later stages double it',
+    'model.name': ('SEResNet18/34/50/101/152, SEResNet20/32/44/56/110/164, SEWRN16_8, '
+                   'SEWRN28_10, or the same without SE (ResNet..., WRN...)'),
+    'model.num_filters': ('width of the stem and first stage; later stages double it (16 for '
+                          "He et al.'s CIFAR ResNets and WRNs)"),
     'model.se_reduction': 'SE reduction ratio r (hidden width = channels / r), all stages',
     'model.se_reductions': 'per-stage r, e.g. (8, 16, 16, 32); None in a stage = no SE there',
     'model.dropout_rate': 'dropout before the classifier',
     'model.relu_before_se': 'a ReLU before each SE block (public PyTorch CIFAR SE-ResNets)',
+    'model.shortcut': "where a unit changes shape: 'A' zero-pad, 'B' 1x1 conv + BN, '' = default",
+    'model.se_bias': 'biases in the SE Dense layers (False: senet.pytorch CIFAR weights)',
     'augment.enabled': 'augment training images at all (False: scale to [0, 1] only)',
     'augment.random_crop': 'random crop of the zero-padded image',
     'augment.crop_padding': 'padding (pixels) of the random crop',

@@ -18,7 +18,7 @@ from conftest import random_variables, randomise_batch_stats
 from safetensors.torch import save_file
 from torch import nn
 
-from se_resnet_jax import convert, create_model, torch_models
+from se_resnet_jax import convert, create_model, models, torch_models
 
 torch.set_num_threads(2)
 TOLERANCE = 1e-4
@@ -26,6 +26,8 @@ IMAGES = np.random.RandomState(0).normal(size=(8, 32, 32, 3)).astype(np.float32)
 CASES = {  # name -> options: small widths, SE everywhere with a hidden width of at least 2
     'SEResNet18': dict(num_classes=100, num_filters=8, se_reduction=4),
     'SEResNet50': dict(num_classes=100, num_filters=8, se_reduction=8),
+    'SEResNet20': dict(num_classes=10, num_filters=4, se_reduction=2),  # option A shortcuts
+    'SEWRN16_8': dict(num_classes=10, num_filters=2, se_reduction=4),  # pre-activation, wide
 }
 
 
@@ -49,8 +51,10 @@ def torch_logits(model: nn.Module, train: bool) -> np.ndarray:
 
 def flax_logits(model, variables, train: bool) -> np.ndarray:
   if train:
-    return np.asarray(model.apply(variables, IMAGES, train=True, mutable=['batch_stats'])[0])
-  return np.asarray(model.apply(variables, IMAGES, train=False))
+    run = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[0])
+  else:
+    run = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  return np.asarray(run(variables, IMAGES))
 
 
 def max_abs_difference(torch_model, flax_model, variables) -> dict:
@@ -93,7 +97,7 @@ def test_flax_to_torch_same_logits_and_round_trip_is_bit_exact(name):
 
 
 def test_mapping_covers_every_model_and_matches_torch_names():
-  """Every Flax variable of all ten models has a row in LAYERS, and the names and shapes that
+  """Every Flax variable of every model has a row in LAYERS, and the names and shapes that
   flax_to_torch writes are exactly those of the PyTorch twin (traced at full width, not run)."""
   for name in torch_models.MODELS:
     torch_model = torch_models.create_model(name, num_classes=100, num_filters=4,
@@ -273,6 +277,82 @@ def test_kuangliu_senet_layout_se_as_1x1_convolutions():
   assert report.layouts == ('kuangliu/pytorch-cifar senet.py',)
   differences = max_abs_difference(source, model, variables)
   assert max(differences.values()) <= TOLERANCE, differences
+
+
+def test_pre_activation_bottleneck_both_ways():
+  """ResNet-164's units (pre-activation bottlenecks, 1x1 projections, final BN), one per stage."""
+  torch.manual_seed(4)
+  torch_model = randomise_batchnorm(torch_models.PreActResNet(
+      (1, 1, 1), True, num_classes=10, num_filters=2, se_reduction=4), seed=4)
+  flax_model = models.SEResNet164(num_classes=10, num_filters=2, se_reduction=4,
+                                  stage_sizes=[1, 1, 1])
+  variables, _ = convert.torch_to_flax(torch_model.state_dict(), flax_model)
+  differences = max_abs_difference(torch_model, flax_model, variables)
+  assert max(differences.values()) <= TOLERANCE, differences
+  back = convert.flax_to_torch(variables, flax_model)
+  assert set(back) == set(torch_model.state_dict())
+  assert not any(k.startswith('bn1.') for k in back) and 'bn_final.running_var' in back
+
+
+class SenetPytorchCifarBlock(nn.Module):
+  """moskomule/senet.pytorch CifarSEBasicBlock's layout: `se.fc` Sequential of bias-free Linear
+  layers (indices 0 and 2), `downsample` conv + BN where the width changes."""
+
+  def __init__(self, inplanes, planes, stride, r):
+    super().__init__()
+    self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.se = nn.Module()
+    self.se.fc = nn.Sequential(nn.Linear(planes, planes // r, bias=False), nn.ReLU(),
+                               nn.Linear(planes // r, planes, bias=False), nn.Sigmoid())
+    self.downsample = None
+    if inplanes != planes:
+      self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
+                                      nn.BatchNorm2d(planes))
+
+  def forward(self, x):
+    out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+    out = out * self.se.fc(out.mean((2, 3)))[:, :, None, None]
+    return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class SenetPytorchCifarSEResNet(nn.Module):
+  """Its CifarSEResNet: conv1/bn1 stem of 16 (here `width`), layer1-3, `fc`."""
+
+  def __init__(self, n, width, r, num_classes):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    inplanes = width
+    for s in range(3):
+      blocks = []
+      for j in range(n):
+        blocks.append(SenetPytorchCifarBlock(inplanes, width * 2**s, 2 if s and not j else 1, r))
+        inplanes = width * 2**s
+      setattr(self, f'layer{s + 1}', nn.Sequential(*blocks))
+    self.fc = nn.Linear(inplanes, num_classes)
+
+  def forward(self, x):
+    x = self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
+    return self.fc(x.mean((2, 3)))
+
+
+def test_senet_pytorch_cifar_layout():
+  torch.manual_seed(5)
+  source = randomise_batchnorm(SenetPytorchCifarSEResNet(3, width=4, r=2, num_classes=10), seed=5)
+  state_dict = source.state_dict()
+  assert 'layer1.0.se.fc.0.weight' in state_dict and 'layer2.0.downsample.1.running_mean' in (
+      state_dict) and 'fc.bias' in state_dict and 'layer1.0.se.fc.0.bias' not in state_dict
+  model = create_model('SEResNet20', num_classes=10, num_filters=4, se_reduction=2,
+                       shortcut='B', se_bias=False)
+  variables, report = convert.torch_to_flax(state_dict, model)
+  assert report.layouts == ('moskomule/senet.pytorch se_resnet.py (CIFAR)',)
+  differences = max_abs_difference(source, model, variables)
+  assert max(differences.values()) <= TOLERANCE, differences
+  with pytest.raises(convert.ConversionError, match="se_bias=False"):  # He et al.'s option A
+    convert.torch_to_flax(state_dict, create_model('SEResNet20', **CASES['SEResNet20']))
 
 
 def test_weiaicunzai_resnet_layout():

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from absl import flags
 from conftest import REPO
@@ -152,6 +153,39 @@ def test_ablation_tables_picture_parameters_and_compilation_cache(tmp_path, cach
     summary, *per_seed = table_rows(os.path.join(workdir, 'ablation.md'), f'`{name}` |')
     assert summary.count(' ± ') == (3 if name == 'full' else 5) and len(per_seed) == 2
   assert_png(os.path.join(workdir, 'ablation.png'))
+
+
+@pytest.mark.slow  # four real runs of two networks not compiled elsewhere: about a minute
+def test_senet_recipe_ablation_prints_se_gain_with_its_interval(tmp_path, cache_dir, capsys):
+  """The acceptance run of issue 23, in process: the SENet paper's CIFAR recipe shrunk to
+  SE-ResNet-20 at base width 4 on generated images, full against no_se over 2 seeds."""
+  config = common.with_values(load_config_file(os.path.join(REPO, 'configs', 'senet_cifar10.py')), {
+      **{k: v for k, v in TINY.items() if k != 'model.dropout_rate'},
+      'model.name': 'SEResNet20', 'num_epochs': 1})
+  workdir = str(tmp_path / 'senet')
+  result = ablation.run_ablation(config, workdir, seeds=2, variants=['full', 'no_se'],
+                                 cache_dir=cache_dir)
+  print(ablation.closing_summary(workdir, result))
+  gain = result['se_gain']
+  assert (gain['model'], gain['baseline'], gain['split']) == ('SEResNet20', 'ResNet20', 'test')
+  runs = {v['name']: v['runs'] for v in result['variants']}
+  paired = [f['test']['accuracy'] - n['test']['accuracy']
+            for f, n in zip(runs['full'], runs['no_se'])]
+  assert gain['accuracy']['per_seed'] == pytest.approx(paired)
+  half = 12.706204736 * np.std(paired, ddof=1) / np.sqrt(2)  # t(0.975, df=1)
+  assert (gain['accuracy']['low'], gain['accuracy']['high']) == pytest.approx(
+      (np.mean(paired) - half, np.mean(paired) + half))
+  out = capsys.readouterr().out
+  assert f'{100 * np.mean(paired):+.2f} points, 95% CI' in out and 'df=1' in out
+
+
+def test_paired_interval_numbers():
+  """Student's t on paired differences: df = n - 1, none for one seed."""
+  three = common.paired_interval([0.01, 0.02, 0.06])
+  half = 4.302652730 * np.std([0.01, 0.02, 0.06], ddof=1) / np.sqrt(3)
+  assert (three['df'], three['low'], three['high']) == pytest.approx((2, 0.03 - half, 0.03 + half))
+  one = common.paired_interval([0.5])
+  assert (one['low'], one['high'], one['df']) == (None, None, 0)
 
 
 def write_config_file(path, values):
@@ -324,6 +358,11 @@ def test_ablation_variants_and_deltas(tmp_path, monkeypatch):
       ('ResNet18', 0.0, False)}
   summary = table_rows(tmp_path / 'ablation.md', '`all_off` |')[0]
   assert '-30.00 ± 0.00' in summary
+  # no_se loses 0.2 on both seeds: SE's gain is +0.2 with a zero-width interval (equal pairs).
+  gain = result['se_gain']['accuracy']
+  assert (gain['mean'], gain['low'], gain['high'], gain['df']) == pytest.approx((0.2, 0.2, 0.2, 1))
+  assert result['se_gain']['loss']['mean'] == pytest.approx(0.2)  # lower loss counts as gain
+  assert '+20.00 points, 95% CI [+20.00, +20.00]' in (tmp_path / 'ablation.md').read_text()
 
 
 def test_bad_settings_fail_before_any_training(tmp_path, monkeypatch):

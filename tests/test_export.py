@@ -140,16 +140,45 @@ def test_the_exported_function_is_what_the_evaluation_step_evaluates(tta_flip):
   np.testing.assert_allclose(-np.log(probabilities[np.arange(8), labels]), losses, atol=1e-5)
 
 
-def test_a_batch_norm_without_a_convolution_before_it_is_refused():
+def test_a_batch_norm_without_a_convolution_before_it_stays_an_affine_map():
   class NormFirst(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):
       return nn.Conv(2, (1, 1))(nn.BatchNorm(use_running_average=True)(x))
 
   model = NormFirst()
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
-  with pytest.raises(ValueError, match='does not follow a convolution'):
-    inference.fold_batch_norm(model, variables, (4, 4, 3))
+  x = jnp.asarray(np.random.RandomState(0).normal(size=(2, 4, 4, 3)), jnp.float32)
+  variables = randomise_batch_stats(random_variables(model, x))
+  folded = inference.fold_batch_norm(model, variables, (4, 4, 3))
+  assert set(folded['params']['BatchNorm_0']) == {'scale', 'bias'}
+  np.testing.assert_allclose(inference.apply_folded(model, folded, x), model.apply(variables, x),
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize('name, options', [
+    ('SEResNet20', dict(num_filters=4, se_reduction=2)),  # option A shortcuts
+    ('SEWRN16_8', dict(num_filters=2, se_reduction=4)),
+    ('SEResNet164', dict(num_filters=2, se_reduction=4, stage_sizes=[1, 1, 1])),
+    # widen 1: the first unit's shortcut is the stem's output itself, which must not be folded
+    ('SEWRN16_8', dict(num_filters=4, se_reduction=4, widen_factor=1)),
+])
+def test_folding_keeps_the_function_of_the_cifar_networks(name, options):
+  """Pre-activation units: the BatchNorm after a unit's inner convolution folds into it; the one
+  that starts each unit and the final one normalise sums and stay per-channel affine maps."""
+  model = models.create_model(name, num_classes=10, **options)
+  x = jnp.asarray(np.random.RandomState(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+  variables = randomise_batch_stats(random_variables(model, x, train=False))
+  folded = inference.fold_batch_norm(model, variables)
+  flat = traverse_util.flatten_dict(folded['params'])
+  scales = {k[:-1] for k in flat if k[-1] == 'scale'}
+  if isinstance(model, models.PreActResNet):  # unit-input BatchNorms and bn_final stay affine
+    assert scales == {(f'{model.block_cls.__name__}_{i}', 'BatchNorm_0')
+                      for i in range(sum(model.stage_sizes))} | {('bn_final',)}
+  else:
+    assert not scales
+  expected = model.apply(variables, x, train=False)
+  got = jax.jit(lambda v, x: inference.apply_folded(model, v, x))(folded, x)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(jnp.abs(expected).max()))
 
 
 @pytest.mark.slow  # runs the command in a subprocess

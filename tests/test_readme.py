@@ -17,6 +17,18 @@ def test_readme_flax_example_runs(capsys):
   assert capsys.readouterr().out.split() == ['(8,', '10)', '(2,', '8,', '8,', '64)']
 
 
+def test_readme_backbone_example_runs(capsys):
+  """The backbone lines (features, stage maps, SE gates, headless, new head) print what their
+  comments say."""
+  section = README.read_text().split('## Using the modules in your own Flax code', 1)[1]
+  code = re.findall(r'```python\n(.*?)```', section.split('\n## ', 1)[0], re.S)[1]
+  exec(compile(code, str(README), 'exec'), {})
+  printed = capsys.readouterr().out.splitlines()
+  assert printed[0] == ("(2, 64) {'stem': (32, 32, 16), 'stage1': (32, 32, 16), "
+                        "'stage2': (16, 16, 32), 'stage3': (8, 8, 64)}")
+  assert printed[1:] == ['9 (2, 64)', '(2, 64)', '(2, 100)']
+
+
 def test_readme_commands_are_the_ones_ci_runs():
   ci = (README.parent / '.ci' / 'run').read_text()
   text = README.read_text()

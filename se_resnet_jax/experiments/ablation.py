@@ -6,8 +6,11 @@ augmentation (optionally with all three off), over several seeds.
 
 Every variant trains on the same data (the validation split depends on validation_seed, never on
 the seed) with the same seeds, so each seed gives a paired difference against the full model; the
-deltas are the mean and std of those differences. Writes ablation.json, ablation.md and
-ablation.png into the workdir; run `<variant>/seed_<seed>` keeps its own checkpoints and report.
+deltas are the mean and std of those differences, with a 95% Student's t interval on them (df =
+seeds - 1). With `no_se` among the variants the result also holds SE's gain, full minus no_se,
+with its interval: whether SE's gain is larger than seed noise, as the SENet paper's CIFAR table
+is read (configs/senet_*.py hold its recipes). Writes ablation.json, ablation.md and ablation.png
+into the workdir; run `<variant>/seed_<seed>` keeps its own checkpoints and report.
 """
 
 import os
@@ -85,13 +88,29 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: int = 3
     stats = {k: common.mean_std(r[split][k] for r in runs_v) for k in ('accuracy', 'loss')}
     deltas = {f'{k}_delta': common.mean_std(r[split][k] - full[r['seed']][k] for r in runs_v)
               for k in ('accuracy', 'loss')}
+    intervals = {f'{k}_delta_ci95': common.paired_interval(
+        r[split][k] - full[r['seed']][k] for r in runs_v) for k in ('accuracy', 'loss')}
     result['variants'].append({
         'name': v, 'description': DESCRIPTIONS[v], 'parameters': params,
-        'parameters_change': params / full_params - 1.0, **stats, **deltas,
+        'parameters_change': params / full_params - 1.0, **stats, **deltas, **intervals,
         'validation_accuracy': common.mean_std(r['validation']['accuracy'] for r in runs_v),
         'runs': runs_v})
+  if 'no_se' in variants:
+    result['se_gain'] = se_gain(result, configs)
   write_outputs(workdir, result)
   return result
+
+
+def se_gain(result: dict, configs: dict) -> dict:
+  """SE's gain, full minus no_se per seed (accuracy in [0, 1], loss), with 95% t intervals."""
+  split = result['split']
+  runs = {v['name']: {r['seed']: r[split] for r in v['runs']} for v in result['variants']}
+  gain = {'model': configs['full'].model.name, 'baseline': configs['no_se'].model.name,
+          'split': split}
+  for k, sign in (('accuracy', 1.0), ('loss', -1.0)):  # a lower loss with SE is a gain
+    differences = [sign * (runs['full'][s][k] - runs['no_se'][s][k]) for s in result['seeds']]
+    gain[k] = dict(common.paired_interval(differences), per_seed=differences)
+  return gain
 
 
 def write_outputs(workdir: str, result: dict) -> None:
@@ -103,7 +122,10 @@ def write_outputs(workdir: str, result: dict) -> None:
            f'{len(seeds)} seed(s) per variant ({", ".join(map(str, seeds))}), identical data and '
            f'seeds across variants; {split} metrics of the best-validation checkpoint. Values are '
            'mean ± sample std over seeds; Δ is the mean ± std of the per-seed differences against '
-           '`full` (accuracy in points).', '']
+           '`full` (accuracy in points), with the 95% Student\'s t interval of their mean '
+           f'(df = {len(seeds) - 1}).', '']
+  if 'se_gain' in result:
+    lines += [se_gain_line(result['se_gain']), '']
   rows = []
   for v in variants:
     is_full = v['name'] == 'full'
@@ -112,11 +134,12 @@ def write_outputs(workdir: str, result: dict) -> None:
         '' if is_full else f'{100 * v["parameters_change"]:+.2f}%',
         common.fmt(v['accuracy'], 100, 2),
         '' if is_full else common.fmt(v['accuracy_delta'], 100, 2, signed=True),
+        '' if is_full else common.fmt_interval(v['accuracy_delta_ci95'], 100),
         common.fmt(v['loss']), '' if is_full else common.fmt(v['loss_delta'], signed=True),
         common.fmt(v['validation_accuracy'], 100, 2)])
   lines += files.markdown_table(
       ['Variant', 'Parameters', 'Δ parameters', f'{label} accuracy (%)', 'Δ accuracy',
-       f'{label} loss', 'Δ loss', 'Validation accuracy (%)'], rows)
+       'Δ accuracy 95% CI', f'{label} loss', 'Δ loss', 'Validation accuracy (%)'], rows)
   lines += ['![Ablation](ablation.png)', '', '## Variants', '']
   lines += [f'- `{v["name"]}`: {v["description"]}' for v in variants] + ['', '## Runs', '']
   lines += files.markdown_table(
@@ -145,6 +168,18 @@ def define_flags() -> None:
   flags.DEFINE_bool('all_off', False, f'Also run "{ALL_OFF}": no SE, no dropout, no augmentation.')
 
 
+def se_gain_line(gain: dict) -> str:
+  """'SE's gain ...: +0.42 points, 95% CI [-1.20, +2.04] ...' for the tables and the console."""
+  accuracy = gain['accuracy']
+  verdict = ('' if accuracy['low'] is None else
+             ' (larger than seed noise)' if accuracy['low'] > 0 else
+             ' (not distinguishable from seed noise)' if accuracy['high'] >= 0 else
+             ' (SE is worse beyond seed noise)')
+  return (f'SE\'s gain, {gain["model"]} minus {gain["baseline"]}, {gain["split"]} accuracy: '
+          f'{100 * accuracy["mean"]:+.2f} points, 95% CI {common.fmt_interval(accuracy, 100)} '
+          f'(paired t over {accuracy["n"]} seed(s), df={accuracy["df"]}){verdict}.')
+
+
 def closing_summary(workdir: str, result: dict) -> str:
   """What the ablation command ends with: each variant against `full`, and the table."""
   split = result['split']
@@ -154,7 +189,11 @@ def closing_summary(workdir: str, result: dict) -> str:
   for v in result['variants']:
     delta = '' if v['name'] == 'full' else (
         f'  Δ {common.fmt(v["accuracy_delta"], 100, 2, signed=True)}')
+    if v['name'] != 'full':
+      delta += f'  95% CI {common.fmt_interval(v["accuracy_delta_ci95"], 100)}'
     lines.append(f'  {v["name"].ljust(width)}  {common.fmt(v["accuracy"], 100, 2)}%{delta}')
+  if 'se_gain' in result:
+    lines += ['', '  ' + se_gain_line(result['se_gain'])]
   return '\n'.join(lines + ['', f'  table        {os.path.join(workdir, "ablation.md")} '
                                  f'(numbers: {os.path.join(workdir, "ablation.json")})'])
 

@@ -180,6 +180,32 @@ def mean_std(values: Iterable[float]) -> dict:
   return {'mean': float(values.mean()), 'std': std, 'n': int(len(values))}
 
 
+def paired_interval(differences: Iterable[float], confidence: float = 0.95) -> dict:
+  """{'mean', 'std', 'n', 'df', 'low', 'high'}: Student's t confidence interval of the mean of
+  paired differences (one per seed), mean ± t(df = n - 1) * std / sqrt(n).
+
+  Pairing by seed removes what the seed does to both runs alike; with two seeds df = 1 and
+  t = 12.71, so the interval is wide unless the differences agree closely. One seed gives no
+  interval (low and high None).
+  """
+  from scipy import stats  # not needed to import the experiments
+
+  summary = mean_std(differences)
+  n = summary['n']
+  summary['df'] = n - 1
+  if n < 2:
+    return dict(summary, low=None, high=None)
+  half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * summary['std'] / np.sqrt(n)
+  return dict(summary, low=summary['mean'] - half, high=summary['mean'] + half)
+
+
+def fmt_interval(interval: dict, scale: float = 1.0, decimals: int = 2) -> str:
+  """'[low, high]' of a paired_interval, or 'n/a' for one seed."""
+  if interval['low'] is None:
+    return 'n/a (1 seed)'
+  return f'[{scale * interval["low"]:+.{decimals}f}, {scale * interval["high"]:+.{decimals}f}]'
+
+
 def fmt(stats: dict, scale: float = 1.0, decimals: int = 4, signed: bool = False) -> str:
   """'mean ± std' of a mean_std dict, e.g. scale=100, decimals=2 for accuracies in percent."""
   sign = '+' if signed else ''
