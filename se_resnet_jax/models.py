@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any, Callable, Optional, Sequence, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -22,6 +23,50 @@ Reduction = Optional[Union[int, Sequence[Optional[int]]]]
 
 PAD_3X3 = ((1, 1), (1, 1))  # PyTorch's padding=1
 PAD_1X1 = ((0, 0), (0, 0))
+
+# How convolution and dense weights start. 'lecun_normal' is Flax's default (truncated normal,
+# variance 1/fan_in, zero biases). 'he_normal_fan_out' is torchvision's ResNet: convolutions
+# kaiming_normal_(mode='fan_out', nonlinearity='relu'), i.e. N(0, 2/fan_out); torchvision leaves
+# its Linear layers at PyTorch's default, and so do these dense layers. 'torch_default' is
+# PyTorch's Conv2d/Linear default, kaiming_uniform_(a=sqrt(5)): weights and biases
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), a third of LeCun's variance. The PyTorch twin
+# (`se_resnet_jax.torch_models`) draws from the same distributions for the same name.
+KERNEL_INITS = ('lecun_normal', 'he_normal_fan_out', 'torch_default')
+
+
+def _check_kernel_init(name: str) -> None:
+  if name not in KERNEL_INITS:
+    raise ValueError(f'Unknown kernel_init {name!r}; choose one of {", ".join(KERNEL_INITS)}.')
+
+
+def conv_kernel_init(name: str) -> Callable:
+  """The convolution kernel initialiser of `name` (one of KERNEL_INITS)."""
+  _check_kernel_init(name)
+  if name == 'lecun_normal':
+    return nn.initializers.lecun_normal()
+  if name == 'he_normal_fan_out':
+    return nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+  return nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def dense_inits(name: str, fan_in: int) -> dict:
+  """kernel_init and bias_init of a dense layer with `fan_in` inputs under `name`."""
+  _check_kernel_init(name)
+  if name == 'lecun_normal':
+    return dict(kernel_init=nn.initializers.lecun_normal(), bias_init=nn.initializers.zeros)
+  bound = fan_in ** -0.5  # PyTorch's Linear default, which torchvision's ResNet keeps as well
+
+  def bias_init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return dict(kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform'),
+              bias_init=bias_init)
+
+
+def residual_scale_init(zero_init_residual: bool) -> Callable:
+  """Scale initialiser of a residual branch's last BatchNorm: zeros start the unit as the
+  identity (Goyal et al.; the Flax ImageNet example), ones as kuangliu's CIFAR networks."""
+  return nn.initializers.zeros if zero_init_residual else nn.initializers.ones
 
 
 def se_hidden_width(channels: int, reduction: int) -> int:
@@ -55,23 +100,28 @@ class Excitation(nn.Module):
   use_bias: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  kernel_init: str = 'lecun_normal'  # one of KERNEL_INITS
 
   @nn.compact
   def __call__(self, z):
     dense = partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
                     param_dtype=self.param_dtype)
-    z = nn.relu(dense(se_hidden_width(self.channels, self.reduction), name='reduce')(z))
-    return nn.sigmoid(dense(self.channels, name='expand')(z))
+    hidden = se_hidden_width(self.channels, self.reduction)
+    z = nn.relu(dense(hidden, name='reduce', **dense_inits(self.kernel_init, self.channels))(z))
+    return nn.sigmoid(dense(self.channels, name='expand',
+                            **dense_inits(self.kernel_init, hidden))(z))
 
 
 class SEBlock(nn.Module):
   """Recalibrates channels: x * Excitation(Squeeze(x))[:, None, None, :]."""
   reduction: int = 16
   dtype: Any = jnp.float32
+  kernel_init: str = 'lecun_normal'  # of the excitation's dense layers; one of KERNEL_INITS
 
   @nn.compact
   def __call__(self, x):
-    gates = Excitation(x.shape[-1], self.reduction, dtype=self.dtype)(Squeeze()(x))
+    gates = Excitation(x.shape[-1], self.reduction, dtype=self.dtype,
+                       kernel_init=self.kernel_init)(Squeeze()(x))
     return x * gates[:, None, None, :].astype(x.dtype)
 
 
@@ -90,17 +140,19 @@ class ResidualBlock(nn.Module):
   se_reduction: Optional[int] = 16
   relu_before_se: bool = False
   dtype: Any = jnp.float32
+  kernel_init: str = 'lecun_normal'  # of the SE block's dense layers (`conv` brings its own)
+  zero_init_residual: bool = True  # the branch's last BatchNorm scale starts at 0 (else 1)
 
   @nn.compact
   def __call__(self, x):
     strides = (self.strides,) * 2
     y = self.act(self.norm()(self.conv(self.filters, (3, 3), strides, padding=PAD_3X3)(x)))
-    y = self.norm(scale_init=nn.initializers.zeros)(
+    y = self.norm(scale_init=residual_scale_init(self.zero_init_residual))(
         self.conv(self.filters, (3, 3), padding=PAD_3X3)(y))
     if self.relu_before_se:
       y = self.act(y)
     if self.se_reduction:
-      y = SEBlock(self.se_reduction, dtype=self.dtype)(y)
+      y = SEBlock(self.se_reduction, dtype=self.dtype, kernel_init=self.kernel_init)(y)
     if x.shape != y.shape:
       x = self.conv(self.filters, (1, 1), strides, padding=PAD_1X1, name='conv_proj')(x)
       x = self.norm(name='norm_proj')(x)
@@ -121,18 +173,20 @@ class BottleneckBlock(nn.Module):
   se_reduction: Optional[int] = 16
   relu_before_se: bool = False
   dtype: Any = jnp.float32
+  kernel_init: str = 'lecun_normal'  # of the SE block's dense layers (`conv` brings its own)
+  zero_init_residual: bool = True  # the branch's last BatchNorm scale starts at 0 (else 1)
 
   @nn.compact
   def __call__(self, x):
     strides = (self.strides,) * 2
     y = self.act(self.norm()(self.conv(self.filters, (1, 1), padding=PAD_1X1)(x)))
     y = self.act(self.norm()(self.conv(self.filters, (3, 3), strides, padding=PAD_3X3)(y)))
-    y = self.norm(scale_init=nn.initializers.zeros)(
+    y = self.norm(scale_init=residual_scale_init(self.zero_init_residual))(
         self.conv(self.filters * 4, (1, 1), padding=PAD_1X1)(y))
     if self.relu_before_se:
       y = self.act(y)
     if self.se_reduction:
-      y = SEBlock(self.se_reduction, dtype=self.dtype)(y)
+      y = SEBlock(self.se_reduction, dtype=self.dtype, kernel_init=self.kernel_init)(y)
     if x.shape != y.shape:
       x = self.conv(self.filters * 4, (1, 1), strides, padding=PAD_1X1, name='conv_proj')(x)
       x = self.norm(name='norm_proj')(x)
@@ -159,6 +213,8 @@ class SEResNet(nn.Module):
   se_reduction: Reduction = 16
   dropout_rate: float = 0.0
   relu_before_se: bool = False  # see ResidualBlock; for weights of that PyTorch layout
+  kernel_init: str = 'lecun_normal'  # how conv and dense weights start: one of KERNEL_INITS
+  zero_init_residual: bool = True  # each residual branch's last BatchNorm scale starts at 0
   dtype: Any = jnp.float32
   act: Callable = nn.relu
   conv: ModuleDef = nn.Conv
@@ -169,6 +225,7 @@ class SEResNet(nn.Module):
     if self.num_classes < 1 or self.num_filters < 1:
       raise ValueError('num_classes and num_filters must be positive, got '
                        f'{self.num_classes} and {self.num_filters}.')
+    _check_kernel_init(self.kernel_init)
     expansion = 4 if self.block_cls is BottleneckBlock else 1
     for i, r in enumerate(stage_reductions(self.se_reduction, len(self.stage_sizes))):
       if r is not None:
@@ -177,7 +234,8 @@ class SEResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    conv = partial(self.conv, use_bias=False, dtype=self.dtype)
+    conv = partial(self.conv, use_bias=False, dtype=self.dtype,
+                   kernel_init=conv_kernel_init(self.kernel_init))
     norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                    dtype=self.dtype)
     x = self.act(norm(name='bn_init')(
@@ -188,10 +246,13 @@ class SEResNet(nn.Module):
         strides = 2 if i > 0 and j == 0 else 1
         x = self.block_cls(self.num_filters * 2**i, conv=conv, norm=norm, act=self.act,
                            strides=strides, se_reduction=reductions[i],
-                           relu_before_se=self.relu_before_se, dtype=self.dtype)(x)
+                           relu_before_se=self.relu_before_se, dtype=self.dtype,
+                           kernel_init=self.kernel_init,
+                           zero_init_residual=self.zero_init_residual)(x)
     x = Squeeze()(x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype,
+                 **dense_inits(self.kernel_init, x.shape[-1]))(x)
     return x.astype(jnp.float32)
 
 
@@ -251,7 +312,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> SEResNet
   """The network `config.model` describes; SEResNet's own checks refuse impossible SE widths."""
   kwargs = dict(num_classes=num_classes, num_filters=config.model.num_filters,
                 dropout_rate=config.model.dropout_rate,
-                relu_before_se=config.model.relu_before_se, dtype=compute_dtype(config))
+                relu_before_se=config.model.relu_before_se, dtype=compute_dtype(config),
+                kernel_init=config.model.kernel_init,
+                zero_init_residual=config.model.zero_init_residual)
   if has_se(config.model.name):
     kwargs['se_reduction'] = model_se_reduction(config)
   return create_model(config.model.name, **kwargs)
@@ -262,7 +325,9 @@ def architecture(config: ml_collections.ConfigDict, num_classes: int) -> dict:
 
   `relu_before_se` changes the function, not the weights' shapes, so only the fingerprint tells
   the two apart. It is recorded only when on: checkpoints written before the option existed hold
-  no such key, and they were made without the ReLU.
+  no such key, and they were made without the ReLU. `kernel_init` and `zero_init_residual` are
+  not recorded: they decide the first weights only, not the function of a checkpoint's weights
+  (the run's config.json and report keep them).
   """
   se = model_se_reduction(config)
   fingerprint = dict(name=config.model.name, num_filters=config.model.num_filters,
