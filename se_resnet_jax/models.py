@@ -213,11 +213,11 @@ class SEResNet(nn.Module):
   se_reduction: Reduction = 16
   dropout_rate: float = 0.0
   relu_before_se: bool = False  # see ResidualBlock; for weights of that PyTorch layout
-  kernel_init: str = 'lecun_normal'  # how conv and dense weights start: one of KERNEL_INITS
-  zero_init_residual: bool = True  # each residual branch's last BatchNorm scale starts at 0
   dtype: Any = jnp.float32
   act: Callable = nn.relu
   conv: ModuleDef = nn.Conv
+  kernel_init: str = 'lecun_normal'  # how conv and dense weights start: one of KERNEL_INITS
+  zero_init_residual: bool = True  # each residual branch's last BatchNorm scale starts at 0
 
   def __post_init__(self):
     if not 0.0 <= self.dropout_rate < 1.0:
