@@ -8,18 +8,19 @@ Each variant of VARIANTS changes one thing of the given recipe (issue 22's suspe
 decay's scope, the regularisers, the warm-up, the initialisation, the residual BatchNorm scales);
 every variant trains with seeds config.seed, +1, ... (the same seeds, data and split as the
 baseline, so each seed gives a paired difference). Runs go seed by seed, the variants in the order
-of VARIANTS (most informative first), so a run cut short still holds a first seed of every
+of VARIANTS (most informative first), so a stage cut short still holds a first seed of every
 variant. Then the best combination (every variant whose mean validation accuracy beat the
 baseline's; if none did, the best single one: chosen on validation, never on the test set) trains
 once for --long_epochs.
 
 All runs share one process and JAX's persistent compilation cache: seeds and the variants that
 change only the first weights reuse the baseline's compiled step. Each run validates and saves a
-checkpoint once, at its end (so the table compares the final weights of every run): a
-best-checkpoint save after almost every epoch would cost as much as the epochs themselves at this
-size. With --time_budget_s a run that would end after the budget (estimated from the runs before
-it) is not started and gets a row saying so. causes.json and causes.md in --out_dir are rewritten
-as each run ends.
+checkpoint once, at its end (so the table compares the final weights of every run): validating
+every epoch would add a save of the whole state (weights, momentum, checksums) to most epochs of
+runs whose epochs take well under a second on a GPU. With --time_budget_s a run that would end
+after the budget (estimated from the runs before it: their mean, so a run that compiles a new step
+may still overrun, and the stage's timeout ends it) is not started and gets a row saying so.
+causes.json and causes.md in --out_dir are rewritten as each run ends.
 """
 
 import json
@@ -189,7 +190,7 @@ def run_causes(config: ml_collections.ConfigDict, out_dir: str, runs_dir: Option
   cache_dir = cache_dir or os.environ.get('JAX_COMPILATION_CACHE_DIR')
   with common.compilation_cache(common.cache_dir_for(runs_dir, cache_dir)):
     for v, s in plan:
-      estimate = max(run_times) if run_times else None
+      estimate = float(np.mean(run_times)) if run_times else None
       if not fits(estimate):
         results[(v, s)] = {'status': 'not run (time)'}
         write()
