@@ -9,18 +9,26 @@
 # (data/cifar10_jpeg.npz) into the arrays --config.npz_path reads, then the stages:
 #   twin   the library and its PyTorch twin on the product recipe at batch 512, lr 0.4, warm-up 2,
 #          bf16 (issue 13's settings), TWIN_EPOCHS epochs            (benchmarks/twin_compare.py)
+#   causes the same recipe, CAUSES_EPOCHS epochs, changing one suspect of issue 22 at a time over
+#          CAUSES_SEEDS seeds, then the best combination at CAUSES_LONG_EPOCHS
+#          (benchmarks/causes.py: table causes/causes.md, rewritten as each run ends)
 #   fast   configs/cifar10_fast.py through benchmarks/time_to_accuracy.py
 #   bench  JAX vs PyTorch step speed at batch 512 bf16                (benchmarks/benchmark.py)
 # Everything lands under $OUT (default ./device_out) as soon as it exists: each stage's log as it
-# runs, its tables when it ends (twin: after each side). Runs and checkpoints stay in $WORK.
-# Each stage runs under `timeout` with its share of DEADLINE_S, and the twin's PyTorch side and the
+# runs, its tables when it ends (twin: after each side; causes: after each run). Runs and
+# checkpoints stay in $WORK, with the JAX compilation cache that the stages share. The stages run
+# in order, most informative first, each under `timeout` with its planned seconds or what is left
+# of DEADLINE_S if less (under 20 s left: skipped); the twin's PyTorch side, the causes and the
 # benchmark stop gracefully inside their budgets and report how far they got.
 #
-# Settings (environment): OUT, WORK, STAGES ("twin fast bench"), DEADLINE_S (470), TWIN_EPOCHS
-# (30), TWIN_S (230), FAST_S (120), BENCH_S (95), TORCH_COMPILE (0: eager twin), TORCH_INIT
-# (torch: PyTorch's default initial weights; flax: drawn as the library draws them), BENCH_ARGS,
-# TWIN_ARGS / FAST_ARGS (extra --config overrides), NPZ (data/cifar10_jpeg.npz), HIDE_TENSORFLOW
-# (1 with --quick: a stub package makes `import tensorflow` fail in every stage, as on the GPU).
+# Settings (environment): OUT, WORK, STAGES ("twin causes fast bench"), DEADLINE_S (480),
+# TWIN_EPOCHS (30), TWIN_S (190), CAUSES_S (290), CAUSES_EPOCHS (30), CAUSES_SEEDS (2),
+# CAUSES_LONG_EPOCHS (100), CAUSES_VARIANTS (all of benchmarks/causes.py), FAST_S (120), BENCH_S
+# (95), TORCH_COMPILE (0: eager twin), TORCH_INIT (config: the twin draws its first weights as the
+# config's model.kernel_init; torch / flax force PyTorch's or Flax's defaults), BENCH_ARGS,
+# TWIN_ARGS / CAUSES_ARGS / FAST_ARGS (extra --config overrides), NPZ (data/cifar10_jpeg.npz),
+# HIDE_TENSORFLOW (1 with --quick: a stub package makes `import tensorflow` fail in every stage, as
+# on the GPU).
 set -uo pipefail  # no -e: a failed stage must not cost the stages after it
 cd "$(dirname "$0")/.."
 
@@ -30,34 +38,49 @@ if [[ $# -gt 0 ]]; then echo "usage: $0 [--quick]  (settings via environment, se
 
 OUT=${OUT:-./device_out}
 WORK=${WORK:-$(mktemp -d /tmp/device_check.XXXXXX)}
-STAGES=${STAGES:-twin fast bench}
+STAGES=${STAGES:-twin causes fast bench}
 TORCH_COMPILE=${TORCH_COMPILE:-0}
-TORCH_INIT=${TORCH_INIT:-torch}
+TORCH_INIT=${TORCH_INIT:-config}
+CAUSES_VARIANTS=${CAUSES_VARIANTS:-}
 NPZ=${NPZ:-data/cifar10_jpeg.npz}
 if [[ $QUICK == 1 ]]; then
   # Generated images, width 8 (16 for the benchmark's r=16), fp32 (bf16 convolutions are slow on
   # CPUs), one or two epochs: the same code paths in minutes.
-  DEADLINE_S=${DEADLINE_S:-900} TWIN_S=${TWIN_S:-400} FAST_S=${FAST_S:-250} BENCH_S=${BENCH_S:-250}
+  DEADLINE_S=${DEADLINE_S:-1100} TWIN_S=${TWIN_S:-400} FAST_S=${FAST_S:-250} BENCH_S=${BENCH_S:-250}
+  CAUSES_S=${CAUSES_S:-200}
   TWIN_EPOCHS=${TWIN_EPOCHS:-2}
   SMALL="--config.model.num_filters=8 --config.model.se_reduction=4 --config.half_precision=False
          --config.validation_size=200 --config.batch_size=64 --config.eval_batch_size=100
          --config.measure_inference=False --config.log_every_steps=4"
   TWIN_ARGS="$SMALL ${TWIN_ARGS:-}"
+  # The causes at the twin's size, so that they reuse the twin's compiled programs: one seed, a
+  # few steps, the baseline and a variant of the first weights (every variant's config and the
+  # longest combination's are still checked; tests/test_device_check.py runs the combination's
+  # path with stand-in runs). Each run here costs ~10 s of tracing and reporting.
+  CAUSES_EPOCHS=${CAUSES_EPOCHS:-$TWIN_EPOCHS} CAUSES_SEEDS=${CAUSES_SEEDS:-1}
+  CAUSES_LONG_EPOCHS=${CAUSES_LONG_EPOCHS:-0}
+  CAUSES_VARIANTS=${CAUSES_VARIANTS:-baseline,torch_init}
+  CAUSES_ARGS="$SMALL --config.max_steps=3 ${CAUSES_ARGS:-}"
   FAST_ARGS="$SMALL --config.num_epochs=1 --config.warmup_epochs=0.5 ${FAST_ARGS:-}"
   BENCH_ARGS=${BENCH_ARGS:---quick --num_filters=16 --batch_sizes=16 --notorch_compile}
   export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
-  # Same-shaped programs in the stages compile once, into a cache of this run.
-  export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$WORK/jax_cache}
   HIDE_TENSORFLOW=${HIDE_TENSORFLOW:-1}  # run every stage as on the GPU image: no TensorFlow
 else
-  DEADLINE_S=${DEADLINE_S:-470} TWIN_S=${TWIN_S:-230} FAST_S=${FAST_S:-120} BENCH_S=${BENCH_S:-95}
+  DEADLINE_S=${DEADLINE_S:-480} TWIN_S=${TWIN_S:-190} FAST_S=${FAST_S:-120} BENCH_S=${BENCH_S:-95}
+  CAUSES_S=${CAUSES_S:-290}
   TWIN_EPOCHS=${TWIN_EPOCHS:-30}
   TWIN_ARGS="--config.batch_size=512 ${TWIN_ARGS:-}"
+  CAUSES_EPOCHS=${CAUSES_EPOCHS:-30} CAUSES_SEEDS=${CAUSES_SEEDS:-2}
+  CAUSES_LONG_EPOCHS=${CAUSES_LONG_EPOCHS:-100}
+  CAUSES_ARGS="--config.batch_size=512 ${CAUSES_ARGS:-}"
   FAST_ARGS=${FAST_ARGS:-}
   BENCH_ARGS=${BENCH_ARGS:---batch_sizes=512 --dtypes=bf16 --rounds=3 --min_round_s=1 --notorch_compile}
 fi
 
 mkdir -p "$OUT" "$WORK"
+# Same programs in the stages compile once, into a cache of this run (the twin's library step is
+# the causes' baseline step).
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$WORK/jax_cache}
 if [[ ${HIDE_TENSORFLOW:-0} == 1 ]]; then
   mkdir -p "$WORK/no_tensorflow/tensorflow"
   echo "raise ImportError('TensorFlow is hidden by device_check.sh (HIDE_TENSORFLOW=1)')" \
@@ -118,16 +141,12 @@ if ! python3 benchmarks/cifar_jpeg.py decode "$NPZ" "$DATA" >> "$LOG" 2>&1; then
 fi
 log "decoded into $DATA ($(du -h "$DATA" | cut -f1))"
 
-# stage NAME SECONDS FUNCTION: runs under `timeout` with min(SECONDS, time left minus the planned
-# time of the stages after it), its output in $OUT/NAME.log as it is written.
+# stage NAME SECONDS FUNCTION: runs under `timeout` with min(SECONDS, time left), its output in
+# $OUT/NAME.log as it is written. Earlier stages come first: a later one gets what they left.
 stage() {
   local name=$1 planned=$2; shift 2  # $1 is now the function to run
-  local later=0 seen=0 s
-  for s in $STAGES; do
-    if [[ $seen == 1 ]]; then later=$((later + $(stage_seconds "$s"))); fi
-    if [[ $s == "$name" ]]; then seen=1; fi
-  done
-  local limit=$(( $(remaining) - later ))
+  local limit
+  limit=$(remaining)
   if (( limit > planned )); then limit=$planned; fi
   if (( limit < 20 )); then log "$name: SKIPPED (only ${limit}s left)"; return; fi
   log "$name: start (limit ${limit}s)"
@@ -136,7 +155,6 @@ stage() {
   local rc=$?
   log "$name: rc=$rc after $((SECONDS - t0))s$([[ $rc == 124 ]] && echo ' (TIMED OUT)')"
 }
-stage_seconds() { case $1 in twin) echo "$TWIN_S";; fast) echo "$FAST_S";; bench) echo "$BENCH_S";; *) echo 0;; esac; }
 
 run_twin() {
   # PyTorch's training budget is what the library leaves of the stage, less start-up margins.
@@ -146,6 +164,17 @@ run_twin() {
     --out_dir="$OUT/twin" --runs_dir="$WORK/twin" --time_budget_s=$((STAGE_LIMIT - 15)) \
     --torch_compile="$([[ $TORCH_COMPILE == 1 ]] && echo True || echo False)" \
     --torch_init="$TORCH_INIT"
+}
+
+run_causes() {
+  # The twin's recipe (the same flags, so the baseline's programs come from the shared cache).
+  python3 benchmarks/causes.py --config=configs/cifar10.py --config.npz_path="$DATA" \
+    --config.num_epochs="$CAUSES_EPOCHS" --config.learning_rate=0.4 --config.warmup_epochs=2 \
+    --config.half_precision=True $CAUSES_ARGS \
+    --seeds="$CAUSES_SEEDS" --long_epochs="$CAUSES_LONG_EPOCHS" \
+    ${CAUSES_VARIANTS:+--variants=$CAUSES_VARIANTS} \
+    $([[ $QUICK == 1 ]] && echo --warmup_epochs_variant=1) \
+    --out_dir="$OUT/causes" --runs_dir="$WORK/causes" --time_budget_s=$((STAGE_LIMIT - 10))
 }
 
 run_fast() {
@@ -162,14 +191,16 @@ run_bench() {
     --jsonl_out="$OUT/bench/benchmark.jsonl" --json_out="$OUT/bench/benchmark.json"
 }
 
-export -f run_twin run_fast run_bench
-export OUT WORK DATA TWIN_EPOCHS TWIN_ARGS FAST_ARGS BENCH_ARGS TORCH_COMPILE TORCH_INIT
+export -f run_twin run_causes run_fast run_bench
+export OUT WORK DATA QUICK TWIN_EPOCHS TWIN_ARGS FAST_ARGS BENCH_ARGS TORCH_COMPILE TORCH_INIT
+export CAUSES_EPOCHS CAUSES_SEEDS CAUSES_LONG_EPOCHS CAUSES_VARIANTS CAUSES_ARGS
 for s in $STAGES; do
   case $s in
     twin) stage twin "$TWIN_S" run_twin ;;
+    causes) stage causes "$CAUSES_S" run_causes ;;
     fast) stage fast "$FAST_S" run_fast ;;
     bench) stage bench "$BENCH_S" run_bench ;;
-    *) log "unknown stage $s (known: twin fast bench)" ;;
+    *) log "unknown stage $s (known: twin causes fast bench)" ;;
   esac
 done
 
@@ -177,7 +208,7 @@ done
   echo "# Device check ($(date -u +%Y-%m-%d), quick=$QUICK)"
   echo
   cat "$OUT/environment.txt"
-  for f in twin/twin.md fast/time_to_accuracy.md; do
+  for f in twin/twin.md causes/causes.md fast/time_to_accuracy.md; do
     echo; echo "## $f"; echo; cat "$OUT/$f" 2> /dev/null || echo "(missing: see the stage log)"
   done
   echo; echo "## benchmark"; echo

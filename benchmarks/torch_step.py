@@ -20,16 +20,19 @@ def set_threads() -> int:
 
 
 def make_optimizer(model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
-                   weight_decay: float = 5e-4) -> torch.optim.Optimizer:
-  """Nesterov SGD with weight decay on conv/linear weights only, as the JAX optimizer.
+                   weight_decay: float = 5e-4,
+                   weight_decay_mask: str = 'kernels') -> torch.optim.Optimizer:
+  """Nesterov SGD with weight decay on conv/linear weights only ('kernels') or on every
+  parameter ('all'), as the JAX optimizer with the same `weight_decay_mask`.
 
   Call it once the model is on its device: the fused (single-kernel) update needs CUDA parameters;
   on a CPU the multi-tensor `foreach` update is PyTorch's fastest.
   """
-  decay = [p for p in model.parameters() if p.ndim > 1]
-  no_decay = [p for p in model.parameters() if p.ndim <= 1]
-  groups = [{'params': decay, 'weight_decay': weight_decay},
-            {'params': no_decay, 'weight_decay': 0.0}]
+  decayed = lambda p: weight_decay_mask == 'all' or p.ndim > 1
+  decay = [p for p in model.parameters() if decayed(p)]
+  no_decay = [p for p in model.parameters() if not decayed(p)]
+  groups = [g for g in ({'params': decay, 'weight_decay': weight_decay},
+                        {'params': no_decay, 'weight_decay': 0.0}) if g['params']]
   fused = {'fused': True} if decay[0].is_cuda else {'foreach': True}
   return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, **fused)
 

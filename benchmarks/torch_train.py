@@ -11,10 +11,13 @@ overrides, same validation) and reproduces the run with nothing but the framewor
 - augmentation on the device, batched: the library's transforms in its order (pad-and-crop, flip,
   brightness, contrast, saturation, hue, normalise, cutout) with the same distributions; given the
   same random draws the output equals `augment.preprocess_for_train` (tests/test_torch_train.py);
-- the network from `se_resnet_jax.torch_models` (same architecture and width), NCHW, channels-last;
-- SGD with (Nesterov) momentum and L2 weight decay on conv/linear weights only, its learning rate
-  set before every step from the library's own optax schedule evaluated at that step;
-- label smoothing, dropout, EMA of the weights (BatchNorm statistics stay live, as in the library),
+- the network from `se_resnet_jax.torch_models` (same architecture and width), NCHW, channels-last,
+  its first weights drawn as `model.kernel_init` names (the library's distributions) and its
+  residual BatchNorm scales as `model.zero_init_residual` says;
+- SGD with (Nesterov) momentum and L2 weight decay on conv/linear weights only
+  (`weight_decay_mask='kernels'`) or on every parameter ('all'), its learning rate set before every
+  step from the library's own optax schedule evaluated at that step;
+- label smoothing, dropout, EMA of the weights and BatchNorm statistics (as in the library),
   bf16 autocast for `half_precision`, flip test-time augmentation for `tta_flip`;
 - validation after every `eval_every_epochs`, the best-validation weights evaluated once on the test
   split at the end.
@@ -167,36 +170,39 @@ def to_model_input(x_nhwc: torch.Tensor, channels_last: bool) -> torch.Tensor:
   return x if channels_last else x.contiguous()
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """The config's network in PyTorch, with the arguments the library's build_model gives Flax."""
-  return torch_models.create_model(config.model.name, **models.model_options(config, num_classes))
+def build_model(config: ml_collections.ConfigDict, num_classes: int,
+                kernel_init: Optional[str] = None) -> nn.Module:
+  """The config's network in PyTorch, with the arguments the library's build_model gives Flax
+  (its first weights as `kernel_init` says, by default the config's `model.kernel_init`)."""
+  options = models.model_options(config, num_classes)
+  options['kernel_init'] = kernel_init or config.model.kernel_init
+  return torch_models.create_model(config.model.name, **options)
 
 
-INITIALISATIONS = ('torch', 'flax')
+# 'config': the config's model.kernel_init, as the library draws it; 'torch' and 'flax' force
+# PyTorch's default ('torch_default') or Flax's ('lecun_normal') whatever the config says.
+INITIALISATIONS = ('config', 'torch', 'flax')
+_FORCED_INIT = {'torch': 'torch_default', 'flax': 'lecun_normal'}
 
 
-@torch.no_grad()
 def flax_initialisation(model: nn.Module) -> None:
   """Re-draws conv and linear weights as Flax does (LeCun normal: truncated to two standard
   deviations, variance 1/fan_in; biases zero), in place of PyTorch's default (uniform, variance
   1/(3 fan_in)). BatchNorm keeps scale 1 (0 where the model zeroes it) and shift 0 in both."""
-  for module in model.modules():
-    if isinstance(module, (nn.Conv2d, nn.Linear)):
-      fan_in = module.weight[0].numel()
-      std = (1.0 / fan_in) ** 0.5 / 0.87962566103423978  # the truncation's variance, undone
-      nn.init.trunc_normal_(module.weight, 0.0, std, -2 * std, 2 * std)
-      if module.bias is not None:
-        nn.init.zeros_(module.bias)
+  torch_models.initialise(model, 'lecun_normal')
 
 
 def make_optimizer(config: ml_collections.ConfigDict, model: nn.Module) -> torch.optim.SGD:
-  """SGD as the library's optax chain: L2 on kernels (ndim > 1) only, then (Nesterov) momentum.
+  """SGD as the library's optax chain: L2 on kernels (ndim > 1) only, or on every parameter
+  with `weight_decay_mask='all'`, then (Nesterov) momentum.
 
   The learning rate is set before every step (`learning_rates`), so the one given here is unused.
   """
   params = list(model.parameters())
-  groups = [{'params': [p for p in params if p.ndim > 1], 'weight_decay': config.weight_decay},
-            {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.0}]
+  decayed = lambda p: config.weight_decay_mask == 'all' or p.ndim > 1
+  groups = [{'params': [p for p in params if decayed(p)], 'weight_decay': config.weight_decay},
+            {'params': [p for p in params if not decayed(p)], 'weight_decay': 0.0}]
+  groups = [g for g in groups if g['params']]
   fast = {'fused': True} if params[0].is_cuda else {'foreach': True}
   return torch.optim.SGD(groups, lr=0.0, momentum=config.momentum,
                          nesterov=config.nesterov and config.momentum > 0, **fast)
@@ -216,23 +222,33 @@ def learning_rates(config: ml_collections.ConfigDict, steps_per_epoch: int,
     return np.asarray(jax.jit(jax.vmap(schedule))(np.arange(num_steps + 1)), np.float64)
 
 
+def _averaged(model: nn.Module) -> list:
+  """What the EMA averages: the parameters, then the floating-point buffers (BatchNorm running
+  means and variances; not the integer batch counters)."""
+  return ([p.detach() for p in model.parameters()]
+          + [b for b in model.buffers() if b.is_floating_point()])
+
+
 class WeightEMA:
-  """Exponential moving average of the parameters (not the BatchNorm statistics), as the library:
-  it starts at the initial weights and moves by (1 - decay) toward the weights after each step."""
+  """Exponential moving average of the parameters and the BatchNorm statistics, as the library
+  (and timm's ModelEmaV2 with its buffers): it starts at the initial values and moves by
+  (1 - decay) toward the values after each step. `params` holds the parameters' averages,
+  `buffers` the statistics'."""
 
   def __init__(self, model: nn.Module, decay: float):
     self.decay = decay
     self.params = [p.detach().clone() for p in model.parameters()]
+    self.buffers = [b.clone() for b in model.buffers() if b.is_floating_point()]
 
   @torch.no_grad()
   def update(self, model: nn.Module) -> None:
-    torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+    torch._foreach_lerp_(self.params + self.buffers, _averaged(model), 1.0 - self.decay)
 
   @torch.no_grad()
   def swap(self, model: nn.Module) -> None:
-    """Exchanges the model's weights and the average (call twice to restore)."""
-    for p, e in zip(model.parameters(), self.params):
-      tmp = p.detach().clone()
+    """Exchanges the model's weights and statistics and the averages (call twice to restore)."""
+    for p, e in zip(_averaged(model), self.params + self.buffers):
+      tmp = p.clone()
       p.copy_(e)
       e.copy_(tmp)
 
@@ -272,13 +288,13 @@ def _synchronize(device: torch.device) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, out_dir: Optional[str] = None, *,
                        time_budget_s: Optional[float] = None, compile_model: bool = False,
                        channels_last: Optional[bool] = None, device: Optional[str] = None,
-                       init: str = 'torch', log: Callable[[str], None] = print) -> dict:
+                       init: str = 'config', log: Callable[[str], None] = print) -> dict:
   """Trains `config`'s recipe in PyTorch; returns (and writes to out_dir) the result dict.
 
   channels_last defaults to True on CUDA only: on the CPU it gains little, and torch 2.13's CPU
   convolution backward in channels-last crashes (segfault) for layers only 4 channels wide.
-  init 'flax' draws the initial weights as the library does (`flax_initialisation`), to tell an
-  initialisation effect from the rest; 'torch' keeps PyTorch's defaults.
+  init 'config' draws the first weights as the config's `model.kernel_init` names, from the
+  library's distribution; 'torch' forces PyTorch's defaults and 'flax' Flax's LeCun normal.
   """
   start = time.perf_counter()
   validate_config(config)
@@ -303,10 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, out_dir: Optional[str]
     epochs_file = None
 
   torch.manual_seed(config.seed)
-  model = build_model(config, data.num_classes)
-  if init == 'flax':
-    flax_initialisation(model)
-  model = model.to(device)
+  kernel_init = _FORCED_INIT.get(init, config.model.kernel_init)
+  model = build_model(config, data.num_classes, kernel_init).to(device)
   if device.type == 'cuda':
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
   if channels_last:
@@ -384,7 +398,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, out_dir: Optional[str]
       if best is None or metrics['accuracy'] > best['val_accuracy']:
         best = {'epoch': epoch + 1, 'val_accuracy': metrics['accuracy']}
         best_state = (copy.deepcopy(model.state_dict()),
-                      [e.clone() for e in ema.params] if ema is not None else None)
+                      [[e.clone() for e in ema.params], [e.clone() for e in ema.buffers]]
+                      if ema is not None else None)
     row['elapsed_s'] = time.perf_counter() - start
     history.append(row)
     log(json.dumps(row))
@@ -404,13 +419,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, out_dir: Optional[str]
   if best_state is not None:
     model.load_state_dict(best_state[0])
     if ema is not None:
-      ema.params = best_state[1]
+      ema.params, ema.buffers = best_state[1]
   result = {'framework': 'pytorch', 'config': config.to_dict(), 'dataset': data.name,
             'device': _device_info(device), 'epochs_planned': config.num_epochs,
             'epochs_completed': history[-1]['epoch'] if history else 0,
             'best_epoch': best['epoch'] if best else None, 'step': step,
             'stopped_by_time_budget': stopped_by_budget, 'torch_compile': compile_model,
-            'channels_last': channels_last, 'init': init, 'torch': torch.__version__}
+            'channels_last': channels_last, 'init': init, 'kernel_init': kernel_init,
+            'torch': torch.__version__}
   splits = {'validation': val}
   if config.evaluate_test:
     splits['test'] = on_device(data.test)
@@ -443,8 +459,9 @@ def define_flags() -> None:
   flags.DEFINE_bool('channels_last', None, 'Channels-last memory format for the convolutions '
                     '(default: on CUDA only).')
   flags.DEFINE_string('device', None, 'torch device (default: cuda if available, else cpu).')
-  flags.DEFINE_enum('init', 'torch', INITIALISATIONS, 'Initial weights: PyTorch\'s defaults, or '
-                    'drawn as Flax draws them (to isolate an initialisation effect).')
+  flags.DEFINE_enum('init', 'config', INITIALISATIONS, 'Initial weights: as the config\'s '
+                    'model.kernel_init names (the library\'s distribution), or forced to '
+                    'PyTorch\'s defaults (torch) or Flax\'s LeCun normal (flax).')
   config_flags.DEFINE_config_file('config', None, 'Training configuration file (as for '
                                   'se_resnet_jax.main).', lock_config=True)
   flags.mark_flags_as_required(['config'])

@@ -38,7 +38,7 @@ COLUMNS = ('framework', 'epochs', 'best epoch', 'final train acc', 'final val ac
 
 def framework_command(framework: str, config_args: Sequence[str], run_dir: str,
                       torch_time_budget_s: Optional[float] = None,
-                      torch_compile: bool = False, torch_init: str = 'torch') -> list:
+                      torch_compile: bool = False, torch_init: str = 'config') -> list:
   if framework == 'jax':
     return [sys.executable, '-m', 'se_resnet_jax.main', *config_args, f'--workdir={run_dir}']
   command = [sys.executable, os.path.join(REPO, 'benchmarks', 'torch_train.py'), *config_args,
@@ -156,7 +156,7 @@ def markdown(rows: Sequence[dict], config_args: Sequence[str]) -> str:
 def compare(config_args: Sequence[str], out_dir: str, frameworks: Sequence[str] = FRAMEWORKS,
             timeout_s: Optional[float] = None, runs_dir: Optional[str] = None,
             time_budget_s: Optional[float] = None, torch_time_budget_s: Optional[float] = None,
-            torch_compile: bool = False, torch_init: str = 'torch') -> list:
+            torch_compile: bool = False, torch_init: str = 'config') -> list:
   """Trains each framework in turn; twin.json / twin.md are rewritten after each one.
 
   With time_budget_s, PyTorch's training budget is cut to what the sides before it left (less a
@@ -220,8 +220,9 @@ if __name__ == '__main__':
   flags.DEFINE_float('torch_time_budget_s', None, 'PyTorch stops training between epochs when '
                      'the next would end after this many seconds, and reports how far it got.')
   flags.DEFINE_bool('torch_compile', False, 'torch.compile the PyTorch model.')
-  flags.DEFINE_enum('torch_init', 'torch', ('torch', 'flax'), 'PyTorch\'s initial weights: its '
-                    'defaults, or drawn as Flax draws them.')
+  flags.DEFINE_enum('torch_init', 'config', ('config', 'torch', 'flax'), 'PyTorch\'s initial '
+                    'weights: as the config\'s model.kernel_init (the library\'s distribution), '
+                    'or forced to PyTorch\'s defaults or to Flax\'s LeCun normal.')
   flags.DEFINE_float('timeout_s', None, 'Kill a side that runs longer than this (its row then '
                      'says so).')
   config_flags.DEFINE_config_file('config', None, 'Training configuration file, as for '

@@ -160,6 +160,25 @@ def verify_checksums(directory: str) -> Optional[str]:
   return None
 
 
+def _older_ema_layout(manager, step: int, target: Any) -> tuple:
+  """(restore target, whether it is the older EMA layout) for a train state's step.
+
+  States saved before the EMA averaged BatchNorm statistics hold the averaged parameters alone in
+  `ema_params` (today: {'params', 'batch_stats'}); such a step is read onto a target of that
+  layout, and the caller completes it.
+  """
+  ema = getattr(target, 'ema_params', None)
+  if not isinstance(ema, dict) or set(ema) != {'params', 'batch_stats'}:
+    return target, False
+  try:
+    stored = manager.item_metadata(step)['state'].tree['ema_params']
+  except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself says what is wrong
+    return target, False
+  if not isinstance(stored, dict) or 'params' in stored or not stored:
+    return target, False
+  return target.replace(ema_params=ema['params']), True
+
+
 def nonfinite_leaves(tree: Any) -> list:
   """Paths of the floating-point arrays in `tree` holding NaN or Inf (this process's shards)."""
   bad = []
@@ -423,6 +442,7 @@ class RunCheckpoints:
   def _restore(self, manager, step: int, target: Any, architecture: Optional[dict]):
     meta = self._check_readable(manager, step, architecture)
     where = self._step_dir(manager, step)
+    target, older_ema = _older_ema_layout(manager, step, target)
     try:
       state = manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
@@ -430,6 +450,9 @@ class RunCheckpoints:
       self._check_state_settings(manager, step, target)
       raise DamagedCheckpointError(where, step,
                                    f'it could not be restored ({_reason(e)})') from None
+    if older_ema:  # the statistics' average starts from the live statistics
+      state = state.replace(ema_params={'params': state.ema_params,
+                                        'batch_stats': state.batch_stats})
     bad = nonfinite_leaves(state)
     if bad:
       raise DamagedCheckpointError(where, step, f'{bad[0]} holds NaN/Inf' +

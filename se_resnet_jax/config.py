@@ -15,11 +15,12 @@ import ml_collections
 from se_resnet_jax import augment
 from se_resnet_jax.errors import ConfigError
 from se_resnet_jax.input_pipeline import IMAGE_SHAPE
-from se_resnet_jax.models import MODELS, SEResNet, build_model
+from se_resnet_jax.models import KERNEL_INITS, MODELS, SEResNet, build_model
 
 DATASETS = {'cifar10': 10, 'cifar100': 100, 'synthetic': None}
 SCHEDULES = ('cosine', 'multistep', 'onecycle', 'constant')
 MONITORS = ('val_accuracy', 'val_loss')
+WEIGHT_DECAY_MASKS = ('kernels', 'all')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -47,7 +48,13 @@ def base_config() -> ml_collections.ConfigDict:
       # Post-activation networks: 'A' (zero-padded identity) or 'B' (1x1 conv + BN) shortcuts
       # where a unit changes shape; '' = the network's own (A for ResNet20...110, else B).
       shortcut='',
-      se_bias=True))  # biases in the SE Dense layers (senet.pytorch's CIFAR SE-ResNets: none)
+      se_bias=True,  # biases in the SE Dense layers (senet.pytorch's CIFAR SE-ResNets: none)
+      # How conv and dense weights start: lecun_normal (Flax's default), he_normal_fan_out
+      # (torchvision's ResNet) or torch_default (PyTorch's Conv2d/Linear default); see models.
+      kernel_init='lecun_normal',
+      # Each residual branch's last BatchNorm scale starts at 0, so every unit starts as the
+      # identity (False: at 1, as kuangliu's and weiaicunzai's PyTorch CIFAR networks).
+      zero_init_residual=True))
   c.augment = augment.default_augment_config()
 
   c.num_epochs = 100
@@ -57,13 +64,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.learning_rate = 0.1
   c.momentum = 0.9
   c.nesterov = True
-  c.weight_decay = 5e-4  # L2 on conv and dense kernels only (not BatchNorm, not biases)
+  c.weight_decay = 5e-4  # L2, on the parameters weight_decay_mask names
+  # 'kernels': conv and dense kernels only (not BatchNorm, not biases); 'all': every parameter,
+  # as torch.optim.SGD(model.parameters(), weight_decay=...) decays them.
+  c.weight_decay_mask = 'kernels'
   c.schedule = 'cosine'
   c.warmup_epochs = 1.0
   c.lr_decay_epochs = (50, 75)  # multistep boundaries
   c.lr_decay_factor = 0.1
   c.label_smoothing = 0.0
-  c.ema_decay = 0.0  # 0 disables the EMA of weights; else e.g. 0.999
+  c.ema_decay = 0.0  # 0 disables the EMA of weights and BatchNorm statistics; else e.g. 0.999
   c.half_precision = False  # bf16 compute, fp32 parameters and optimizer state
   c.seed = 0
 
@@ -143,6 +153,11 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int = 1) ->
     _require(not m.relu_before_se and m.shortcut in ('', 'B'),
              f'model.name={m.name} has pre-activation units: model.relu_before_se and '
              "model.shortcut='A' apply to post-activation networks only.")
+  _require(m.kernel_init in KERNEL_INITS, f'Unknown model.kernel_init {m.kernel_init!r}; choose '
+           f'one of {", ".join(KERNEL_INITS)}.')
+  _require(config.weight_decay_mask in WEIGHT_DECAY_MASKS,
+           f'Unknown weight_decay_mask {config.weight_decay_mask!r}; choose one of '
+           f'{", ".join(WEIGHT_DECAY_MASKS)}.')
   try:  # the network checks its own SE widths when it is built (no weights are made)
     build_model(config, num_classes=1)
   except ValueError as e:

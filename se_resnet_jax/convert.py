@@ -63,7 +63,12 @@ from se_resnet_jax.checkpoints import CheckpointError, RunCheckpoints
 from se_resnet_jax.config import validate_config
 from se_resnet_jax.errors import ConfigError, UserError
 from se_resnet_jax.evaluation import dataset_num_classes, restore_run
-from se_resnet_jax.steps import TrainState, create_learning_rate_schedule, create_optimizer
+from se_resnet_jax.steps import (
+    TrainState,
+    create_learning_rate_schedule,
+    create_optimizer,
+    ema_variables,
+)
 from se_resnet_jax.train import Progress
 from se_resnet_jax.workdir import prepare_workdir
 
@@ -562,7 +567,7 @@ def import_torch_weights(path: str, config: ml_collections.ConfigDict, workdir: 
   tx = create_optimizer(config, create_learning_rate_schedule(config, steps_per_epoch=1))
   state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                             batch_stats=variables['batch_stats'],
-                            ema_params=variables['params'] if config.ema_decay else {})
+                            ema_params=ema_variables(config, variables))
   meta = Progress(models.architecture(config, num_classes)).to_meta(
       config.early_stopping.monitor)
   meta['converted_from'] = {'file': os.path.abspath(path), 'layouts': list(report.layouts),

@@ -45,8 +45,15 @@ def evaluate(eval_step, variables: dict, chunks: tuple) -> tuple:
 
 
 def eval_variables(state: TrainState) -> dict:
-  """The weights to evaluate: the EMA of the parameters when it is kept, else the parameters."""
-  return {'params': state.ema_params or state.params, 'batch_stats': state.batch_stats}
+  """The weights to evaluate: the EMA of the parameters and BatchNorm statistics when it is
+  kept, else the parameters and live statistics. A state of the older layout (averaged parameters
+  alone) pairs them with the live statistics, as it was evaluated then."""
+  ema = state.ema_params
+  if not ema:
+    return {'params': state.params, 'batch_stats': state.batch_stats}
+  if 'batch_stats' in ema and 'params' in ema:
+    return {'params': ema['params'], 'batch_stats': ema['batch_stats']}
+  return {'params': ema, 'batch_stats': state.batch_stats}
 
 
 def measure_inference(model: SEResNet, variables: dict, image_shape: tuple, batch_size: int,

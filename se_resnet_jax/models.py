@@ -33,6 +33,50 @@ PAD_3X3 = ((1, 1), (1, 1))  # PyTorch's padding=1
 PAD_1X1 = ((0, 0), (0, 0))
 GATES = 'se_gates'  # the collection SEBlock records its gates in
 
+# How convolution and dense weights start. 'lecun_normal' is Flax's default (truncated normal,
+# variance 1/fan_in, zero biases). 'he_normal_fan_out' is torchvision's ResNet: convolutions
+# kaiming_normal_(mode='fan_out', nonlinearity='relu'), i.e. N(0, 2/fan_out); torchvision leaves
+# its Linear layers at PyTorch's default, and so do these dense layers. 'torch_default' is
+# PyTorch's Conv2d/Linear default, kaiming_uniform_(a=sqrt(5)): weights and biases
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), a third of LeCun's variance. The PyTorch twin
+# (`se_resnet_jax.torch_models`) draws from the same distributions for the same name.
+KERNEL_INITS = ('lecun_normal', 'he_normal_fan_out', 'torch_default')
+
+
+def _check_kernel_init(name: str) -> None:
+  if name not in KERNEL_INITS:
+    raise ValueError(f'Unknown kernel_init {name!r}; choose one of {", ".join(KERNEL_INITS)}.')
+
+
+def conv_kernel_init(name: str) -> Callable:
+  """The convolution kernel initialiser of `name` (one of KERNEL_INITS)."""
+  _check_kernel_init(name)
+  if name == 'lecun_normal':
+    return nn.initializers.lecun_normal()
+  if name == 'he_normal_fan_out':
+    return nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+  return nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def dense_inits(name: str, fan_in: int) -> dict:
+  """kernel_init and bias_init of a dense layer with `fan_in` inputs under `name`."""
+  _check_kernel_init(name)
+  if name == 'lecun_normal':
+    return dict(kernel_init=nn.initializers.lecun_normal(), bias_init=nn.initializers.zeros)
+  bound = fan_in ** -0.5  # PyTorch's Linear default, which torchvision's ResNet keeps as well
+
+  def bias_init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return dict(kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform'),
+              bias_init=bias_init)
+
+
+def residual_scale_init(zero_init_residual: bool) -> Callable:
+  """Scale initialiser of a residual branch's last BatchNorm: zeros start the unit as the
+  identity (Goyal et al.; the Flax ImageNet example), ones as kuangliu's CIFAR networks."""
+  return nn.initializers.zeros if zero_init_residual else nn.initializers.ones
+
 
 def se_hidden_width(channels: int, reduction: int) -> int:
   """Width C/r of the excitation bottleneck; refuses ratios that would silently round."""
@@ -65,13 +109,16 @@ class Excitation(nn.Module):
   use_bias: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  kernel_init: str = 'lecun_normal'  # one of KERNEL_INITS
 
   @nn.compact
   def __call__(self, z):
     dense = partial(nn.Dense, use_bias=self.use_bias, dtype=self.dtype,
                     param_dtype=self.param_dtype)
-    z = nn.relu(dense(se_hidden_width(self.channels, self.reduction), name='reduce')(z))
-    return nn.sigmoid(dense(self.channels, name='expand')(z))
+    hidden = se_hidden_width(self.channels, self.reduction)
+    z = nn.relu(dense(hidden, name='reduce', **dense_inits(self.kernel_init, self.channels))(z))
+    return nn.sigmoid(dense(self.channels, name='expand',
+                            **dense_inits(self.kernel_init, hidden))(z))
 
 
 class SEBlock(nn.Module):
@@ -84,11 +131,12 @@ class SEBlock(nn.Module):
   reduction: int = 16
   use_bias: bool = True
   dtype: Any = jnp.float32
+  kernel_init: str = 'lecun_normal'  # of the excitation's dense layers; one of KERNEL_INITS
 
   @nn.compact
   def __call__(self, x):
-    gates = Excitation(x.shape[-1], self.reduction, use_bias=self.use_bias,
-                       dtype=self.dtype)(Squeeze()(x))
+    gates = Excitation(x.shape[-1], self.reduction, use_bias=self.use_bias, dtype=self.dtype,
+                       kernel_init=self.kernel_init)(Squeeze()(x))
     if not self.is_initializing():  # init returns only params and batch statistics
       self.sow(GATES, 'gates', gates)
     return x * gates[:, None, None, :].astype(x.dtype)
@@ -134,17 +182,20 @@ class ResidualBlock(nn.Module):
   se_bias: bool = True
   dtype: Any = jnp.float32
   expansion = 1  # output channels per `filters`
+  kernel_init: str = 'lecun_normal'  # of the SE block's dense layers (`conv` brings its own)
+  zero_init_residual: bool = True  # the branch's last BatchNorm scale starts at 0 (else 1)
 
   @nn.compact
   def __call__(self, x):
     strides = (self.strides,) * 2
     y = self.act(self.norm()(self.conv(self.filters, (3, 3), strides, padding=PAD_3X3)(x)))
-    y = self.norm(scale_init=nn.initializers.zeros)(
+    y = self.norm(scale_init=residual_scale_init(self.zero_init_residual))(
         self.conv(self.filters, (3, 3), padding=PAD_3X3)(y))
     if self.relu_before_se:
       y = self.act(y)
     if self.se_reduction:
-      y = SEBlock(self.se_reduction, self.se_bias, dtype=self.dtype)(y)
+      y = SEBlock(self.se_reduction, self.se_bias, dtype=self.dtype,
+                  kernel_init=self.kernel_init)(y)
     if x.shape != y.shape and self.shortcut == 'A':
       x = zero_pad_shortcut(x, self.strides, self.filters)
     elif x.shape != y.shape:
@@ -170,18 +221,21 @@ class BottleneckBlock(nn.Module):
   se_bias: bool = True
   dtype: Any = jnp.float32
   expansion = 4  # output channels per `filters`
+  kernel_init: str = 'lecun_normal'  # of the SE block's dense layers (`conv` brings its own)
+  zero_init_residual: bool = True  # the branch's last BatchNorm scale starts at 0 (else 1)
 
   @nn.compact
   def __call__(self, x):
     strides = (self.strides,) * 2
     y = self.act(self.norm()(self.conv(self.filters, (1, 1), padding=PAD_1X1)(x)))
     y = self.act(self.norm()(self.conv(self.filters, (3, 3), strides, padding=PAD_3X3)(y)))
-    y = self.norm(scale_init=nn.initializers.zeros)(
+    y = self.norm(scale_init=residual_scale_init(self.zero_init_residual))(
         self.conv(self.filters * 4, (1, 1), padding=PAD_1X1)(y))
     if self.relu_before_se:
       y = self.act(y)
     if self.se_reduction:
-      y = SEBlock(self.se_reduction, self.se_bias, dtype=self.dtype)(y)
+      y = SEBlock(self.se_reduction, self.se_bias, dtype=self.dtype,
+                  kernel_init=self.kernel_init)(y)
     if x.shape != y.shape and self.shortcut == 'A':
       x = zero_pad_shortcut(x, self.strides, self.filters * 4)
     elif x.shape != y.shape:
@@ -225,6 +279,8 @@ class SEResNet(nn.Module):
   dtype: Any = jnp.float32
   act: Callable = nn.relu
   conv: ModuleDef = nn.Conv
+  kernel_init: str = 'lecun_normal'  # how conv and dense weights start: one of KERNEL_INITS
+  zero_init_residual: bool = True  # each residual branch's last BatchNorm scale starts at 0
 
   def __post_init__(self):
     if not 0.0 <= self.dropout_rate < 1.0:
@@ -235,6 +291,7 @@ class SEResNet(nn.Module):
     if self.shortcut not in ('A', 'B'):
       raise ValueError(f"shortcut must be 'A' (zero-padded identity) or 'B' (projection), got "
                        f'{self.shortcut!r}.')
+    _check_kernel_init(self.kernel_init)
     for width, r in zip(self.stage_widths(),
                         stage_reductions(self.se_reduction, len(self.stage_sizes))):
       if r is not None:
@@ -251,7 +308,8 @@ class SEResNet(nn.Module):
   def layers(self, train: bool) -> tuple:
     """(conv, norm): the constructors every unit builds its layers with, so options set here
     (dtype, BatchNorm momentum, train/eval mode) reach every layer of the network."""
-    conv = partial(self.conv, use_bias=False, dtype=self.dtype)
+    conv = partial(self.conv, use_bias=False, dtype=self.dtype,
+                   kernel_init=conv_kernel_init(self.kernel_init))
     norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                    dtype=self.dtype)
     return conv, norm
@@ -281,7 +339,8 @@ class SEResNet(nn.Module):
         x = self.block_cls(self.num_filters * 2**i, conv=conv, norm=norm, act=self.act,
                            strides=strides, se_reduction=reductions[i],
                            relu_before_se=self.relu_before_se, shortcut=self.shortcut,
-                           se_bias=self.se_bias, dtype=self.dtype)(x)
+                           se_bias=self.se_bias, dtype=self.dtype, kernel_init=self.kernel_init,
+                           zero_init_residual=self.zero_init_residual)(x)
       maps[f'stage{i + 1}'] = x
     return self.classify(Squeeze()(x), train, head), maps
 
@@ -292,7 +351,8 @@ class SEResNet(nn.Module):
     if not head or not self.num_classes:
       return pooled.astype(jnp.float32)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
-    return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+    return nn.Dense(self.num_classes, dtype=self.dtype,
+                    **dense_inits(self.kernel_init, x.shape[-1]))(x).astype(jnp.float32)
 
 
 class PreActBlock(nn.Module):
@@ -313,6 +373,7 @@ class PreActBlock(nn.Module):
   se_bias: bool = True
   dtype: Any = jnp.float32
   expansion = 1
+  kernel_init: str = 'lecun_normal'  # of the SE block's dense layers (`conv` brings its own)
 
   @nn.compact
   def __call__(self, x):
@@ -321,7 +382,8 @@ class PreActBlock(nn.Module):
     y = self.conv(self.filters, (3, 3), (self.strides,) * 2, padding=PAD_3X3)(out)
     y = self.conv(self.filters, (3, 3), padding=PAD_3X3)(self.act(self.norm()(y)))
     if self.se_reduction:
-      y = SEBlock(self.se_reduction, self.se_bias, dtype=self.dtype)(y)
+      y = SEBlock(self.se_reduction, self.se_bias, dtype=self.dtype,
+                  kernel_init=self.kernel_init)(y)
     return shortcut + y
 
   @nn.nowrap
@@ -350,7 +412,8 @@ class PreActBottleneck(PreActBlock):
                   padding=PAD_3X3)(self.act(self.norm()(y)))
     y = self.conv(self.filters * 4, (1, 1), padding=PAD_1X1)(self.act(self.norm()(y)))
     if self.se_reduction:
-      y = SEBlock(self.se_reduction, self.se_bias, dtype=self.dtype)(y)
+      y = SEBlock(self.se_reduction, self.se_bias, dtype=self.dtype,
+                  kernel_init=self.kernel_init)(y)
     return shortcut + y
 
 
@@ -388,7 +451,8 @@ class PreActResNet(SEResNet):
       for j in range(block_size):
         x = self.block_cls(self.num_filters * self.widen_factor * 2**i, conv=conv, norm=norm,
                            act=self.act, strides=2 if i > 0 and j == 0 else 1,
-                           se_reduction=reductions[i], se_bias=self.se_bias, dtype=self.dtype)(x)
+                           se_reduction=reductions[i], se_bias=self.se_bias, dtype=self.dtype,
+                           kernel_init=self.kernel_init)(x)
       maps[f'stage{i + 1}'] = x
     x = self.act(norm(name='bn_final')(x))
     return self.classify(Squeeze()(x), train, head), maps
@@ -510,6 +574,10 @@ def model_options(config: ml_collections.ConfigDict, num_classes: int) -> dict:
     kwargs['shortcut'] = m.shortcut
   if not m.get('se_bias', True):
     kwargs['se_bias'] = False
+  if m.get('kernel_init', 'lecun_normal') != 'lecun_normal':
+    kwargs['kernel_init'] = m.kernel_init
+  if not m.get('zero_init_residual', True):
+    kwargs['zero_init_residual'] = False
   return kwargs
 
 
@@ -524,7 +592,9 @@ def architecture(config: ml_collections.ConfigDict, num_classes: int) -> dict:
 
   `relu_before_se` changes the function, not the weights' shapes, so only the fingerprint tells
   the two apart. It is recorded only when on: checkpoints written before the option existed hold
-  no such key, and they were made without the ReLU.
+  no such key, and they were made without the ReLU. `kernel_init` and `zero_init_residual` are
+  not recorded: they decide the first weights only, not the function of a checkpoint's weights
+  (the run's config.json and report keep them).
   """
   se = model_se_reduction(config)
   fingerprint = dict(name=config.model.name, num_filters=config.model.num_filters,

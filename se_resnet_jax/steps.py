@@ -25,7 +25,9 @@ from se_resnet_jax.sharding import sample_batch
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
-  ema_params: Any = None  # {} when the EMA of weights is off
+  # The EMA of the model's variables, {'params', 'batch_stats'} (see `ema_variables`); {} when
+  # the EMA is off. Runs saved before it averaged the statistics held the parameters alone here.
+  ema_params: Any = None
 
 
 @flax.struct.dataclass
@@ -60,17 +62,31 @@ def create_learning_rate_schedule(config: ml_collections.ConfigDict,
 
 def create_optimizer(config: ml_collections.ConfigDict,
                      schedule: optax.Schedule) -> optax.GradientTransformation:
-  """SGD with momentum and L2 weight decay on kernels only (not BatchNorm, not biases).
+  """SGD with momentum and L2 weight decay on the parameters `config.weight_decay_mask` names:
+  'kernels' (conv and dense kernels, not BatchNorm, not biases) or 'all'.
 
   It takes the schedule rather than building it, so the loop logs the very rates it applies.
+  Both masks are optax masks, so the optimizer state has one structure whichever is chosen.
   """
   if not callable(schedule):  # a number would silently become a constant learning rate
     raise TypeError('create_optimizer takes a schedule: '
                     'create_learning_rate_schedule(config, steps_per_epoch).')
-  kernels_only = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  decay_all = config.weight_decay_mask == 'all'
+  mask = lambda params: jax.tree.map(lambda p: decay_all or p.ndim > 1, params)
   return optax.chain(
-      optax.add_decayed_weights(config.weight_decay, mask=kernels_only),
+      optax.add_decayed_weights(config.weight_decay, mask=mask),
       optax.sgd(schedule, config.momentum, nesterov=config.nesterov))
+
+
+def ema_variables(config: ml_collections.ConfigDict, variables: dict) -> dict:
+  """Where the EMA starts: the parameters and the BatchNorm statistics ({} when it is off).
+
+  The statistics are averaged too, as timm's ModelEmaV2 averages buffers: averaged weights
+  normalised by live statistics would use numbers that lag behind them.
+  """
+  if not config.ema_decay:
+    return {}
+  return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: SEResNet,
@@ -86,7 +102,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: SEResNet,
   params = variables['params']
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                            batch_stats=variables['batch_stats'],
-                           ema_params=params if config.ema_decay else {})
+                           ema_params=ema_variables(config, variables))
 
 
 def init_train_state(config: ml_collections.ConfigDict, model: SEResNet,
@@ -131,7 +147,8 @@ def train_step(state: TrainState, train_metrics: Metrics, images: jax.Array,
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if config.ema_decay:
     new_state = new_state.replace(ema_params=optax.incremental_update(
-        new_state.params, state.ema_params, 1.0 - config.ema_decay))
+        {'params': new_state.params, 'batch_stats': new_state.batch_stats}, state.ema_params,
+        1.0 - config.ema_decay))
   step_metrics = Metrics.single_from_model_output(loss=loss, logits=logits, labels=labels)
   return new_state, train_metrics.merge(step_metrics)
 

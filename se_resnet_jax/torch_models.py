@@ -5,8 +5,10 @@ bottleneck (1x1, 3x3 with the stride, 1x1 x4) units, SE (biased Linear layers, C
 the residual branch after its last BatchNorm (after a ReLU with `relu_before_se`) and before the
 addition, 1x1 conv + BN projections where a unit changes shape, global average pool, dropout,
 Linear. Convolutions pad k//2 per side, BatchNorm has momentum 0.1 and eps 1e-5 (Flax's 0.9), and
-the last BatchNorm scale of each residual branch starts at zero as in the Flax models; every other
-initialiser is PyTorch's default. Inputs are NCHW.
+the last BatchNorm scale of each residual branch starts at zero as in the Flax models
+(`zero_init_residual=False`: at one). Conv and Linear weights start as `kernel_init` says, with the
+names and distributions of `se_resnet_jax.models.KERNEL_INITS`; the default here is PyTorch's own
+('torch_default'). Inputs are NCHW.
 
 He et al.'s CIFAR ResNets (ResNet20...110) are the same network with three stages at 16-32-64 and,
 with `shortcut='A'`, zero-padded identity shortcuts (no parameters). The pre-activation networks
@@ -28,9 +30,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from se_resnet_jax.models import MODEL_NAMES, lookup, se_hidden_width, stage_reductions
+from se_resnet_jax.models import (
+    KERNEL_INITS,
+    MODEL_NAMES,
+    lookup,
+    se_hidden_width,
+    stage_reductions,
+)
 
 Reduction = Optional[Union[int, Sequence[Optional[int]]]]
+TRUNCATED_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
+
+
+@torch.no_grad()
+def initialise(model: nn.Module, kernel_init: str) -> None:
+  """Re-draws every Conv2d and Linear weight (and bias) of `model` as `kernel_init` names.
+
+  'lecun_normal' (Flax's default): truncated to two standard deviations, variance 1/fan_in,
+  biases zero. 'he_normal_fan_out' (torchvision's ResNet): convolutions
+  kaiming_normal_(mode='fan_out', nonlinearity='relu'); Linear layers keep PyTorch's default, as
+  torchvision leaves them. 'torch_default': PyTorch's default, U(+-1/sqrt(fan_in)) for weights and
+  biases. BatchNorm layers are left alone.
+  """
+  if kernel_init not in KERNEL_INITS:
+    raise ValueError(f'Unknown kernel_init {kernel_init!r}; choose one of '
+                     f'{", ".join(KERNEL_INITS)}.')
+  for module in model.modules():
+    if not isinstance(module, (nn.Conv2d, nn.Linear)):
+      continue
+    if kernel_init == 'lecun_normal':
+      std = (1.0 / module.weight[0].numel()) ** 0.5 / TRUNCATED_STD
+      nn.init.trunc_normal_(module.weight, 0.0, std, -2 * std, 2 * std)
+      if module.bias is not None:
+        nn.init.zeros_(module.bias)
+    elif kernel_init == 'he_normal_fan_out' and isinstance(module, nn.Conv2d):
+      nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
+    else:
+      module.reset_parameters()
 
 def batch_norm(channels: int, zero_scale: bool = False) -> nn.BatchNorm2d:
   bn = nn.BatchNorm2d(channels, eps=1e-5, momentum=0.1)
@@ -81,12 +117,13 @@ class BasicBlock(nn.Module):
   expansion = 1
 
   def __init__(self, in_planes: int, planes: int, stride: int, se_reduction: Optional[int],
-               relu_before_se: bool = False, shortcut: str = 'B', se_bias: bool = True):
+               relu_before_se: bool = False, shortcut: str = 'B', se_bias: bool = True,
+               zero_init_residual: bool = True):
     super().__init__()
     self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
     self.bn1 = batch_norm(planes)
     self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = batch_norm(planes, zero_scale=True)
+    self.bn2 = batch_norm(planes, zero_scale=zero_init_residual)
     self.relu_before_se = relu_before_se
     self.se = SEBlock(planes, se_reduction, se_bias) if se_reduction else None
     self.shortcut = projection(in_planes, planes, stride, shortcut)
@@ -106,7 +143,8 @@ class Bottleneck(nn.Module):
   expansion = 4
 
   def __init__(self, in_planes: int, planes: int, stride: int, se_reduction: Optional[int],
-               relu_before_se: bool = False, shortcut: str = 'B', se_bias: bool = True):
+               relu_before_se: bool = False, shortcut: str = 'B', se_bias: bool = True,
+               zero_init_residual: bool = True):
     super().__init__()
     out_planes = planes * self.expansion
     self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
@@ -114,7 +152,7 @@ class Bottleneck(nn.Module):
     self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
     self.bn2 = batch_norm(planes)
     self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
-    self.bn3 = batch_norm(out_planes, zero_scale=True)
+    self.bn3 = batch_norm(out_planes, zero_scale=zero_init_residual)
     self.relu_before_se = relu_before_se
     self.se = SEBlock(out_planes, se_reduction, se_bias) if se_reduction else None
     self.shortcut = projection(in_planes, out_planes, stride, shortcut)
@@ -138,8 +176,12 @@ class SEResNet(nn.Module):
 
   def __init__(self, stage_sizes: Sequence[int], bottleneck: bool, num_classes: int = 10,
                num_filters: int = 64, se_reduction: Reduction = 16, dropout_rate: float = 0.0,
-               relu_before_se: bool = False, shortcut: str = 'B', se_bias: bool = True):
+               relu_before_se: bool = False, shortcut: str = 'B', se_bias: bool = True,
+               kernel_init: str = 'torch_default', zero_init_residual: bool = True):
     super().__init__()
+    if kernel_init not in KERNEL_INITS:
+      raise ValueError(f'Unknown kernel_init {kernel_init!r}; choose one of '
+                       f'{", ".join(KERNEL_INITS)}.')
     if not 0.0 <= dropout_rate < 1.0:
       raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate}.')
     if num_classes < 1 or num_filters < 1:
@@ -156,12 +198,14 @@ class SEResNet(nn.Module):
       for j in range(units):
         stride = 2 if i > 0 and j == 0 else 1
         blocks.append(block(in_planes, planes, stride, reductions[i], relu_before_se, shortcut,
-                            se_bias))
+                            se_bias, zero_init_residual))
         in_planes = planes * block.expansion
       setattr(self, f'layer{i + 1}', nn.Sequential(*blocks))
     self.num_stages = len(stage_sizes)
     self.dropout = nn.Dropout(dropout_rate)
     self.linear = nn.Linear(in_planes, num_classes)
+    if kernel_init != 'torch_default':  # the layers were just made with PyTorch's default
+      initialise(self, kernel_init)
 
   def stem(self, x):
     return F.relu(self.bn1(self.conv1(x)))
@@ -236,8 +280,12 @@ class PreActResNet(SEResNet):
 
   def __init__(self, stage_sizes: Sequence[int], bottleneck: bool, num_classes: int = 10,
                num_filters: int = 16, se_reduction: Reduction = 16, dropout_rate: float = 0.0,
-               widen_factor: int = 1, se_bias: bool = True):
+               widen_factor: int = 1, se_bias: bool = True, kernel_init: str = 'torch_default',
+               zero_init_residual: bool = True):
+    """`zero_init_residual` is accepted for a uniform signature; pre-activation branches end in
+    a convolution, so there is no last BatchNorm scale for it to set."""
     nn.Module.__init__(self)
+    del zero_init_residual
     if not 0.0 <= dropout_rate < 1.0:
       raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate}.')
     if num_classes < 1 or num_filters < 1 or widen_factor < 1:
@@ -259,6 +307,8 @@ class PreActResNet(SEResNet):
     self.bn_final = batch_norm(in_planes)
     self.dropout = nn.Dropout(dropout_rate)
     self.linear = nn.Linear(in_planes, num_classes)
+    if kernel_init != 'torch_default':  # the layers were just made with PyTorch's default
+      initialise(self, kernel_init)
 
   def stem(self, x):
     return self.conv1(x)

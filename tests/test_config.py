@@ -56,6 +56,8 @@ def test_base_config_is_valid():
   (dict(learning_rate=-0.1), 1, r'learning_rate must be >= 0, got -0.1'),
   (dict(weight_decay=-1e-4), 1, r'weight_decay must be >= 0'),
   (dict(momentum=1.0), 1, r'momentum must be in \[0, 1\)'),
+  (dict(weight_decay_mask='bn'), 1, r'weight_decay_mask'),
+  ({'model.kernel_init': 'xavier'}, 1, r'model.kernel_init'),
   (dict(schedule='linear'), 1, r"Unknown schedule 'linear'"),
   (dict(num_epochs=0), 1, r'num_epochs must be >= 1'),
   (dict(validation_size=-5), 1, r'validation_size must be >= 0'),

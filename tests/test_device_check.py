@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import subprocess_env
 
-from benchmarks import cifar_jpeg, time_to_accuracy
+from benchmarks import causes, cifar_jpeg, time_to_accuracy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,6 +48,81 @@ def test_first_reached_reports_the_first_epoch_over_each_line():
                              'wall_s': 34.0}
 
 
+def test_causes_table_pairs_seeds_and_combines_what_beat_the_baseline_on_validation():
+  def run(test, val):
+    return {'test': test, 'validation': val}
+
+  results = {('baseline', 0): run(0.880, 0.890), ('baseline', 1): run(0.884, 0.886),
+             ('decay_all', 0): run(0.890, 0.893), ('decay_all', 1): run(0.886, 0.889),
+             ('warmup', 0): run(0.870, 0.880), ('warmup', 1): {'status': 'not run (time)'},
+             ('torch_init', 0): run(0.900, 0.885)}
+  rows = causes.table_rows(results, ['baseline', 'decay_all', 'warmup', 'torch_init'], [0, 1])
+  by_name = {r['variant']: r for r in rows}
+  assert by_name['baseline']['test_delta'] is None
+  assert by_name['decay_all']['test_delta'] == pytest.approx(0.006)  # (0.010 + 0.002) / 2
+  assert by_name['decay_all']['val_delta'] == pytest.approx(0.003)
+  assert by_name['warmup']['val_pairs'] == 1 and by_name['warmup']['val_mean'] == 0.880
+  assert by_name['torch_init']['test_delta'] == pytest.approx(0.020)
+  # chosen on validation: torch_init's better test accuracy does not count
+  assert causes.choose_combination(rows) == ['decay_all']
+  assert causes.choose_combination(
+      [r for r in rows if r['variant'] != 'decay_all']) == ['torch_init']  # the least bad one
+  assert causes.choose_combination(rows[:1]) == []
+  table = causes.markdown({'epochs': 30, 'seeds': [0, 1], 'rows': rows, 'config_args': [],
+                           'long': {'variants': ['decay_all'], 'epochs': 100, 'seed': 0,
+                                    'test': 0.93, 'validation': 0.94}})
+  assert table.count('\n| `') == 4 and 'not run (time)' in table and '+0.60' in table
+  config = causes.run_config(time_to_accuracy.ml_collections.ConfigDict(
+      {'num_epochs': 30, 'seed': 0, 'weight_decay_mask': 'kernels', 'eval_every_epochs': 1,
+       'checkpoint_every_epochs': 1, 'measure_inference': True, 'keep_checkpoints': 3}),
+      causes.variant_changes('decay_all', 5.0), seed=1, num_epochs=100)
+  assert (config.weight_decay_mask, config.seed, config.num_epochs, config.eval_every_epochs,
+          config.checkpoint_every_epochs) == ('all', 1, 100, 100, 100)
+
+
+def test_causes_runs_seed_by_seed_then_the_combination_and_respects_its_budget(
+    make_tiny_config, tmp_path, monkeypatch):
+  """run_causes' plan with stand-in runs: what trains when, in which config, and the table."""
+  trained = []
+
+  def fake_run(config, run_dir):
+    trained.append((os.path.relpath(run_dir, tmp_path), config))
+    val = (0.80 + 0.01 * (config.weight_decay_mask == 'all')
+           - 0.02 * (config.model.kernel_init == 'torch_default') + 0.001 * config.seed)
+    return {'run_dir': run_dir, 'epochs_completed': config.num_epochs,
+            'validation': {'accuracy': val, 'loss': 1.0}, 'test': {'accuracy': val, 'loss': 1.0}}
+
+  monkeypatch.setattr(causes.common, 'run', fake_run)
+  config = make_tiny_config(num_epochs=4, warmup_epochs=1.0)
+  summary = causes.run_causes(config, str(tmp_path / 'out'), str(tmp_path / 'runs'),
+                              ['decay_all', 'torch_init'], seeds=2, long_epochs=6,
+                              warmup_epochs=2.0, cache_dir=str(tmp_path / 'cache'))
+  assert [name for name, _ in trained] == [
+      'runs/baseline/seed_0', 'runs/decay_all/seed_0', 'runs/torch_init/seed_0',
+      'runs/baseline/seed_1', 'runs/decay_all/seed_1', 'runs/torch_init/seed_1',
+      'runs/combination/seed_0']
+  long = trained[-1][1]
+  assert (long.num_epochs, long.weight_decay_mask, long.model.kernel_init, long.seed,
+          long.eval_every_epochs) == (6, 'all', 'lecun_normal', 0, 6)
+  assert all(c.num_epochs == 4 and c.checkpoint_every_epochs == 4 for _, c in trained[:-1])
+  rows = {r['variant']: r for r in summary['rows']}
+  assert rows['decay_all']['val_delta'] == pytest.approx(0.01)
+  assert rows['torch_init']['val_delta'] == pytest.approx(-0.02)
+  assert summary['long']['variants'] == ['decay_all'] and summary['long']['test'] > 0.8
+  saved = json.loads((tmp_path / 'out' / 'causes.json').read_text())
+  assert saved['long']['epochs'] == 6 and len(saved['rows']) == 3
+  assert (tmp_path / 'out' / 'causes.md').read_text().count('| `') == 3
+
+  trained.clear()  # no time for more than the first run: the others get rows saying so
+  summary = causes.run_causes(config, str(tmp_path / 'out2'), str(tmp_path / 'runs2'),
+                              ['decay_all'], seeds=1, long_epochs=6, warmup_epochs=2.0,
+                              time_budget_s=0.0,
+                              cache_dir=str(tmp_path / 'cache'))
+  assert len(trained) == 1
+  assert summary['rows'][1]['runs'][0]['status'] == 'not run (time)'
+  assert summary['long'] is None  # no variant finished: nothing to combine
+
+
 @pytest.mark.slow
 def test_quick_device_check_runs_every_stage_and_keeps_every_table(tmp_path):
   out_dir, work = tmp_path / 'out', tmp_path / 'work'
@@ -56,7 +131,7 @@ def test_quick_device_check_runs_every_stage_and_keeps_every_table(tmp_path):
                         capture_output=True, text=True, cwd=REPO, env=env, timeout=1500)
   log = (out_dir / 'device_check.log').read_text()
   assert proc.returncode == 0, log + proc.stderr[-2000:]
-  for stage in ('twin', 'fast', 'bench'):
+  for stage in ('twin', 'causes', 'fast', 'bench'):
     assert f'{stage}: rc=0' in log, log
   assert 'library imports without TensorFlow' in (out_dir / 'no_tensorflow.txt').read_text()
 
@@ -70,6 +145,13 @@ def test_quick_device_check_runs_every_stage_and_keeps_every_table(tmp_path):
   assert (run / 'checkpoints').is_dir()
   assert not list(run.glob('events.out.tfevents*'))  # TensorFlow was hidden: no TensorBoard file
 
+  table = json.loads((out_dir / 'causes' / 'causes.json').read_text())
+  assert [r['variant'] for r in table['rows']] == ['baseline', 'torch_init']
+  assert all(0 <= r['test_mean'] <= 1 for r in table['rows'])
+  assert table['rows'][1]['test_delta'] is not None
+  assert table['long'] is None  # the combination's run is left to the GPU (CAUSES_LONG_EPOCHS)
+  assert (out_dir / 'causes' / 'causes.md').exists()
+
   fast = json.loads((out_dir / 'fast' / 'time_to_accuracy.json').read_text())
   assert fast['epochs_completed'] == 1 and fast['epochs'][0]['test_accuracy_side'] is not None
   assert fast['config']['tta_flip'] and fast['config']['batch_size'] == 64
@@ -80,3 +162,4 @@ def test_quick_device_check_runs_every_stage_and_keeps_every_table(tmp_path):
   assert events[0] == 'environment' and 'round' in events and events[-1] == 'row'
   summary = (out_dir / 'summary.md').read_text()
   assert '| jax |' in summary and '| pytorch |' in summary and 'JAX train img/s' in summary
+  assert '| `torch_init` |' in summary

@@ -284,7 +284,7 @@ BAD_INPUT = [
     ('unknown key', {'nonsense': 1}, {}, None,
      ["Unknown config key 'nonsense' in '--config.nonsense=1'", 'Known keys: augment,']),
     ('unknown nested key', {'model.reduction': 8}, {}, None,
-     ["Unknown config key 'model.reduction'", "under 'model': dropout_rate, name"]),
+     ["Unknown config key 'model.reduction'", "under 'model': dropout_rate, kernel_init, name"]),
     ('wrong type', {'batch_size': 'abc'}, {}, None,
      ['Bad value in --config.batch_size=abc: expected type int, like 64', 'invalid literal']),
     ('dropout 1', {'model.dropout_rate': 1.0}, {}, None,

@@ -84,15 +84,20 @@ class _Params(torch.nn.Module):
     super().__init__()
     self.kernel = torch.nn.Parameter(torch.tensor(kernel))
     self.bias = torch.nn.Parameter(torch.tensor(bias))
+    self.register_buffer('running_mean', torch.zeros(bias.shape))  # averaged by the EMA too
+    self.register_buffer('count', torch.zeros((), dtype=torch.long))  # not averaged
 
 
-@pytest.mark.parametrize('schedule,nesterov', [('cosine', True), ('multistep', False),
-                                               ('onecycle', True)])
-def test_optimizer_and_schedule_equal_the_library_optax_chain(schedule, nesterov):
-  """Same gradients in, same weights out: decay on kernels only, momentum, per-step rate."""
+@pytest.mark.parametrize('schedule,nesterov,mask', [('cosine', True, 'kernels'),
+                                                    ('multistep', False, 'kernels'),
+                                                    ('onecycle', True, 'kernels'),
+                                                    ('cosine', True, 'all')])
+def test_optimizer_and_schedule_equal_the_library_optax_chain(schedule, nesterov, mask):
+  """Same gradients in, same weights out: decay on kernels only (or on all), momentum, per-step
+  rate."""
   config = base_config()
   config.update(learning_rate=0.4, weight_decay=5e-3, schedule=schedule, nesterov=nesterov,
-                warmup_epochs=1.0, num_epochs=4, lr_decay_epochs=(2, 3))
+                warmup_epochs=1.0, num_epochs=4, lr_decay_epochs=(2, 3), weight_decay_mask=mask)
   steps_per_epoch, num_steps = 3, 12
   rs = np.random.RandomState(0)
   params = {'kernel': rs.normal(size=(6, 5)).astype(np.float32),
@@ -130,11 +135,19 @@ def test_label_smoothed_loss_and_weight_average_equal_the_library():
   model = _Params(rs.normal(size=(3, 2)).astype(np.float32), np.zeros(2, np.float32))
   ema = torch_train.WeightEMA(model, 0.9)
   start = model.kernel.detach().numpy().copy()
+  assert len(ema.buffers) == 1  # the statistics are averaged too; integer counters are not
   with torch.no_grad():
     model.kernel += 1.0
+    model.running_mean += 2.0
   ema.update(model)
   expected = optax.incremental_update(model.kernel.detach().numpy(), start, 0.1)
   np.testing.assert_allclose(ema.params[0].numpy(), expected, rtol=1e-6)
+  np.testing.assert_allclose(ema.buffers[0].numpy(), 0.2, rtol=1e-6)
+  ema.swap(model)  # evaluation sees both averages
+  np.testing.assert_allclose(model.running_mean.numpy(), 0.2, rtol=1e-6)
+  np.testing.assert_allclose(model.kernel.detach().numpy(), expected, rtol=1e-6)
+  ema.swap(model)
+  np.testing.assert_allclose(model.running_mean.numpy(), 2.0, rtol=1e-6)
 
 
 def test_a_short_run_reports_like_the_library_and_respects_its_time_budget(
@@ -164,7 +177,7 @@ def test_flax_initialisation_draws_weights_as_the_library_does():
   flax_kernel = np.asarray(nn.Conv(128, (3, 3), use_bias=False).init(
       jax.random.key(0), jnp.zeros((1, 8, 8, 128)))['params']['kernel'])
   config = base_config()
-  config.model.update(num_filters=16, se_reduction=4)
+  config.model.update(num_filters=16, se_reduction=4, kernel_init='torch_default')
   torch.manual_seed(0)
   model = torch_train.build_model(config, 10)
   default_std = float(model.layer4[1].conv2.weight.detach().std())
