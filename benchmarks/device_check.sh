@@ -62,7 +62,7 @@ if [[ $QUICK == 1 ]]; then
   CAUSES_VARIANTS=${CAUSES_VARIANTS:-baseline,torch_init}
   CAUSES_ARGS="$SMALL --config.max_steps=3 ${CAUSES_ARGS:-}"
   FAST_ARGS="$SMALL --config.num_epochs=1 --config.warmup_epochs=0.5 ${FAST_ARGS:-}"
-  BENCH_ARGS=${BENCH_ARGS:---quick --num_filters=16 --batch_sizes=16 --notorch_compile}
+  BENCH_ARGS=${BENCH_ARGS:---quick --num_filters=16 --batch_sizes=16 --notorch_compile --nocompare_xla_defaults}
   export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
   HIDE_TENSORFLOW=${HIDE_TENSORFLOW:-1}  # run every stage as on the GPU image: no TensorFlow
 else
