@@ -4,7 +4,6 @@ Both stop the loop between steps. A signal lets the loop save a checkpoint first
 before any save, so no checkpoint a resume would trust ever holds NaN.
 """
 
-import functools
 import os
 import signal
 from typing import Any, Optional
@@ -92,11 +91,6 @@ class Interruption:
     self.disarm()
 
 
-@functools.cache
-def _all_finite_program() -> Any:
-  return compilation.jit(_all_finite)
-
-
 def _all_finite(tree: Any) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
@@ -111,7 +105,7 @@ def check_finite(loss: float, step: int, ckpts: RunCheckpoints, workdir: str,
   loss and non-finite weights: with `state` the weights are checked too, so no checkpoint (which a
   resume would trust) ever holds NaN.
   """
-  if np.isfinite(loss) and (state is None or bool(_all_finite_program()(
+  if np.isfinite(loss) and (state is None or bool(compilation.jit(_all_finite)(
       (state.params, state.batch_stats, state.opt_state, state.ema_params)))):
     return
   last = ckpts.latest_intact_step()  # never a step whose checksums were not verified
