@@ -32,8 +32,9 @@ How it measures, and why:
 - On a CPU, the library's compile policy (`se_resnet_jax.compilation`) is timed against XLA's
   defaults in the same rounds: "JAX train (XLA defaults)" and "JAX eval (XLA defaults)" are the same
   steps compiled without the policy's options (--nocompare_xla_defaults leaves them out).
-- The 1-minute load average is read at the start and at the end; above half the cores the output
-  says "machine loaded": its figures do not hold for a quiet machine.
+- The 1-minute load average is read at the start (and at the end, which counts the benchmark's own
+  threads); above half the cores at the start the output says "machine loaded": its figures do not
+  hold for a quiet machine.
 - FLOPs per image come from XLA's cost analysis of the compiled pre-made step: forward, backward
   and the SGD update, whose share is below 0.1%. Utilisation is measured against a per-chip bf16
   dense peak; a CPU has no entry and shows n/a.
@@ -457,7 +458,7 @@ def markdown(env: dict, rows: list) -> str:
       f'1-minute load average at start: {env["load_average_1min"]:.1f}'
       + (f', at end: {env["load_average_1min_end"]:.1f}' if 'load_average_1min_end' in env
          else '')
-      + f' ({machine.load_verdict(env["load_average_1min"], env.get("load_average_1min_end", 0))})',
+      + f' ({machine.load_verdict(env["load_average_1min"])})',
       f'Compile policy (se_resnet_jax.compilation): {env["compile_policy"] or "XLA defaults"}',
       f'Command: {env["command"]}',
       f'Train-step FLOPs per image (forward + backward + update, XLA cost analysis, batch '

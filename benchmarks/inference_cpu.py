@@ -213,7 +213,7 @@ def main(argv):
   print(f'Versions: {env["versions"]}; XLA_FLAGS={env["XLA_FLAGS"]!r}, OMP_WAIT_POLICY='
         f'{env["OMP_WAIT_POLICY"]!r}; compile policy {env["compile_policy"]}; load average '
         f'{env["load_average_1min"]:.1f} at start, {env["load_average_1min_end"]:.1f} at end ('
-        f'{machine.load_verdict(env["load_average_1min"], env["load_average_1min_end"])})')
+        f'{machine.load_verdict(env["load_average_1min"])})')
   names = list(rows[0]['ms_per_call'])
   print('\n| batch | figure | ' + ' | '.join(names) + ' |')
   print('|---|---|' + '---|' * len(names))

@@ -39,7 +39,8 @@ def load_average() -> float:
   return os.getloadavg()[0]
 
 
-def load_verdict(*loads: float) -> str:
-  """'machine loaded' when any 1-minute load average read exceeds half the cores: other processes
-  then held part of the cores the figures assume."""
-  return 'machine loaded' if max(loads) > cores() / 2 else 'machine quiet'
+def load_verdict(load_at_start: float) -> str:
+  """'machine loaded' when the 1-minute load average before the benchmark started exceeds half the
+  cores: other processes then held part of the cores the figures assume. (A load read later counts
+  the benchmark's own threads.)"""
+  return 'machine loaded' if load_at_start > cores() / 2 else 'machine quiet'
