@@ -58,7 +58,8 @@ def compiler_options(backend: Optional[str] = None, **extra: Any) -> Optional[di
 def jit(fun: Callable, *, cpu_options: Optional[dict] = None, **jit_kwargs: Any) -> Callable:
   """`jax.jit(fun, **jit_kwargs)` compiled with the policy's options for the default backend.
 
-  `cpu_options` adds options on a CPU only (the initialiser's lower optimisation level).
+  `cpu_options` adds options on a CPU only (the initialiser's lower optimisation level). The
+  options are read here, when the program is built: build it after changing BACKEND_OPTIONS.
   """
   extra = cpu_options if jax.default_backend() == 'cpu' and cpu_options else {}
   return jax.jit(fun, compiler_options=compiler_options(**extra), **jit_kwargs)
