@@ -179,9 +179,6 @@ class SEResNet(nn.Module):
                relu_before_se: bool = False, shortcut: str = 'B', se_bias: bool = True,
                kernel_init: str = 'torch_default', zero_init_residual: bool = True):
     super().__init__()
-    if kernel_init not in KERNEL_INITS:
-      raise ValueError(f'Unknown kernel_init {kernel_init!r}; choose one of '
-                       f'{", ".join(KERNEL_INITS)}.')
     if not 0.0 <= dropout_rate < 1.0:
       raise ValueError(f'dropout_rate must be in [0, 1), got {dropout_rate}.')
     if num_classes < 1 or num_filters < 1:
@@ -202,9 +199,15 @@ class SEResNet(nn.Module):
         in_planes = planes * block.expansion
       setattr(self, f'layer{i + 1}', nn.Sequential(*blocks))
     self.num_stages = len(stage_sizes)
+    self.add_head(in_planes, num_classes, dropout_rate, kernel_init)
+
+  def add_head(self, in_planes: int, num_classes: int, dropout_rate: float,
+               kernel_init: str) -> None:
+    """Dropout and Linear after pooling; then every weight drawn as `kernel_init` says (the
+    layers were just made with PyTorch's default, so 'torch_default' leaves them)."""
     self.dropout = nn.Dropout(dropout_rate)
     self.linear = nn.Linear(in_planes, num_classes)
-    if kernel_init != 'torch_default':  # the layers were just made with PyTorch's default
+    if kernel_init != 'torch_default':
       initialise(self, kernel_init)
 
   def stem(self, x):
@@ -305,10 +308,7 @@ class PreActResNet(SEResNet):
       setattr(self, f'layer{i + 1}', nn.Sequential(*blocks))
     self.num_stages = len(stage_sizes)
     self.bn_final = batch_norm(in_planes)
-    self.dropout = nn.Dropout(dropout_rate)
-    self.linear = nn.Linear(in_planes, num_classes)
-    if kernel_init != 'torch_default':  # the layers were just made with PyTorch's default
-      initialise(self, kernel_init)
+    self.add_head(in_planes, num_classes, dropout_rate, kernel_init)
 
   def stem(self, x):
     return self.conv1(x)
