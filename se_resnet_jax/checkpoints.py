@@ -11,11 +11,9 @@ weight, and zeroed blocks can restore as Inf/NaN. So each saved step also gets `
 are finite. A damaged step is reported by name; on resume the run falls back to the newest intact
 step, moving the unusable ones to `workdir/set_aside/` (nothing is deleted).
 
-Each step carries a JSON `meta` item (epoch, history, early-stopping state, architecture, the run
-id of `workdir/run.json`) so a resumed run continues its curves, refuses weights from a different
-network, and sets aside a step copied in from another run (whose checksums are its own). Runs
-made before this layout kept their best state in a second directory, `workdir/best`; it is still
-read.
+Each step carries a JSON `meta` item (the run's `progress.Progress` and its run id) so a resumed
+run continues its curves, refuses weights from a different network, and sets aside a step copied
+in from another run (whose checksums are its own).
 """
 
 import errno
@@ -34,7 +32,6 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from se_resnet_jax.errors import UserError
-from se_resnet_jax.workdir import read_run_id, write_run_id
 
 CHECKSUMS = 'checksums.json'
 SET_ASIDE = 'set_aside'
@@ -160,25 +157,6 @@ def verify_checksums(directory: str) -> Optional[str]:
   return None
 
 
-def _older_ema_layout(manager, step: int, target: Any) -> tuple:
-  """(restore target, whether it is the older EMA layout) for a train state's step.
-
-  States saved before the EMA averaged BatchNorm statistics hold the averaged parameters alone in
-  `ema_params` (today: {'params', 'batch_stats'}); such a step is read onto a target of that
-  layout, and the caller completes it.
-  """
-  ema = getattr(target, 'ema_params', None)
-  if not isinstance(ema, dict) or set(ema) != {'params', 'batch_stats'}:
-    return target, False
-  try:
-    stored = manager.item_metadata(step)['state'].tree['ema_params']
-  except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself says what is wrong
-    return target, False
-  if not isinstance(stored, dict) or 'params' in stored or not stored:
-    return target, False
-  return target.replace(ema_params=ema['params']), True
-
-
 def nonfinite_leaves(tree: Any) -> list:
   """Paths of the floating-point arrays in `tree` holding NaN or Inf (this process's shards)."""
   bad = []
@@ -247,46 +225,13 @@ class RunCheckpoints:
   `read_only` is for reading a run (evaluate): it never saves, so nothing is deleted or created.
   """
 
-  def __init__(self, workdir: str, keep: int = 3, read_only: bool = False):
+  def __init__(self, workdir: str, keep: int = 3, read_only: bool = False,
+               run_id: Optional[str] = None):
     self.workdir = workdir
     self._manager = _manager(os.path.join(workdir, 'checkpoints'), None if read_only else keep)
-    legacy = os.path.join(workdir, 'best')
-    self._legacy_best = _manager(legacy, None) if os.path.isdir(legacy) else None
     self._read_only = read_only
     self._verified = {}  # (directory, step) -> None (intact), reason (damaged) or 'unverified'
-    self.run_id = read_run_id(workdir)  # None: no run.json (a run made before run ids)
-
-  def start_run(self) -> str:
-    """The workdir's run id, recorded in run.json at the start of a run that has none.
-
-    A workdir of an older version (checkpoints without run.json) takes the id its oldest step
-    records, if any, so its own steps stay its own. A workdir without any step starts a new run,
-    with a new id, even if an earlier run's run.json is left: reports of that run must not be
-    taken for this one's.
-    """
-    fresh = not self.steps() and (self._legacy_best is None or
-                                  self._legacy_best.latest_step() is None)
-    if self.run_id is not None and not fresh:
-      return self.run_id
-    if jax.process_index() == 0:
-      adopted = None
-      for step in self.steps():
-        meta = self._read_meta(self._manager, step)
-        if meta is not None and meta.get('run_id'):
-          adopted = meta['run_id']
-          break
-      os.makedirs(self.workdir, exist_ok=True)
-      write_run_id(self.workdir, adopted)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices('se_resnet_jax: run id written')
-    self.run_id = read_run_id(self.workdir)
-    return self.run_id
-
-  def _read_meta(self, manager, step: int) -> Optional[dict]:
-    try:
-      return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-    except Exception:  # noqa: BLE001 - a damaged step: the restore that needs it reports it
-      return None
+    self.run_id = run_id  # the run (rundir.RunRecord) whose steps these are
 
   def _foreign(self, meta: dict) -> bool:
     recorded = meta.get('run_id')
@@ -299,59 +244,38 @@ class RunCheckpoints:
 
   def latest_step(self, which: str = 'latest') -> Optional[int]:
     """The newest step ('latest') or the best one ('best'), whether or not it was verified."""
-    return self._locate(which)[1]
-
-  def _locate(self, which: str, step: Optional[int] = None):
-    """(manager, step) for 'latest' or 'best' (the legacy `best/` when no step holds metrics)."""
     if which not in ('latest', 'best'):
       raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
-    if step is not None:
-      return self._manager, step
     if which == 'latest':
-      return self._manager, self._manager.latest_step()
+      return self._manager.latest_step()
     has_metrics = any(self._manager.metrics(s) for s in self._manager.all_steps())
-    if not has_metrics and self._legacy_best is not None:
-      return self._legacy_best, self._legacy_best.latest_step()
-    return self._manager, self._manager.best_step() if has_metrics else None
+    return self._manager.best_step() if has_metrics else None
 
-  def newest_meta(self) -> Optional[dict]:
-    """The `meta` of the newest step whose meta reads (unverified): what the run last recorded.
-
-    Cheap (a small JSON file), so a resume can refuse a changed setting before it restores or
-    moves anything.
-    """
-    for step in reversed(self.steps()):
-      meta = self._read_meta(self._manager, step)
-      if meta is not None and not self._foreign(meta):  # else resume() reports it
-        return meta
-    return None
-
-  def _step_dir(self, manager, step) -> str:
-    return os.path.join(str(manager.directory), str(step))
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(str(self._manager.directory), str(step))
 
   # Integrity.
 
-  def _status(self, manager, step: int) -> Optional[str]:
+  def _status(self, step: int) -> Optional[str]:
     """None when intact, 'unverified' without checksums, else what is damaged (cached)."""
-    key = (str(manager.directory), step)
-    if key not in self._verified:
+    if step not in self._verified:
       try:
-        self._verified[key] = verify_checksums(self._step_dir(manager, step))
+        self._verified[step] = verify_checksums(self._step_dir(step))
       except FileNotFoundError:
-        self._verified[key] = 'unverified'
-    return self._verified[key]
+        self._verified[step] = 'unverified'
+    return self._verified[step]
 
   def verify(self, which: str = 'latest', step: Optional[int] = None) -> Optional[str]:
     """None when the step's files match their checksums; else why not ('unverified': no sums)."""
-    manager, step = self._locate(which, step)
+    step = self.latest_step(which) if step is None else step
     if step is None:
-      raise CheckpointError(f'No {which} checkpoint in {manager.directory}.')
-    return self._status(manager, step)
+      raise CheckpointError(f'No {which} checkpoint in {self._manager.directory}.')
+    return self._status(step)
 
   def latest_intact_step(self) -> Optional[int]:
     """The newest step whose files match their checksums: the only kind a message calls intact."""
     for step in reversed(self.steps()):
-      if self._status(self._manager, step) is None:
+      if self._status(step) is None:
         return step
     return None
 
@@ -388,10 +312,10 @@ class RunCheckpoints:
       raise self._disk_full_error(step, state) from None
     finally:
       absl_logger.removeFilter(held)
-    self._verified[(str(self._manager.directory), step)] = None
+    self._verified[step] = None
 
   def _write_checksums(self, step: int) -> None:
-    directory = self._step_dir(self._manager, step)
+    directory = self._step_dir(step)
     sums = {'algorithm': 'sha256', 'files': file_checksums(directory)}
     temporary = os.path.join(directory, CHECKSUMS + '.tmp')
     with open(temporary, 'w') as f:
@@ -405,7 +329,7 @@ class RunCheckpoints:
     previous = [s for s in self.steps() if s != step]
     free = shutil.disk_usage(directory).free
     if previous:  # the best estimate: the size of the run's last complete step
-      need = (f'needs about {_size(_directory_bytes(self._step_dir(self._manager, previous[-1])))} '
+      need = (f'needs about {_size(_directory_bytes(self._step_dir(previous[-1])))} '
               f'in {directory}, which has {_size(free)} free')
     else:
       arrays = sum(x.nbytes if isinstance(x, jax.Array) else np.asarray(x).nbytes
@@ -430,36 +354,32 @@ class RunCheckpoints:
     Raises DamagedCheckpointError when the files fail their checksums, cannot be read, or the
     state holds NaN/Inf; CheckpointError for a missing step or another network.
     """
-    manager, step_found = self._locate(which, step)
-    available = list(manager.all_steps())
-    if step_found is None or step_found not in available:
+    found = self.latest_step(which) if step is None else step
+    available = self.steps()
+    if found is None or found not in available:
       what = f'checkpoint at step {step}' if step is not None else f'{which} checkpoint'
       have = f'it has steps {available}' if available else 'it has no checkpoints'
-      raise CheckpointNotFoundError(f'No {what} in {manager.directory}: {have}.', which, step,
-                                    available)
-    return self._restore(manager, step_found, target, architecture)
+      raise CheckpointNotFoundError(f'No {what} in {self._manager.directory}: {have}.', which,
+                                    step, available)
+    return self._restore(found, target, architecture)
 
-  def _restore(self, manager, step: int, target: Any, architecture: Optional[dict]):
-    meta = self._check_readable(manager, step, architecture)
-    where = self._step_dir(manager, step)
-    target, older_ema = _older_ema_layout(manager, step, target)
+  def _restore(self, step: int, target: Any, architecture: Optional[dict]):
+    meta = self._check_readable(step, architecture)
+    where = self._step_dir(step)
     try:
-      state = manager.restore(
+      state = self._manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))['state']
     except Exception as e:  # noqa: BLE001 - any read failure means the same to the user
-      self._check_state_settings(manager, step, target)
+      self._check_state_settings(step, target)
       raise DamagedCheckpointError(where, step,
                                    f'it could not be restored ({_reason(e)})') from None
-    if older_ema:  # the statistics' average starts from the live statistics
-      state = state.replace(ema_params={'params': state.ema_params,
-                                        'batch_stats': state.batch_stats})
     bad = nonfinite_leaves(state)
     if bad:
       raise DamagedCheckpointError(where, step, f'{bad[0]} holds NaN/Inf' +
                                    (f' (and {len(bad) - 1} more arrays)' if bad[1:] else ''))
     return state, meta
 
-  def _check_state_settings(self, manager, step: int, target: Any) -> None:
+  def _check_state_settings(self, step: int, target: Any) -> None:
     """Raises CheckpointSettingsError when the saved state's parts differ from `target`'s.
 
     An intact step of this run restored under a changed setting (ema_decay turned on or off)
@@ -468,7 +388,7 @@ class RunCheckpoints:
     if target is None:
       return
     try:
-      saved = manager.item_metadata(step)['state']
+      saved = self._manager.item_metadata(step)['state']
       wanted = target if isinstance(target, dict) else vars(target)
       fields = sorted(k for k in saved.keys() if k in wanted)
     except Exception:  # noqa: BLE001 - no readable metadata: the damage is reported instead
@@ -479,22 +399,23 @@ class RunCheckpoints:
       return
     settings = [STATE_SETTINGS.get(k, k) for k in differ]
     raise CheckpointSettingsError(
-        f'Checkpoint {self._step_dir(manager, step)} is intact but was made with other settings: '
+        f'Checkpoint {self._step_dir(step)} is intact but was made with other settings: '
         f'{", ".join(settings)} changed (the saved {", ".join(differ)} differ from what this '
         'config makes). Use the values the run was made with, or a new --workdir.',
         differ, settings)
 
-  def _check_readable(self, manager, step: int, architecture: Optional[dict]) -> dict:
+  def _check_readable(self, step: int, architecture: Optional[dict]) -> dict:
     """The step's meta, once its checksums pass and it is the config's network."""
-    where = self._step_dir(manager, step)
-    status = self._status(manager, step)
+    where = self._step_dir(step)
+    status = self._status(step)
     if status == 'unverified':
-      logging.warning('Checkpoint %s has no %s (made by an older version, or the run was killed '
-                      'just after saving it): it is read unverified.', where, CHECKSUMS)
+      logging.warning('Checkpoint %s has no %s (the run was killed just after saving it): it is '
+                      'read unverified.', where, CHECKSUMS)
     elif status is not None:
       raise DamagedCheckpointError(where, step, status)
     try:
-      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+      meta = self._manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     except Exception as e:  # noqa: BLE001
       raise DamagedCheckpointError(where, step, f'its meta is unreadable ({_reason(e)})') from None
     if self._foreign(meta):
@@ -519,13 +440,13 @@ class RunCheckpoints:
       return None, None
     damaged = {}  # where -> reason
     limit = None  # resume strictly before this step: the damaged best one
-    best_manager, best = self._locate('best')
+    best = self.latest_step('best')
     if best is not None:
       try:
-        if self._status(best_manager, best) == 'unverified':
-          self._restore(best_manager, best, None, architecture)
+        if self._status(best) == 'unverified':
+          self._restore(best, None, architecture)
         else:
-          self._check_readable(best_manager, best, architecture)
+          self._check_readable(best, architecture)
       except DamagedCheckpointError as e:
         damaged[e.where] = e.reason
         limit = best
@@ -533,14 +454,11 @@ class RunCheckpoints:
       if limit is not None and step >= limit:
         continue
       try:
-        state, meta = self._restore(self._manager, step, target, architecture)
+        state, meta = self._restore(step, target, architecture)
       except DamagedCheckpointError as e:
         damaged[e.where] = e.reason
         continue
-      moves = [self._step_dir(self._manager, s) for s in steps if s > step]
-      if limit is not None and best_manager is self._legacy_best:
-        moves.append(self._step_dir(best_manager, best))
-      self._set_aside(moves, damaged, step)
+      self._set_aside([self._step_dir(s) for s in steps if s > step], damaged, step)
       return state, meta
     listed = '; '.join(f'{where}: {reason}' for where, reason in damaged.items())
     raise CheckpointError(
@@ -552,8 +470,7 @@ class RunCheckpoints:
     """Moves step directories out of the manager's sight into `workdir/set_aside/`."""
     aside = os.path.join(self.workdir, SET_ASIDE)
     for where in moves:
-      base = os.path.join(aside, f'{os.path.basename(os.path.dirname(where))}-'
-                                 f'{os.path.basename(where)}')
+      base = os.path.join(aside, f'checkpoints-{os.path.basename(where)}')
       destination, copy = base, 1
       while os.path.exists(destination):
         destination, copy = f'{base}.{copy}', copy + 1
@@ -567,10 +484,6 @@ class RunCheckpoints:
       if jax.process_count() > 1:
         multihost_utils.sync_global_devices('se_resnet_jax: checkpoints set aside')
       self._manager.reload()
-      if self._legacy_best is not None:
-        self._legacy_best.reload()
 
   def close(self) -> None:
     self._manager.close()
-    if self._legacy_best is not None:
-      self._legacy_best.close()

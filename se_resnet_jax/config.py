@@ -10,12 +10,12 @@ import math
 import os
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 
 from se_resnet_jax import augment
 from se_resnet_jax.errors import ConfigError
-from se_resnet_jax.input_pipeline import IMAGE_SHAPE
-from se_resnet_jax.models import KERNEL_INITS, MODELS, SEResNet, build_model
+from se_resnet_jax.models import IMAGE_SHAPE, SEResNet, create_model, has_se
 
 DATASETS = {'cifar10': 10, 'cifar100': 100, 'synthetic': None}
 SCHEDULES = ('cosine', 'multistep', 'onecycle', 'constant')
@@ -142,26 +142,10 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int = 1) ->
     raise ConfigError(f'{nonfinite[0]} must be a finite number, got {nonfinite[1]}.')
   _require(config.dataset in DATASETS, f'Unknown dataset {config.dataset!r}; choose one of '
            f'{", ".join(DATASETS)}.')
-  m = config.model
-  _require(m.name in MODELS, f'Unknown model.name {m.name!r}; choose one of {", ".join(MODELS)}.')
-  _require(0.0 <= m.dropout_rate < 1.0,
-           f'model.dropout_rate must be in [0, 1), got {m.dropout_rate}.')
-  _require(m.num_filters >= 1, f'model.num_filters must be positive, got {m.num_filters}.')
-  _require(m.shortcut in ('', 'A', 'B'),
-           f"model.shortcut must be 'A', 'B' or '' (the network's own), got {m.shortcut!r}.")
-  if MODELS[m.name].func is not SEResNet:
-    _require(not m.relu_before_se and m.shortcut in ('', 'B'),
-             f'model.name={m.name} has pre-activation units: model.relu_before_se and '
-             "model.shortcut='A' apply to post-activation networks only.")
-  _require(m.kernel_init in KERNEL_INITS, f'Unknown model.kernel_init {m.kernel_init!r}; choose '
-           f'one of {", ".join(KERNEL_INITS)}.')
-  _require(config.weight_decay_mask in WEIGHT_DECAY_MASKS,
-           f'Unknown weight_decay_mask {config.weight_decay_mask!r}; choose one of '
-           f'{", ".join(WEIGHT_DECAY_MASKS)}.')
-  try:  # the network checks its own SE widths when it is built (no weights are made)
-    build_model(config, num_classes=1)
+  try:  # the network checks its own options when it is built (no weights are made)
+    build_model(config, classes=1)
   except ValueError as e:
-    raise ConfigError(f'model.se_reduction: {e}') from None
+    raise ConfigError(f'model: {e}') from None
   try:
     augment.validate_augment_config(config.augment)
   except ValueError as e:
@@ -229,3 +213,58 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+# How a config names its data's classes and its network: every module that builds, fingerprints
+# or sizes a network goes through these, so the answers cannot drift apart.
+
+
+def num_classes(config: ml_collections.ConfigDict) -> int:
+  """The classifier's width: the class count of the config's data (npz arrays stand for a
+  dataset, and a `classes` array in them must name as many)."""
+  if config.dataset == 'synthetic':
+    return config.synthetic.num_classes
+  if config.dataset == 'cifar100' and config.label_key == 'coarse_label':
+    return 20
+  return DATASETS[config.dataset]
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+  """bf16 with `half_precision` (parameters and optimizer state stay fp32), else fp32."""
+  return jnp.bfloat16 if config.half_precision else jnp.float32
+
+
+def model_options(config: ml_collections.ConfigDict, classes: int) -> dict:
+  """The create_model keyword arguments `config.model` gives (the PyTorch twin takes the same);
+  options left at their defaults are left out, so every family accepts what it is given."""
+  m = config.model
+  options = dict(num_classes=classes, num_filters=m.num_filters, dropout_rate=m.dropout_rate)
+  if has_se(m.name):
+    options['se_reduction'] = ([r or None for r in m.se_reductions] if m.se_reductions
+                               else m.se_reduction or None)
+  defaults = dict(relu_before_se=False, shortcut='', se_bias=True, kernel_init='lecun_normal',
+                  zero_init_residual=True)
+  options.update({k: m[k] for k, default in defaults.items() if m[k] != default})
+  return options
+
+
+def build_model(config: ml_collections.ConfigDict, classes: int) -> SEResNet:
+  """The network `config.model` describes; its own checks refuse impossible options."""
+  return create_model(config.model.name, dtype=compute_dtype(config),
+                      **model_options(config, classes))
+
+
+def architecture(config: ml_collections.ConfigDict, classes: int) -> dict:
+  """What a checkpoint's weights compute; a resume or an evaluation refuses a mismatch.
+
+  `relu_before_se` changes the function, not the weights' shapes, so only this tells the two
+  apart. `kernel_init` and `zero_init_residual` decide the first weights only, not the function of
+  a checkpoint's weights, so they are not part of it.
+  """
+  options = model_options(config, classes)
+  se = options.get('se_reduction')
+  m = config.model
+  return dict(name=m.name, num_filters=m.num_filters, num_classes=classes,
+              se_reduction=list(se) if isinstance(se, list) else se,
+              relu_before_se=m.relu_before_se, shortcut=options.get('shortcut', ''),
+              se_bias=m.se_bias)

@@ -48,7 +48,7 @@ import dataclasses
 import os
 import re
 from collections import OrderedDict
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,18 +58,13 @@ from absl import app, flags
 from flax import traverse_util
 from ml_collections import config_flags
 
-from se_resnet_jax import cli, files, models
+from se_resnet_jax import cli, files, input_pipeline, models, rundir
 from se_resnet_jax.checkpoints import CheckpointError, RunCheckpoints
-from se_resnet_jax.config import validate_config
+from se_resnet_jax.config import model_options, validate_config
 from se_resnet_jax.errors import ConfigError, UserError
-from se_resnet_jax.evaluation import dataset_num_classes, restore_run
-from se_resnet_jax.steps import (
-    TrainState,
-    create_learning_rate_schedule,
-    create_optimizer,
-    ema_variables,
-)
-from se_resnet_jax.train import Progress
+from se_resnet_jax.plan import plan_run
+from se_resnet_jax.progress import Progress
+from se_resnet_jax.steps import TrainState, ema_variables
 from se_resnet_jax.workdir import prepare_workdir
 
 FLAGS = flags.FLAGS
@@ -546,37 +541,42 @@ def unwrap_state_dict(obj: Any, where: str = 'the object') -> 'OrderedDict':
 
 
 def import_torch_weights(path: str, config: ml_collections.ConfigDict, workdir: str,
+                         mean: Sequence[float], std: Sequence[float],
                          trust_pickle: bool = False) -> ConversionReport:
   """Writes PyTorch weights as step 0 of a new run in `workdir` (its latest and best checkpoint,
-  and config.json), so `se_resnet_jax.evaluate` reports on them and training can start from them.
+  its record and config.json), so `se_resnet_jax.evaluate` reports on them and training can
+  start from them. `mean` and `std` are the per-channel input normalisation (of images in [0, 1])
+  the PyTorch network was trained with: the run applies them to every image.
 
   Everything is checked (config, workdir, file, every tensor) before anything is written; a
   workdir that already holds checkpoints is refused, never touched.
   """
   validate_config(config, jax.device_count())
-  for which in ('checkpoints', 'best'):
-    directory = os.path.join(workdir, which)
-    if os.path.isdir(directory) and os.listdir(directory):
-      raise CheckpointError(f'{directory} already holds checkpoints: convert into a new --workdir. '
-                            'Nothing was written.')
-  num_classes = dataset_num_classes(config)
-  model = models.build_model(config, num_classes)
-  variables, report = torch_to_flax(load_torch_file(path, trust_pickle), model)
+  for name, values in (('mean', mean), ('std', std)):
+    if len(values) != 3 or (name == 'std' and min(values) <= 0):
+      raise ConfigError(f'--{name} must be three numbers (one per RGB channel'
+                        f'{", each > 0" if name == "std" else ""}), got {list(values)}.')
+  directory = os.path.join(workdir, 'checkpoints')
+  if os.path.isdir(directory) and os.listdir(directory):
+    raise CheckpointError(f'{directory} already holds checkpoints: convert into a new --workdir. '
+                          'Nothing was written.')
+  plan = plan_run(config)
+  variables, report = torch_to_flax(load_torch_file(path, trust_pickle), plan.model)
   prepare_workdir(workdir)
 
-  tx = create_optimizer(config, create_learning_rate_schedule(config, steps_per_epoch=1))
-  state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+  state = TrainState.create(apply_fn=plan.model.apply, params=variables['params'], tx=plan.tx,
                             batch_stats=variables['batch_stats'],
                             ema_params=ema_variables(config, variables))
-  meta = Progress(models.architecture(config, num_classes)).to_meta(
-      config.early_stopping.monitor)
+  meta = Progress(plan.architecture).to_meta()
   meta['converted_from'] = {'file': os.path.abspath(path), 'layouts': list(report.layouts),
                             'folded_biases': list(report.folded_biases)}
-  if jax.process_index() == 0:
-    files.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
-  checkpoints = RunCheckpoints(workdir)
+  names = (input_pipeline.CIFAR10_CLASSES if config.dataset == 'cifar10' else
+           tuple(f'class_{i}' for i in range(plan.num_classes)))
+  record = rundir.RunRecord(rundir.new_run_id(), rundir.now(), plan.architecture, plan.data,
+                            list(names), [float(m) for m in mean], [float(s) for s in std])
+  rundir.write_record(workdir, record, config)
+  checkpoints = RunCheckpoints(workdir, run_id=record.run_id)
   try:
-    checkpoints.start_run()  # a new run: its step 0 records the run id
     checkpoints.save(0, state, meta, best=True)
   finally:
     checkpoints.close()
@@ -600,9 +600,9 @@ def export_torch_weights(workdir: str, path: str, checkpoint: str = 'best',
   if not path.endswith(('.pth', '.pt', '.safetensors')):
     raise ConversionError(f'--to_torch={path}: name the file .pth, .pt or .safetensors.')
   files.check_output(path, '--to_torch', overwrite)
-  run = restore_run(workdir, checkpoint)
+  run = rundir.restore_run(workdir, checkpoint)
   state_dict = flax_to_torch(run.variables, run.model)
-  weights = {'run_id': run.run_id or '', 'step': str(run.step), 'checkpoint': checkpoint,
+  weights = {'run_id': run.run_id, 'step': str(run.step), 'checkpoint': checkpoint,
              'library': 'se_resnet_jax'}
   if jax.process_index() == 0:
     if path.endswith('.safetensors'):
@@ -619,7 +619,7 @@ def export_torch_weights(workdir: str, path: str, checkpoint: str = 'best',
     options.append(f'se_reduction={model.se_reduction!r}')
   if model.relu_before_se:
     options.append('relu_before_se=True')
-  set_options = models.model_options(run.config, model.num_classes)
+  set_options = model_options(run.config, model.num_classes)
   options += [f'{k}={set_options[k]!r}' for k in ('shortcut', 'se_bias') if k in set_options]
   if model.dropout_rate:
     options.append(f'dropout_rate={model.dropout_rate}')
@@ -635,6 +635,10 @@ def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'The run directory to write (--from_torch) or read.')
   flags.DEFINE_string('checkpoint', 'best', "With --to_torch: 'best', 'latest' or a step number.")
   flags.DEFINE_bool('overwrite', False, 'With --to_torch: replace the file if it exists.')
+  flags.DEFINE_list('mean', None, 'With --from_torch: the per-channel mean (R,G,B, of images '
+                    'in [0, 1]) the PyTorch network subtracted, e.g. 0.4914,0.4822,0.4465.')
+  flags.DEFINE_list('std', None, 'With --from_torch: the per-channel std it divided by, e.g. '
+                    '0.2470,0.2435,0.2616.')
   flags.DEFINE_bool('trust_pickle', False, 'Read a .pth holding a whole pickled model: this runs '
                     'code from the file, so only for files from a source you trust.')
   config_flags.DEFINE_config_file('config', None, 'With --from_torch: the config the weights fit '
@@ -651,7 +655,15 @@ def main(argv):
       if FLAGS.config is None:
         raise ConfigError('--from_torch needs --config=<config file>: it says which network '
                           '(model.*) and dataset the weights are for.')
-      report = import_torch_weights(FLAGS.from_torch, FLAGS.config, FLAGS.workdir,
+      if not FLAGS.mean or not FLAGS.std:
+        raise ConfigError('--from_torch needs --mean=R,G,B and --std=R,G,B: the input '
+                          'normalisation the PyTorch network was trained with.')
+      try:
+        mean, std = [float(v) for v in FLAGS.mean], [float(v) for v in FLAGS.std]
+      except ValueError:
+        raise ConfigError(f'--mean and --std must be numbers, got {FLAGS.mean} and '
+                          f'{FLAGS.std}.') from None
+      report = import_torch_weights(FLAGS.from_torch, FLAGS.config, FLAGS.workdir, mean, std,
                                     FLAGS.trust_pickle)
       print(report.summary())
       print(f'Wrote the weights as step 0 of a run in {FLAGS.workdir}. Report on them with:\n'

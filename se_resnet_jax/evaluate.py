@@ -25,7 +25,8 @@ from ml_collections import config_flags
 from se_resnet_jax import cli, files, input_pipeline, report, summary
 from se_resnet_jax.console import Console
 from se_resnet_jax.errors import ConfigError, WorkdirError
-from se_resnet_jax.evaluation import final_report, load_run_config, restore_run
+from se_resnet_jax.evaluation import final_report
+from se_resnet_jax.rundir import load_run_config, restore_run
 from se_resnet_jax.sharding import data_mesh
 from se_resnet_jax.steps import make_eval_step
 from se_resnet_jax.workdir import WorkdirLockedError, workdir_lock
@@ -101,19 +102,21 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'bo
       raise ConfigError('This run has no validation split (validation_size=0); use --split=test.')
     splits = (('validation',) if data.validation is not None else ()) + ('test',)
     splits = splits if split == 'both' else (split,)
+    epoch = run.progress.epoch
     Console().say(f'Evaluating checkpoint {checkpoint!r} of {workdir} (step {run.step}, epoch '
-                  f'{run.meta["epoch"]}) on {" and ".join(splits)}...')
-    eval_step = make_eval_step(config, run.model, data.mean, data.std)
-    result = final_report(config, data, run.model, run.variables, run.step, run.meta, eval_step,
-                          data_mesh(), None, splits)
-    result['checkpoint'] = {'which': checkpoint, 'step': run.step, 'epoch': run.meta['epoch'],
+                  f'{epoch}) on {" and ".join(splits)}...')
+    # The weights were trained on inputs scaled by the run's constants, whatever data they see now.
+    eval_step = make_eval_step(config, run.model, run.record.mean, run.record.std)
+    result = final_report(config, data, run.model, run.variables, run.step, run.progress,
+                          eval_step, data_mesh(), None, splits)
+    result['checkpoint'] = {'which': checkpoint, 'step': run.step, 'epoch': epoch,
                             'run_id': run.run_id}
-    result['weights'] = {'epoch': run.meta['epoch'], 'step': run.step, 'run_id': run.run_id,
+    result['weights'] = {'epoch': epoch, 'step': run.step, 'run_id': run.run_id,
                          'chosen_by': f'checkpoint {checkpoint!r} of {workdir}'}
     result['run_id'] = run.run_id
     output_dir = output_dir or os.path.join(destination, f'{checkpoint}-{run.step}')
     if jax.process_index() == 0:
-      report.write_report(output_dir, result, run.meta.get('history', []))
+      report.write_report(output_dir, result, run.progress.history)
   result['output_dir'] = output_dir
   return result
 

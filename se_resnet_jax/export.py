@@ -7,8 +7,10 @@ Either file maps uint8 RGB images (N, 32, 32, 3), any N, to float32 (logits, pro
 /255 scaling and the run's normalisation constants are inside, BatchNorm is folded into the
 convolutions. `FILE.json` beside it holds the class names, the input spec and the run's test
 accuracy. Before anything is written the exported file itself is loaded back (jax.export's
-deserializer, or ONNX Runtime) and its outputs on a batch of the run's test images are compared with
-the library's own eval-mode outputs; outside the tolerance the command fails and writes nothing.
+deserializer, or ONNX Runtime) and its outputs on a batch of generated images are compared with the
+library's own eval-mode outputs; outside the tolerance the command fails and writes nothing. The
+check is of the function, not of the data: it needs no dataset, so a run exports after its data
+has moved.
 """
 
 import contextlib
@@ -25,9 +27,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import se_resnet_jax
-from se_resnet_jax import cli, compilation, files, inference
+from se_resnet_jax import cli, compilation, files, inference, rundir
 from se_resnet_jax.errors import UserError
-from se_resnet_jax.models import architecture
+from se_resnet_jax.models import IMAGE_SHAPE
 
 FLAGS = flags.FLAGS
 
@@ -56,12 +58,9 @@ def check_destination(out: str, overwrite: bool) -> None:
   files.check_output(sidecar_path(out), '--out', overwrite)
 
 
-def check_images(run: inference.RunModel, count: int = CHECK_IMAGES) -> tuple:
-  """(images, where they came from): the run's first test images.
-
-  The dataset is always at hand here: the normalisation constants are computed from it.
-  """
-  return np.asarray(run.test_images[:count], np.uint8), 'test split'
+def check_images(count: int = CHECK_IMAGES) -> np.ndarray:
+  """Fixed random uint8 images: every pixel value and colour occurs, whatever the run's data."""
+  return np.random.RandomState(0).randint(0, 256, (count, *IMAGE_SHAPE)).astype(np.uint8)
 
 
 def compare(outputs: tuple, reference: tuple) -> dict:
@@ -98,7 +97,7 @@ def lowering_platforms() -> tuple:
 
 def input_spec() -> jax.ShapeDtypeStruct:
   batch, = jax.export.symbolic_shape('batch')
-  return jax.ShapeDtypeStruct((batch,) + inference.IMAGE_SHAPE, jnp.uint8)
+  return jax.ShapeDtypeStruct((batch,) + IMAGE_SHAPE, jnp.uint8)
 
 
 def export_jax(infer: Callable, platforms: tuple) -> tuple:
@@ -164,30 +163,31 @@ def export_onnx(infer: Callable, metadata: dict) -> tuple:
   return data, lambda images: session.run(None, {'images': images})
 
 
-def model_card(run: inference.RunModel, fmt: str, out: str, check: dict) -> dict:
+def model_card(run: rundir.Run, workdir: str, fmt: str, out: str, check: dict) -> dict:
   """The JSON written beside the export: what a user of the file needs to know."""
-  num_classes = len(run.class_names)
+  record = run.record
+  num_classes = len(record.class_names)
+  accuracy, source = rundir.report_test_accuracy(workdir, run.step, run.run_id)
   return {
       'format': {'jax': 'jax.export', 'onnx': 'onnx'}[fmt],
       'file': os.path.basename(out),
       'library': {'name': 'se_resnet_jax', 'version': se_resnet_jax.__version__},
       'jax_version': jax.__version__,
-      'model': architecture(run.config, num_classes),
+      'model': record.architecture,
       'dataset': run.config.dataset,
-      'checkpoint': run.checkpoint,
-      'test_accuracy': run.test_accuracy,
+      'checkpoint': {'which': run.checkpoint, 'step': run.step, 'run_id': run.run_id},
+      'test_accuracy': accuracy,
       'test_accuracy_source': (
-          f'{run.test_accuracy_source} of the run (it names these weights)'
-          if run.test_accuracy_source else
-          f'none: no report of step {run.checkpoint["step"]}; `python -m '
-          f'se_resnet_jax.evaluate --checkpoint={run.checkpoint["step"]}` measures it'),
-      'class_names': list(run.class_names),
-      'input': {'name': 'images', 'dtype': 'uint8', 'shape': [None, *inference.IMAGE_SHAPE],
+          f'{source} of the run (it names these weights)' if source else
+          f'none: no report of step {run.step}; `python -m se_resnet_jax.evaluate '
+          f'--checkpoint={run.step}` measures it'),
+      'class_names': list(record.class_names),
+      'input': {'name': 'images', 'dtype': 'uint8', 'shape': [None, *IMAGE_SHAPE],
                 'layout': 'NHWC', 'channels': 'RGB', 'range': [0, 255]},
       'outputs': [{'name': 'logits', 'dtype': 'float32', 'shape': [None, num_classes]},
                   {'name': 'probabilities', 'dtype': 'float32', 'shape': [None, num_classes]}],
       'preprocessing': {'inside': 'x / 255, then (x - mean) / std per channel',
-                        'mean': list(run.mean), 'std': list(run.std),
+                        'mean': record.mean, 'std': record.std,
                         'tta_flip': bool(run.config.tta_flip)},
       'batch_norm': 'folded into the convolutions',
       'compute_dtype': 'float32',
@@ -203,22 +203,23 @@ def export_run(workdir: str, fmt: str, out: str, checkpoint: str = 'best',
   check_destination(out, overwrite)
   if fmt == 'onnx':
     require_onnx()
-  run = inference.restore_run(workdir, checkpoint, config)
+  run = rundir.restore_run(workdir, checkpoint, config)
   tta_flip = bool(run.config.tta_flip)
-  infer = inference.inference_function(run.model, run.variables, run.mean, run.std,
-                                       tta_flip=tta_flip)
-  images, source = check_images(run)
+  mean, std = run.record.mean, run.record.std
+  infer = inference.inference_function(run.model, run.variables, mean, std, tta_flip=tta_flip)
+  images, source = check_images(), 'generated'
+  card = model_card(run, workdir, fmt, out, {})
   if fmt == 'jax':
     platforms = lowering_platforms()
     data, execute = export_jax(infer, platforms)
     extra = {'platforms': list(platforms)}
   else:
     extra = {'onnx_opset': ONNX_OPSET}
-    metadata = {'class_names': list(run.class_names), 'test_accuracy': run.test_accuracy,
+    metadata = {'class_names': card['class_names'], 'test_accuracy': card['test_accuracy'],
                 'library_version': se_resnet_jax.__version__, 'input_layout': 'NHWC uint8 RGB'}
     data, execute = export_onnx(infer, metadata)
   result = compare(execute(images), inference.reference_outputs(
-      run.model, run.variables, run.mean, run.std, images, tta_flip))
+      run.model, run.variables, mean, std, images, tta_flip))
   check = {'images': len(images), 'source': source, **result}
   if not result['passed']:
     raise ExportError(
@@ -227,7 +228,7 @@ def export_run(workdir: str, fmt: str, out: str, checkpoint: str = 'best',
         f'{result["tolerance_logits"]:.3g}), max |probabilities diff| '
         f'{result["max_abs_diff_probabilities"]:.3g} (allowed {PROBABILITIES_ATOL:g}). Nothing '
         'was written.')
-  card = {**model_card(run, fmt, out, check), **extra}
+  card = {**card, 'check': check, **extra}
   check_destination(out, overwrite)  # again: the file may have appeared while this computed
   files.write_output(out, data, '--out', overwrite)
   files.write_json_atomic(sidecar_path(out), card)

@@ -9,89 +9,16 @@ its own, stays that affine map). That is the same function up to float rounding,
 equality check measures, and it removes per-channel arithmetic from every layer.
 """
 
-import dataclasses
-import glob
-import json
-import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from se_resnet_jax import augment, compilation, evaluation, input_pipeline
-from se_resnet_jax.checkpoints import CheckpointError
-from se_resnet_jax.models import SEResNet
-
-IMAGE_SHAPE = (32, 32, 3)
-
-
-@dataclasses.dataclass
-class RunModel:
-  """What inference needs from a training run, and where it came from."""
-  config: ml_collections.ConfigDict
-  model: SEResNet
-  variables: dict  # eval-mode {'params', 'batch_stats'} (the EMA weights when the run kept them)
-  mean: tuple
-  std: tuple
-  class_names: Sequence[str]
-  checkpoint: dict  # {'which', 'step', 'run_id'}
-  test_images: np.ndarray  # the run's test split, uint8 NHWC
-  test_accuracy: Optional[float]  # from a report of these very weights (None: none names them)
-  test_accuracy_source: Optional[str] = None  # that report's path in the workdir
-
-
-def _report_step(report: dict) -> Optional[int]:
-  weights = report.get('weights') or {}
-  step = weights.get('step', report.get('step'))
-  return int(step) if isinstance(step, (int, float)) else None
-
-
-def report_test_accuracy(workdir: str, step: int, run_id: Optional[str]) -> tuple:
-  """(test accuracy, its report's path in `workdir`) of these very weights, or (None, None).
-
-  Only a report that names the same step of the same run counts (the training report, or an
-  `evaluate` report under workdir/evaluation/): the best checkpoint's accuracy is no figure for
-  an earlier step's weights.
-  """
-  candidates = [os.path.join(workdir, 'report.json')]
-  candidates += sorted(glob.glob(os.path.join(workdir, 'evaluation', '*', 'report.json')))
-  for path in candidates:
-    try:
-      with open(path) as f:
-        report = json.load(f)
-      accuracy = float(report['test']['accuracy'])
-    except (OSError, ValueError, KeyError, TypeError):  # no report, or one without a test split
-      continue
-    run = report.get('run_id') or (report.get('weights') or {}).get('run_id')
-    if _report_step(report) == step and run == run_id:
-      return accuracy, os.path.relpath(path, workdir)
-  return None, None
-
-
-def restore_run(workdir: str, checkpoint: str = 'best',
-                config: Optional[ml_collections.ConfigDict] = None) -> RunModel:
-  """A run's eval-mode network with its normalisation constants and class names.
-
-  The checkpoint is restored (and checked against the config) first; then the dataset is loaded,
-  because the constants are the training split's statistics and are kept nowhere else. Its test
-  images serve the export's equality check.
-  """
-  if os.path.isdir(workdir) and not any(os.path.isdir(os.path.join(workdir, d))
-                                        for d in ('checkpoints', 'best')):
-    raise CheckpointError(f'{workdir!r} holds no checkpoints (no checkpoints/ or best/ in it): '
-                          'pass the --workdir of a training run.')
-  run = evaluation.restore_run(workdir, checkpoint, config)
-  data = input_pipeline.load_dataset(run.config)
-  accuracy, source = report_test_accuracy(workdir, run.step, run.run_id)
-  return RunModel(config=run.config, model=run.model, variables=jax.device_get(run.variables),
-                  mean=tuple(data.mean), std=tuple(data.std), class_names=list(data.class_names),
-                  checkpoint={'which': checkpoint, 'step': run.step, 'run_id': run.run_id},
-                  test_images=data.test.images, test_accuracy=accuracy,
-                  test_accuracy_source=source)
+from se_resnet_jax import augment, compilation
+from se_resnet_jax.models import IMAGE_SHAPE, SEResNet
 
 
 def _batch_norm_inputs(model: nn.Module, variables: dict, image_shape: tuple) -> dict:

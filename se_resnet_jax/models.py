@@ -23,12 +23,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import traverse_util
 
 ModuleDef = Any
 Reduction = Optional[Union[int, Sequence[Optional[int]]]]
 
+IMAGE_SHAPE = (32, 32, 3)  # CIFAR's: what these networks are built for
 PAD_3X3 = ((1, 1), (1, 1))  # PyTorch's padding=1
 PAD_1X1 = ((0, 0), (0, 0))
 GATES = 'se_gates'  # the collection SEBlock records its gates in
@@ -463,13 +463,13 @@ def replace_head(model: SEResNet, variables: Mapping, num_classes: int,
   """(model for `num_classes`, its variables): the backbone's weights and BatchNorm statistics
   kept, the head new (drawn from `rng` with the network's own initialiser), or none for 0.
 
-  For fine-tuning a trained run on another class count: `run = evaluation.restore_run(workdir)`,
+  For fine-tuning a trained run on another class count: `run = run_dir.restore_run(workdir)`,
   then `replace_head(run.model, run.variables, 100, key)`.
   """
   new = model.clone(num_classes=num_classes)
   params = {k: v for k, v in variables['params'].items() if k != 'Dense_0'}
   if num_classes:
-    sample = jnp.zeros((1, 32, 32, 3), jnp.float32)
+    sample = jnp.zeros((1, *IMAGE_SHAPE), jnp.float32)
     # Only the head's initial values are kept: jit lets XLA drop the rest of the network's init.
     params['Dense_0'] = jax.jit(
         lambda key: new.init(key, sample, train=False)['params']['Dense_0'])(rng)
@@ -538,70 +538,6 @@ def create_model(name: str, **kwargs) -> SEResNet:
   return lookup(MODELS, name)(**kwargs)
 
 
-# The model spec: how a config names a network. Every module that builds, fingerprints or asks
-# "does it have SE?" goes through these, so the answers cannot drift apart.
-
-
 def has_se(name: str) -> bool:
   """Whether the registered model `name` has SE blocks (the plain baselines fix r=None)."""
-  return 'se_reduction' not in MODELS[name].keywords
-
-
-def model_se_reduction(config: ml_collections.ConfigDict) -> Reduction:
-  """The model's SE setting: per-stage ratios when given, else the global one (None: no SE)."""
-  if not has_se(config.model.name):
-    return None
-  if config.model.se_reductions:
-    return [r or None for r in config.model.se_reductions]
-  return config.model.se_reduction or None
-
-
-def compute_dtype(config: ml_collections.ConfigDict) -> Any:
-  """bf16 with `half_precision` (parameters and optimizer state stay fp32), else fp32."""
-  return jnp.bfloat16 if config.half_precision else jnp.float32
-
-
-def model_options(config: ml_collections.ConfigDict, num_classes: int) -> dict:
-  """The create_model keyword arguments `config.model` gives (the PyTorch twin takes the same);
-  options left at their defaults are left out, so every family accepts what it is given."""
-  m = config.model
-  kwargs = dict(num_classes=num_classes, num_filters=m.num_filters, dropout_rate=m.dropout_rate)
-  if has_se(m.name):
-    kwargs['se_reduction'] = model_se_reduction(config)
-  if m.relu_before_se:
-    kwargs['relu_before_se'] = True
-  if m.get('shortcut'):
-    kwargs['shortcut'] = m.shortcut
-  if not m.get('se_bias', True):
-    kwargs['se_bias'] = False
-  if m.get('kernel_init', 'lecun_normal') != 'lecun_normal':
-    kwargs['kernel_init'] = m.kernel_init
-  if not m.get('zero_init_residual', True):
-    kwargs['zero_init_residual'] = False
-  return kwargs
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> SEResNet:
-  """The network `config.model` describes; SEResNet's own checks refuse impossible SE widths."""
-  return create_model(config.model.name, dtype=compute_dtype(config),
-                      **model_options(config, num_classes))
-
-
-def architecture(config: ml_collections.ConfigDict, num_classes: int) -> dict:
-  """What a checkpoint's weights depend on; a resume or an evaluation refuses a mismatch.
-
-  `relu_before_se` changes the function, not the weights' shapes, so only the fingerprint tells
-  the two apart. It is recorded only when on: checkpoints written before the option existed hold
-  no such key, and they were made without the ReLU. `kernel_init` and `zero_init_residual` are
-  not recorded: they decide the first weights only, not the function of a checkpoint's weights
-  (the run's config.json and report keep them).
-  """
-  se = model_se_reduction(config)
-  fingerprint = dict(name=config.model.name, num_filters=config.model.num_filters,
-                     se_reduction=list(se) if isinstance(se, list) else se,
-                     num_classes=num_classes)
-  if config.model.relu_before_se:
-    fingerprint['relu_before_se'] = True
-  options = model_options(config, num_classes)  # recorded only when set, as relu_before_se
-  fingerprint.update({k: options[k] for k in ('shortcut', 'se_bias') if k in options})
-  return fingerprint
+  return 'se_reduction' not in lookup(MODELS, name).keywords

@@ -23,8 +23,8 @@ from flax import nnx, traverse_util
 from flax.nnx import bridge
 
 from se_resnet_jax import models
+from se_resnet_jax.models import IMAGE_SHAPE
 
-IMAGE_SHAPE = (32, 32, 3)
 COLLECTIONS = {'params': nnx.Param, 'batch_stats': nnx.BatchStat}
 
 
@@ -89,12 +89,12 @@ def create_model(name: str, *, rngs: nnx.Rngs, image_shape: tuple = IMAGE_SHAPE,
 def load_run(workdir: str, checkpoint: str = 'best',
              config: Optional[ml_collections.ConfigDict] = None,
              rngs: Optional[nnx.Rngs] = None) -> tuple:
-  """(NNX module holding a run's eval weights, the run's `inference.RunModel`).
+  """(NNX module holding a run's eval weights, the run's `rundir.Run`).
 
   The module takes normalised float images, as the linen network does; the run's mean and std are
-  in the returned run (`inference.inference_function` bakes them in for uint8 images).
+  in the returned run's record (`inference.inference_function` bakes them in for uint8 images).
   """
-  from se_resnet_jax import inference
+  from se_resnet_jax import rundir
 
-  run = inference.restore_run(workdir, checkpoint, config)
+  run = rundir.restore_run(workdir, checkpoint, config)
   return from_linen(run.model, run.variables, rngs=rngs), run

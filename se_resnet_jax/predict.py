@@ -200,16 +200,14 @@ def load_exported(path: str) -> tuple:
 
 def load_run(workdir: str, checkpoint: str, config) -> tuple:
   """(predict function, class names, description, {'run_id', 'step'}) of a run's checkpoint."""
-  from se_resnet_jax import inference
+  from se_resnet_jax import inference, rundir
 
-  run = inference.restore_run(workdir, checkpoint, config)
-  infer = inference.inference_function(run.model, run.variables, run.mean, run.std,
-                                       tta_flip=bool(run.config.tta_flip))
-  run_id = run.checkpoint.get('run_id')
-  return (compiled_per_batch(infer), list(run.class_names),
-          f'{workdir} ({checkpoint} checkpoint, step {run.checkpoint["step"]}'
-          f'{f", run {run_id}" if run_id else ""})',
-          {'run_id': run_id, 'step': run.checkpoint['step']})
+  run = rundir.restore_run(workdir, checkpoint, config)
+  infer = inference.inference_function(run.model, run.variables, run.record.mean,
+                                       run.record.std, tta_flip=bool(run.config.tta_flip))
+  return (compiled_per_batch(infer), list(run.record.class_names),
+          f'{workdir} ({checkpoint} checkpoint, step {run.step}, run {run.run_id})',
+          {'run_id': run.run_id, 'step': run.step})
 
 
 def predict_probabilities(predict: Callable, images: np.ndarray) -> np.ndarray:

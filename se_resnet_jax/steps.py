@@ -19,14 +19,15 @@ from flax.training import train_state
 from jax.sharding import NamedSharding
 
 from se_resnet_jax import augment, compilation
-from se_resnet_jax.models import SEResNet, compute_dtype
+from se_resnet_jax.config import compute_dtype
+from se_resnet_jax.models import SEResNet
 from se_resnet_jax.sharding import sample_batch
 
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
   # The EMA of the model's variables, {'params', 'batch_stats'} (see `ema_variables`); {} when
-  # the EMA is off. Runs saved before it averaged the statistics held the parameters alone here.
+  # the EMA is off.
   ema_params: Any = None
 
 

@@ -73,11 +73,7 @@ def read_report(workdir: str) -> Optional[dict]:
 
 def _report_weights_present(workdir: str, report: dict) -> bool:
   """Whether the checkpoint step the report's numbers are of is still in the workdir."""
-  step = (report.get('weights') or {}).get('step', report.get('step'))
-  if step is None:
-    return True  # a report of an older version: nothing to look for
-  return any(os.path.isdir(os.path.join(workdir, directory, str(step)))
-             for directory in ('checkpoints', 'best'))
+  return os.path.isdir(os.path.join(workdir, 'checkpoints', str(report['weights']['step'])))
 
 
 def finished_report(workdir: str, config: ml_collections.ConfigDict,
@@ -94,14 +90,8 @@ def finished_report(workdir: str, config: ml_collections.ConfigDict,
   report = read_report(workdir)
   if report is None or 'config' not in report or config_differences(report['config'], config):
     return None
-  recorded = report.get('data')
-  if recorded is None:  # a report of an older version: its config says the data settings
-    try:
-      recorded = input_pipeline.data_identity(ml_collections.ConfigDict(report['config']))
-    except (KeyError, AttributeError, TypeError):  # too old to tell: the config check decides
-      recorded = None
-  current = input_pipeline.data_identity(config)
-  if recorded is not None and recorded != current:
+  recorded, current = report.get('data'), input_pipeline.data_identity(config)
+  if recorded != current:
     if allow_changed_data:
       return None
     differ = sorted(k for k in recorded.keys() | current.keys()
@@ -113,10 +103,9 @@ def finished_report(workdir: str, config: ml_collections.ConfigDict,
         '--allow_changed_data to evaluate its weights on these data, or use a new --workdir.',
         'data')
   if not _report_weights_present(workdir, report):
-    weights = report.get('weights') or {}
     raise FinishedRunError(
         f'{workdir} holds a finished run whose {REPORT_JSON} reports on step '
-        f'{weights.get("step", report.get("step"))}, but that checkpoint is no longer in '
+        f'{report["weights"]["step"]}, but that checkpoint is no longer in '
         f'{os.path.join(workdir, "checkpoints")}: its numbers cannot be tied to weights. Put the '
         f'checkpoints back, or move {REPORT_JSON} aside to evaluate what is left, or use a new '
         '--workdir.', 'checkpoints')
@@ -165,12 +154,9 @@ def _stopped_by_max_steps(report: dict) -> bool:
 
 def weights_line(report: dict) -> str:
   """Which weights the report's numbers are of, e.g. 'epoch 5 of 6 (best validation accuracy)'."""
-  weights = report.get('weights')
-  if weights is None:
-    return f'epoch {report.get("best_epoch") or report.get("epochs_completed")}'
-  run_id = weights.get('run_id') or report.get('run_id')
-  return (f'epoch {weights["epoch"]} of {report.get("epochs_completed")}, step {weights["step"]}'
-          f'{f" of run {run_id}" if run_id else ""} ({weights["chosen_by"]})')
+  weights = report['weights']
+  return (f'epoch {weights["epoch"]} of {report["epochs_completed"]}, step {weights["step"]} of '
+          f'run {weights["run_id"]} ({weights["chosen_by"]})')
 
 
 def closing_summary(workdir: str, report: dict) -> str:

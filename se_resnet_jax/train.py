@@ -9,9 +9,7 @@ lock: one process per run), the data, then the checkpoints (their checksums, the
 that they are this network and these data settings). Only then is anything compiled.
 """
 
-import dataclasses
 import functools
-import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -19,15 +17,14 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from flax.training.early_stopping import EarlyStopping
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from se_resnet_jax import (
   compilation,
-  files,
   input_pipeline,
   report,
+  rundir,
   sharding,
   steps,
   summary,
@@ -37,60 +34,11 @@ from se_resnet_jax.checkpoints import RunCheckpoints
 from se_resnet_jax.config import ConfigError, validate_config
 from se_resnet_jax.console import Console, TrainingProgress
 from se_resnet_jax.errors import Preempted
-from se_resnet_jax.evaluation import (
-  abstract_train_state,
-  eval_variables,
-  evaluate,
-  final_report,
-  load_run_config,
-)
-from se_resnet_jax.models import architecture, build_model
+from se_resnet_jax.evaluation import eval_variables, evaluate, final_report
+from se_resnet_jax.plan import plan_run
+from se_resnet_jax.progress import Progress
 from se_resnet_jax.stopping import Interruption, check_finite
 from se_resnet_jax.workdir import prepare_workdir, workdir_lock
-
-
-@dataclasses.dataclass
-class Progress:
-  """What a resumed run must remember; saved in each checkpoint as its JSON `meta` item."""
-  architecture: dict
-  data: Optional[dict] = None  # input_pipeline.data_identity: which images are train/val/test
-  epoch: int = 0
-  history: list = dataclasses.field(default_factory=list)
-  best_val_accuracy: Optional[float] = None
-  best_epoch: Optional[int] = None
-  stopped_epoch: Optional[int] = None
-  # Lower is better for flax's EarlyStopping: the monitored value, negated for accuracies.
-  early_stopping: EarlyStopping = dataclasses.field(default_factory=EarlyStopping)
-
-  def to_meta(self, monitor: str) -> dict:
-    """The checkpoint's `meta`, in the key layout every earlier version wrote and reads."""
-    es, sign = self.early_stopping, _sign(monitor)
-    return {'epoch': self.epoch, 'history': self.history, 'architecture': self.architecture,
-            'data': self.data, 'best_val_accuracy': self.best_val_accuracy,
-            'best_epoch': self.best_epoch, 'stopped_epoch': self.stopped_epoch,
-            'es_bad_epochs': es.patience_count,
-            'es_best': None if np.isinf(es.best_metric) else sign * es.best_metric}
-
-  @classmethod
-  def from_meta(cls, meta: dict, config: ml_collections.ConfigDict) -> 'Progress':
-    """The progress a checkpoint recorded; from now on under this config's data settings."""
-    es = config.early_stopping
-    best = meta['es_best']
-    return cls(meta['architecture'], input_pipeline.data_identity(config), meta['epoch'],
-               meta['history'], meta['best_val_accuracy'],
-               meta['best_epoch'], meta['stopped_epoch'],
-               _early_stopping(es).replace(
-                   best_metric=float('inf') if best is None else _sign(es.monitor) * best,
-                   patience_count=meta['es_bad_epochs']))
-
-
-def _sign(monitor: str) -> float:
-  return -1.0 if monitor == 'val_accuracy' else 1.0
-
-
-def _early_stopping(es: ml_collections.ConfigDict) -> EarlyStopping:
-  # flax stops on the bad update after `patience` bad ones; ours stops at the `patience`-th.
-  return EarlyStopping(min_delta=es.min_delta, patience=es.patience - 1)
 
 
 def _warn_if_all_warmup(config: ml_collections.ConfigDict, steps_per_epoch: int,
@@ -133,61 +81,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                console)
 
 
-def _recorded_data(ckpts: RunCheckpoints, workdir: str) -> Optional[dict]:
-  """The data settings the run's checkpoints were made with (older runs: from its config.json)."""
-  meta = ckpts.newest_meta()
-  if meta is None:
-    return None
-  if 'data' in meta:
-    return meta['data']
-  if os.path.exists(os.path.join(workdir, 'config.json')):
-    return input_pipeline.data_identity(load_run_config(workdir))
-  return None
-
-
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer: Optional[Any],
                         hooks: Sequence[writers.Hook], allow_changed_data: bool,
                         interruption: Interruption, console: Console) -> dict:
   data = input_pipeline.load_dataset(config)
   mesh = sharding.data_mesh()
   replicated = NamedSharding(mesh, P())
-  per_device = config.batch_size // mesh.size
-  steps_per_epoch = (len(data.train) // mesh.size) // per_device
-  if steps_per_epoch == 0:
-    raise ConfigError(f'batch_size={config.batch_size} is larger than the {len(data.train)} '
-                      'training examples; lower batch_size.')
-  total_steps = steps_per_epoch * config.num_epochs
-  if config.max_steps > 0:
-    total_steps = min(total_steps, config.max_steps)
-  image_shape = data.train.images.shape[1:]
+  plan = plan_run(config, len(data.train), mesh.size)
+  model, schedule = plan.model, plan.schedule
+  steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
   _warn_if_all_warmup(config, steps_per_epoch, total_steps)
 
-  model = build_model(config, data.num_classes)
-  schedule = steps.create_learning_rate_schedule(config, steps_per_epoch)
-  tx = steps.create_optimizer(config, schedule)
-  monitor = config.early_stopping.monitor
-  progress = Progress(architecture(config, data.num_classes), input_pipeline.data_identity(config),
-                      early_stopping=_early_stopping(config.early_stopping))
   ckpts = RunCheckpoints(workdir, config.keep_checkpoints)
-  run_id = ckpts.start_run()  # before reading any step: a step of another run is set aside
-  recorded = _recorded_data(ckpts, workdir)
-  try:
-    input_pipeline.check_same_data(recorded, progress.data, f'The run in {workdir}')
-  except input_pipeline.DataSettingsChangedError as e:
-    if not allow_changed_data:
-      raise
-    logging.warning('%s Going on, as --allow_changed_data asks.', str(e).split(' They decide')[0])
+  record = rundir.read_record(workdir)
+  resuming = record is not None and bool(ckpts.steps())
+  if resuming:
+    try:
+      input_pipeline.check_same_data(record.data, plan.data, f'The run in {workdir}')
+    except input_pipeline.DataSettingsChangedError as e:
+      if not allow_changed_data:
+        raise
+      logging.warning('The run in %s was made with other data settings (%s); going on, as '
+                      '--allow_changed_data asks.', workdir, e.differences)
+  # A step of another run (copied in) is set aside: its run id is not this one.
+  ckpts.run_id = run_id = record.run_id if resuming else rundir.new_run_id()
+  progress = Progress(plan.architecture)
   # Restored onto shapes only: a damaged or mismatched checkpoint is found before any compiling.
-  target = abstract_train_state(config, data.num_classes, replicated, image_shape, steps_per_epoch)
-  state, meta = ckpts.resume(target, progress.architecture)
+  state, meta = ckpts.resume(plan.abstract_state(replicated), plan.architecture)
   if interruption.before_training():  # a signal while the data loaded
     raise Preempted(0 if state is None else int(state.step), workdir, interruption.signal_name,
                     saved=False)
   console.say('Config, data and checkpoints checked; compiling.')
   if state is None:
-    state = steps.init_train_state(config, model, tx, image_shape, replicated)
+    state = plan.init_state(replicated)
   else:
-    progress = Progress.from_meta(meta, config)
+    progress = Progress.from_meta(meta)
     console.say(f'Resumed from {workdir} at step {int(state.step)} (epoch {progress.epoch}).')
   start_step = int(state.step)
   if start_step > total_steps:
@@ -197,9 +125,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
         f'{f", max_steps={config.max_steps}" if config.max_steps > 0 else ""}); a run cannot be '
         'shortened. Rerun with the num_epochs (and max_steps) it was trained with to read its '
         'result, or use a new --workdir.')
-  if jax.process_index() == 0:  # only once the checkpoints are known to fit this config
-    files.write_json_atomic(os.path.join(workdir, 'config.json'),
-                            input_pipeline.with_data_location(config).to_dict())
+  # Only once the checkpoints are known to fit this config.
+  rundir.write_record(workdir, rundir.RunRecord(
+      run_id, record.started if resuming else rundir.now(), plan.architecture, plan.data,
+      list(data.class_names), list(data.mean), list(data.std)),
+      input_pipeline.with_data_location(config))
 
   train_images, train_labels = sharding.shard_train_split(data.train, mesh)
   val_chunks = (sharding.shard_eval_split(data.validation, mesh, config.eval_batch_size)
@@ -216,7 +146,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
 
   compile_start = time.perf_counter()
   empty_metrics = jax.device_put(steps.Metrics.empty(), replicated)
-  train_step = steps.make_train_step(config, steps_per_epoch, per_device, data.mean, data.std)
+  train_step = steps.make_train_step(config, steps_per_epoch, config.batch_size // mesh.size,
+                                     data.mean, data.std)
   trains = start_step < total_steps and progress.stopped_epoch is None  # else: evaluate only
   step_fn = train_step.lower(state, empty_metrics, train_images, train_labels,
                              permutation(data_rng, 0), step_rng).compile() if trains else None
@@ -263,8 +194,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
              'train_images_per_s': (step - epoch_first_step) * config.batch_size / epoch_time}
       is_last = step == total_steps
       if val_chunks is not None and ((epoch + 1) % config.eval_every_epochs == 0 or is_last):
-        best = _validate(config, progress, row, evaluate(eval_step, eval_variables(state),
-                                                         val_chunks)[0])
+        val = evaluate(eval_step, eval_variables(state), val_chunks)[0]
+        row.update(val_loss=val['loss'], val_accuracy=val['accuracy'])
+        best = progress.validated(row, config.early_stopping)
       progress.history.append(row)
       progress.epoch = epoch + 1
       writer.write_scalars(step, {k: v for k, v in row.items() if k not in ('epoch', 'step')})
@@ -275,7 +207,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
     elif preempted:
       check_finite(epoch_metrics.scalars()['loss'], step, ckpts, workdir, state)
     if save or preempted:
-      step_meta = progress.to_meta(monitor)
+      step_meta = progress.to_meta()
       if not end_of_epoch:  # so a resumed epoch's train metrics and timing cover all its steps
         step_meta['epoch_partial'] = {
             'step': step, 'first_step': epoch_first_step,
@@ -285,7 +217,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
     if end_of_epoch:  # after the save, so the next progress line times training alone
       display.epoch(row, best)
       if progress.stopped_epoch is not None:
-        console.say(f'Early stopping at epoch {progress.stopped_epoch}: {monitor} has not '
+        console.say(f'Early stopping at epoch {progress.stopped_epoch}: '
+                    f'{config.early_stopping.monitor} has not '
                     f'improved for {config.early_stopping.patience} evaluations.')
     if preempted:
       writer.flush()
@@ -306,10 +239,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
               f'{" and ".join(s for s in splits if getattr(data, s) is not None)}'
               f'{", then timing inference" if config.measure_inference else ""}...')
   result = final_report(config, data, model, eval_variables(final), int(final.step),
-                        progress.to_meta(monitor), eval_step, mesh, compile_s, splits)
+                        progress, eval_step, mesh, compile_s, splits)
   result['weights'] = weights
   result['run_id'] = run_id
-  result['data'] = progress.data  # what a rerun must ask for to be answered from this report
+  result['data'] = plan.data  # what a rerun must ask for to be answered from this report
   result['training'] = {'steps': step, 'steps_per_epoch': steps_per_epoch,
                         'planned_steps': steps_per_epoch * config.num_epochs}
   if jax.process_index() == 0:
@@ -326,17 +259,3 @@ def _metrics_from_meta(values: list, empty: Any, sharding: Any) -> Any:
   leaves, treedef = jax.tree.flatten(empty)
   return jax.device_put(jax.tree.unflatten(treedef, [
       np.asarray(v, np.asarray(leaf).dtype) for v, leaf in zip(values, leaves)]), sharding)
-
-
-def _validate(config: ml_collections.ConfigDict, progress: Progress, row: dict,
-              val: dict) -> bool:
-  """Records a validation result in `row` and `progress`; whether it is the best so far."""
-  row.update(val_loss=val['loss'], val_accuracy=val['accuracy'])
-  best = progress.best_val_accuracy is None or val['accuracy'] > progress.best_val_accuracy
-  if best:
-    progress.best_val_accuracy, progress.best_epoch = val['accuracy'], row['epoch']
-  es = config.early_stopping
-  progress.early_stopping = progress.early_stopping.update(_sign(es.monitor) * row[es.monitor])
-  if es.enabled and progress.early_stopping.should_stop:
-    progress.stopped_epoch = row['epoch']
-  return best

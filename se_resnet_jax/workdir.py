@@ -12,20 +12,17 @@ import contextlib
 import datetime
 import errno
 import fcntl
-import json
 import os
 import socket
 import tempfile
 import threading
-import uuid
-from typing import Iterator, Optional
+from typing import Iterator
 
 from absl import logging
 
 from se_resnet_jax.errors import WorkdirError
 
 LOCK_FILE = 'run.lock'
-RUN_FILE = 'run.json'  # {'run_id', 'started'}: which run the workdir's checkpoints belong to
 
 _held: dict = {}  # realpath of a lock file -> how many nested holders in this process
 _held_guard = threading.Lock()
@@ -118,30 +115,3 @@ def workdir_lock(workdir: str, process_index: int = 0) -> Iterator[None]:
         del _held[path]
   finally:
     os.close(fd)  # releases the flock; the file stays, holding the last holder's line
-
-
-def read_run_id(workdir: str) -> Optional[str]:
-  """The id of the run in `workdir` (its run.json), or None (no run yet, or an older version's).
-
-  An unreadable run.json counts as none: the checkpoints then keep the run id they record.
-  """
-  try:
-    with open(os.path.join(workdir, RUN_FILE)) as f:
-      run_id = json.load(f)['run_id']
-  except (OSError, ValueError, KeyError, TypeError):
-    return None
-  return run_id if isinstance(run_id, str) and run_id else None
-
-
-def write_run_id(workdir: str, run_id: Optional[str] = None) -> str:
-  """Records `run_id` (default: a new random one) as the workdir's run; returns it.
-
-  Every checkpoint step records the run id too, so a step copied in from another run (its own
-  checksums intact) is told apart and never resumed from or reported on under this run's name.
-  """
-  from se_resnet_jax import files  # files imports errors only; here to keep this module light
-
-  run_id = run_id or uuid.uuid4().hex[:12]
-  since = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
-  files.write_json_atomic(os.path.join(workdir, RUN_FILE), {'run_id': run_id, 'started': since})
-  return run_id
