@@ -72,7 +72,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from benchmarks import machine  # noqa: E402
 from configs import cifar10  # noqa: E402
 from se_resnet_jax import compilation, evaluation, input_pipeline, sharding, steps  # noqa: E402
-from se_resnet_jax.models import build_model  # noqa: E402
+from se_resnet_jax.config import build_model  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('batch_sizes', None, 'Global batch sizes to measure (default: 128,512 on a '

@@ -50,7 +50,7 @@ from absl import app, flags  # noqa: E402
 
 import se_resnet_jax  # noqa: E402
 from benchmarks import machine  # noqa: E402
-from se_resnet_jax import compilation, export, inference, models, steps  # noqa: E402
+from se_resnet_jax import compilation, export, inference, models, rundir, steps  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('batch_sizes', ['128', '1'], 'Batch sizes; 1 is reported as latency.')
@@ -67,8 +67,9 @@ AGREEMENT = 1e-4  # max |logits - jax_jit logits| allowed, relative to the large
 def weights() -> tuple:
   """(model, eval variables, mean, std, where they came from)."""
   if FLAGS.workdir:
-    run = inference.restore_run(FLAGS.workdir, FLAGS.checkpoint)
-    return run.model, run.variables, run.mean, run.std, f'{FLAGS.workdir} ({FLAGS.checkpoint})'
+    run = rundir.restore_run(FLAGS.workdir, FLAGS.checkpoint)
+    return (run.model, run.variables, run.record.mean, run.record.std,
+            f'{FLAGS.workdir} ({FLAGS.checkpoint})')
   model = models.SEResNet18(num_classes=10, se_reduction=16, dropout_rate=0.3)
   variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                          train=False))()

@@ -38,12 +38,12 @@ from se_resnet_jax import (  # noqa: E402
     evaluation,
     files,
     input_pipeline,
-    models,
     sharding,
     steps,
     train,
     writers,
 )
+from se_resnet_jax import config as config_lib  # noqa: E402
 from se_resnet_jax.errors import WorkdirError  # noqa: E402
 
 TARGETS = (0.90, 0.93, 0.94, 0.95, 0.96)
@@ -67,7 +67,7 @@ class EpochWatcher:
     self.eval_step = self.test_chunks = None
     if test_each_epoch and config.evaluate_test:
       data = input_pipeline.load_dataset(config)
-      model = models.build_model(config, data.num_classes)
+      model = config_lib.build_model(config, data.num_classes)
       self.eval_step = steps.make_eval_step(config, model, data.mean, data.std)
       self.test_chunks = sharding.shard_eval_split(data.test, sharding.data_mesh(),
                                                    config.eval_batch_size)

@@ -50,7 +50,8 @@ import torch.nn.functional as F  # noqa: E402
 from absl import app, flags  # noqa: E402
 from torch import nn  # noqa: E402
 
-from se_resnet_jax import cli, files, input_pipeline, models, steps, torch_models  # noqa: E402
+from se_resnet_jax import cli, files, input_pipeline, steps, torch_models  # noqa: E402
+from se_resnet_jax import config as config_lib  # noqa: E402
 from se_resnet_jax.config import validate_config  # noqa: E402
 from se_resnet_jax.errors import ConfigError, DivergedError  # noqa: E402
 
@@ -174,7 +175,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int,
                 kernel_init: Optional[str] = None) -> nn.Module:
   """The config's network in PyTorch, with the arguments the library's build_model gives Flax
   (its first weights as `kernel_init` says, by default the config's `model.kernel_init`)."""
-  options = models.model_options(config, num_classes)
+  options = config_lib.model_options(config, num_classes)
   options['kernel_init'] = kernel_init or config.model.kernel_init
   return torch_models.create_model(config.model.name, **options)
 

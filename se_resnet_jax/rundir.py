@@ -173,7 +173,7 @@ def restore_run(workdir: str, checkpoint: str = 'best',
                                 step, plan.architecture)
   finally:
     ckpts.close()
-  return Run(config, plan.model, jax.device_get(eval_variables(state)), int(state.step),
+  return Run(config, plan.model, eval_variables(state), int(state.step),
              checkpoint, Progress.from_meta(meta), record)
 
 

@@ -176,3 +176,12 @@ def policy_dump(tmp_path, monkeypatch):
   monkeypatch.setitem(compilation.BACKEND_OPTIONS, backend,
                       {**compilation.BACKEND_OPTIONS.get(backend, {}), 'xla_dump_to': directory})
   return directory
+
+
+def abstract_state(config, sharding=None):
+  """The config's train state as shapes (a restore target), on the first device by default."""
+  from jax.sharding import SingleDeviceSharding
+
+  from se_resnet_jax.plan import plan_run
+
+  return plan_run(config).abstract_state(sharding or SingleDeviceSharding(jax.devices()[0]))

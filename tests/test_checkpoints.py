@@ -8,7 +8,6 @@ import glob
 import os
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from absl import logging as absl_logging
 
@@ -160,40 +159,6 @@ def test_a_damaged_best_is_found_before_training_and_recomputed(tmp_path, warnin
              for w in warnings()), warnings()
 
 
-def _legacy_run(workdir) -> None:
-  """The layout of earlier versions: two managers, `checkpoints/` and `best/`, no checksums."""
-  def manager(name, keep):
-    return ocp.CheckpointManager(
-        str(workdir / name), item_names=('state', 'meta'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=False))
-
-  latest, best = manager('checkpoints', 2), manager('best', 1)
-  for step in (1, 2, 3):
-    args = ocp.args.Composite(state=ocp.args.StandardSave(_state(step)),
-                              meta=ocp.args.JsonSave(_meta(step, 0.5)))
-    latest.save(step, args=args, force=True)
-    if step == 1:
-      best.save(step, args=args, force=True)
-  latest.close()
-  best.close()
-
-
-def test_checkpoints_of_earlier_versions_stay_readable(tmp_path, warnings):
-  _legacy_run(tmp_path)
-  ckpts = RunCheckpoints(str(tmp_path), 2)
-  assert ckpts.latest_step() == 3 and ckpts.latest_step('best') == 1
-  assert ckpts.latest_intact_step() is None  # no checksums: readable, not verified
-  state, meta = ckpts.resume(None, ARCH)
-  assert meta['epoch'] == 3
-  assert any('has no checksums.json' in w for w in warnings())
-  best_state, best_meta = ckpts.restore(None, which='best')
-  np.testing.assert_array_equal(best_state['params']['kernel'], _state(1)['params']['kernel'])
-  # The resumed run's own new best supersedes the old best/.
-  ckpts.save(4, _state(4), _meta(4, 0.6), best=True)
-  assert ckpts.latest_step('best') == 4 and ckpts.latest_intact_step() == 4
-
-
 def test_reading_a_workdir_creates_nothing(tmp_path):
   """evaluate on a workdir without checkpoints used to leave empty checkpoints/ and best/."""
   ckpts = RunCheckpoints(str(tmp_path))
@@ -253,17 +218,15 @@ def test_a_full_disk_at_the_first_save_says_what_the_arrays_take(tmp_path, monke
 
 def test_a_step_copied_from_another_run_is_set_aside_like_a_damaged_one(tmp_path, warnings):
   """Issue 20 (13): its own checksums pass, so it used to be resumed from without notice."""
-  runs = {}
+  runs = {'ours': 'run-ours', 'theirs': 'run-theirs'}
   for name, steps in (('ours', (1, 2)), ('theirs', (1, 2, 3))):
-    ckpts = RunCheckpoints(str(tmp_path / name))
-    runs[name] = ckpts.start_run()
+    ckpts = RunCheckpoints(str(tmp_path / name), run_id=runs[name])
     for step in steps:
       ckpts.save(step, _state(step), _meta(step))
     ckpts.close()
-  assert runs['ours'] != runs['theirs']
   os.replace(tmp_path / 'theirs' / 'checkpoints' / '3', tmp_path / 'ours' / 'checkpoints' / '3')
 
-  ckpts = RunCheckpoints(str(tmp_path / 'ours'))
+  ckpts = RunCheckpoints(str(tmp_path / 'ours'), run_id=runs['ours'])
   with pytest.raises(checkpoints.ForeignCheckpointError) as error:  # evaluate would refuse it
     ckpts.restore(None)
   assert (error.value.step, error.value.run_id, error.value.expected) == (
@@ -274,25 +237,15 @@ def test_a_step_copied_from_another_run_is_set_aside_like_a_damaged_one(tmp_path
   assert any('checkpoints/3 is unusable (it belongs to another run' in w for w in warnings())
 
 
-def test_a_run_made_before_run_ids_keeps_its_steps(tmp_path):
-  _run(tmp_path, steps=(1, 2))  # no run.json, no run id in the steps
-  ckpts = RunCheckpoints(str(tmp_path))
-  run_id = ckpts.start_run()
-  assert run_id and ckpts.resume(None, ARCH)[1]['epoch'] == 2
-
-
 def test_changing_ema_decay_on_resume_names_the_setting_and_keeps_the_checkpoint(
     tmp_path, make_tiny_config):
   """Issue 20 (9): it said 'No usable checkpoint ... move checkpoints aside to start over'."""
   import jax
   import jax.numpy as jnp
-  from jax.sharding import SingleDeviceSharding
-
-  from se_resnet_jax import evaluation
+  from conftest import abstract_state
 
   def target(ema_decay):
-    config = make_tiny_config(**{'model.num_filters': 4, 'ema_decay': ema_decay})
-    return evaluation.abstract_train_state(config, 10, SingleDeviceSharding(jax.devices()[0]))
+    return abstract_state(make_tiny_config(**{'model.num_filters': 4, 'ema_decay': ema_decay}))
 
   with_ema = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), target(0.99))
   ckpts = RunCheckpoints(str(tmp_path))

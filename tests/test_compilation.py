@@ -16,15 +16,15 @@ import pytest
 from conftest import dumped_programs, random_variables
 from trained_run import tiny_run  # noqa: F401
 
-from se_resnet_jax import compilation, export, inference
+from se_resnet_jax import compilation, export, inference, rundir
 from se_resnet_jax.models import ResidualBlock
 
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the policy sets options on a CPU')
 def test_inference_and_the_export_check_get_the_policy_and_user_programs_do_not(
     tiny_run, policy_dump):  # noqa: F811
-  run = inference.restore_run(tiny_run)
-  infer = inference.inference_function(run.model, run.variables, run.mean, run.std)
+  run = rundir.restore_run(tiny_run)
+  infer = inference.inference_function(run.model, run.variables, run.record.mean, run.record.std)
   images = np.zeros((2, 32, 32, 3), np.uint8)
   inference.compile_inference(infer, 2)(images)
   _, run_exported = export.export_jax(infer, ('cpu',))

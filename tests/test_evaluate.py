@@ -16,11 +16,12 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from se_resnet_jax import evaluate, evaluation, files, input_pipeline
+from se_resnet_jax import evaluate, files, input_pipeline, rundir
 from se_resnet_jax.checkpoints import CheckpointNotFoundError, RunCheckpoints
 from se_resnet_jax.errors import ConfigError, WorkdirError
 from se_resnet_jax.input_pipeline import DataSettingsChangedError
-from se_resnet_jax.models import architecture
+from se_resnet_jax.plan import plan_run
+from se_resnet_jax.progress import Progress
 from se_resnet_jax.sharding import data_mesh
 from se_resnet_jax.workdir import WorkdirLockedError
 
@@ -44,16 +45,18 @@ def run_dir(tmp_path, make_tiny_config) -> str:
   """A workdir as training leaves it: config.json and a checkpoint at step 16 (zero weights)."""
   config = make_tiny_config(**{'model.num_filters': 4, 'model.se_reduction': 2})
   workdir = str(tmp_path / 'run')
-  target = evaluation.abstract_train_state(config, 10, NamedSharding(data_mesh(), P()))
+  plan = plan_run(config)
+  target = plan.abstract_state(NamedSharding(data_mesh(), P()))
   state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), target)
   state = state.replace(step=jnp.array(16, state.step.dtype))
-  meta = {'epoch': 1, 'history': [], 'architecture': architecture(config, 10),
-          'data': input_pipeline.data_identity(config), 'best_val_accuracy': 0.5, 'best_epoch': 1,
-          'stopped_epoch': None, 'es_bad_epochs': 0, 'es_best': None}
-  ckpts = RunCheckpoints(workdir)
-  ckpts.save(16, state, meta, best=True)
+  progress = Progress(plan.architecture, epoch=1, best_val_accuracy=0.5, best_epoch=1)
+  record = rundir.RunRecord('run0', rundir.now(), plan.architecture, plan.data,
+                            [f'class_{i}' for i in range(10)], [0.5] * 3, [0.25] * 3)
+  os.makedirs(workdir)
+  rundir.write_record(workdir, record, config)
+  ckpts = RunCheckpoints(workdir, run_id=record.run_id)
+  ckpts.save(16, state, progress.to_meta(), best=True)
   ckpts.close()
-  files.write_json_atomic(os.path.join(workdir, 'config.json'), config.to_dict())
   return workdir
 
 
@@ -76,18 +79,16 @@ def test_an_edited_config_json_does_not_evaluate_another_split(run_dir, no_work)
   _edit_config_json(run_dir, validation_seed=7)
   with pytest.raises(DataSettingsChangedError) as error:
     evaluate.evaluate_checkpoint(run_dir)
-  message = str(error.value)
-  assert message.startswith(f'Checkpoint step 16 in {run_dir} was made with other data settings '
-                            '(validation_seed: 0 there, 7 now).'), message
-  assert '--allow_changed_data' in message
+  assert error.value.differences == {'validation_seed': (0, 7)}
   with pytest.raises(WorkBegan):  # said explicitly, it goes on
     evaluate.evaluate_checkpoint(run_dir, allow_changed_data=True)
 
 
 def test_another_config_with_another_batch_size_is_refused(run_dir, no_work, make_tiny_config):
   config = make_tiny_config(**{'model.num_filters': 4, 'model.se_reduction': 2, 'batch_size': 16})
-  with pytest.raises(DataSettingsChangedError, match=r'\(batch_size: 32 there, 16 now\)'):
+  with pytest.raises(DataSettingsChangedError) as error:
     evaluate.evaluate_checkpoint(run_dir, config=config)
+  assert error.value.differences == {'batch_size': (32, 16)}
 
 
 @pytest.mark.parametrize('content, expected', [
@@ -95,7 +96,7 @@ def test_another_config_with_another_batch_size_is_refused(run_dir, no_work, mak
     ('[1, 2]', r'config.json does not hold a config'),
     ('{"learning_rate": "fast"}', r"config.json: field 'learning_rate' = 'fast' does not fit"),
     ('{"no_such_field": 1}', r"config.json: Unknown config key 'no_such_field'"),
-    ('{"model": {"dropout_rate": 1.5}}', r'config.json: model.dropout_rate must be in \[0, 1\)'),
+    ('{"model": {"dropout_rate": 1.5}}', r'config.json: model: dropout_rate must be in \[0, 1\)'),
 ])
 def test_a_broken_config_json_is_named(run_dir, no_work, content, expected):
   with open(os.path.join(run_dir, 'config.json'), 'w') as f:
@@ -121,7 +122,8 @@ def test_an_unwritable_report_directory_fails_before_any_work(run_dir, monkeypat
 def test_a_workdir_without_checkpoints_fails_fast_and_stays_empty(tmp_path, run_dir, no_work):
   workdir = tmp_path / 'empty'
   os.makedirs(workdir)
-  os.replace(os.path.join(run_dir, 'config.json'), workdir / 'config.json')
+  for name in ('config.json', 'run.json'):
+    os.replace(os.path.join(run_dir, name), workdir / name)
   with pytest.raises(CheckpointNotFoundError) as error:
     evaluate.evaluate_checkpoint(str(workdir))
   assert (error.value.which, error.value.available) == ('best', [])
@@ -129,7 +131,7 @@ def test_a_workdir_without_checkpoints_fails_fast_and_stays_empty(tmp_path, run_
     evaluate.evaluate_checkpoint(str(workdir), checkpoint='99')
   assert (error.value.which, error.value.step) == ('99', 99)
   assert 'latest' not in str(error.value)
-  assert sorted(os.listdir(workdir)) == ['config.json', 'run.lock']
+  assert sorted(os.listdir(workdir)) == ['config.json', 'run.json', 'run.lock']
 
 
 @pytest.mark.slow  # a second Python process holds the lock

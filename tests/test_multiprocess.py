@@ -15,11 +15,10 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, checkpoint_steps, wait_until
+from conftest import REPO, abstract_state, checkpoint_steps, wait_until
 
 from se_resnet_jax.checkpoints import RunCheckpoints
-from se_resnet_jax.evaluation import abstract_train_state
-from se_resnet_jax.models import architecture
+from se_resnet_jax.config import architecture
 
 STEPS_PER_EPOCH = 8  # (384 - 128 validation) / 32
 EPOCHS = 2
@@ -97,11 +96,9 @@ def _restore(workdir: str, make_tiny_config) -> dict:
   (shapes only, nothing computed) placed on the first local device.
   """
   config = make_tiny_config(**SMALL)
-  target = abstract_train_state(config, config.synthetic.num_classes,
-                                jax.sharding.SingleDeviceSharding(jax.devices()[0]))
   ckpts = RunCheckpoints(workdir)
   try:
-    state, _ = ckpts.restore(target, architecture=architecture(config, 10))
+    state, _ = ckpts.restore(abstract_state(config), architecture=architecture(config, 10))
   finally:
     ckpts.close()
   return {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,

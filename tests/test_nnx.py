@@ -111,8 +111,8 @@ def test_variables_of_another_network_are_refused(linen):
 
 def test_a_run_loads_into_nnx(tiny_run):  # noqa: F811
   module, run = se_nnx.load_run(tiny_run)
-  images = run.test_images[:8]
-  x = (images.astype(np.float32) / 255 - np.array(run.mean, np.float32)) / np.array(run.std,
-                                                                                   np.float32)
-  logits, _ = inference.reference_outputs(run.model, run.variables, run.mean, run.std, images)
+  images = np.random.RandomState(0).randint(0, 256, (8, 32, 32, 3)).astype(np.uint8)
+  mean, std = np.array(run.record.mean, np.float32), np.array(run.record.std, np.float32)
+  x = (images.astype(np.float32) / 255 - mean) / std
+  logits, _ = inference.reference_outputs(run.model, run.variables, mean, std, images)
   np.testing.assert_allclose(module(jnp.asarray(x), train=False), logits, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from trained_run import one_line_error, run_command, tiny_run  # noqa: F401
 
-from se_resnet_jax import export, inference, predict
+from se_resnet_jax import export, inference, predict, rundir
 
 
 @pytest.fixture(scope='module')
@@ -29,9 +29,10 @@ def files(tiny_run, tmp_path_factory):  # noqa: F811
 
 
 def library_probabilities(workdir: str, paths) -> np.ndarray:
-  run = inference.restore_run(workdir, 'best')
+  run = rundir.restore_run(workdir, 'best')
   images = np.stack([predict.load_image(str(p)) for p in paths])
-  return inference.reference_outputs(run.model, run.variables, run.mean, run.std, images)[1]
+  return inference.reference_outputs(run.model, run.variables, run.record.mean, run.record.std,
+                                     images)[1]
 
 
 def test_load_image_crops_the_centre_square_then_resizes_bicubic(tmp_path):

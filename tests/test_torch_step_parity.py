@@ -47,7 +47,8 @@ from conftest import CONFIGS_DIR, load_config_file, random_variables, randomise_
 from flax import traverse_util
 
 from se_resnet_jax import augment, convert, steps, torch_models
-from se_resnet_jax.models import ResidualBlock, SEResNet, build_model
+from se_resnet_jax.config import build_model
+from se_resnet_jax.models import ResidualBlock, SEResNet
 
 torch.set_num_threads(2)
 BATCH, STEPS, STEPS_PER_EPOCH = 8, 3, 4  # warm-up over one epoch: lr 0, 0.025, 0.05
