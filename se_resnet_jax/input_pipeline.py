@@ -354,27 +354,28 @@ def _npz_num_classes(config: ml_collections.ConfigDict) -> int:
 def _npz_splits(config: ml_collections.ConfigDict):
   """x_train/y_train/x_test/y_test from an `.npz` file (and `classes`, the names, if present)."""
   path = config.npz_path
-  how = (f'write it with np.savez({path!r}, x_train=..., y_train=..., x_test=..., y_test=...) '
-         '(uint8 (N, 32, 32, 3) images, integer labels).')
+  fix = f'np.savez({path!r}, x_train=..., y_train=..., x_test=..., y_test=...)'
+  how = f'write it with {fix} (uint8 (N, 32, 32, 3) images, integer labels).'
   if not os.path.exists(path):
     raise DatasetUnavailableError(f'npz_path {path!r} does not exist.', config.dataset, path,
                                   'missing_file')
   if os.path.isdir(path):
     raise InvalidDataError(f'npz_path {path!r} is a directory; it must be an .npz file: {how}',
-                           path, None, 'directory')
+                           path, None, 'directory', fix=fix)
   try:
     z = np.load(path)
   except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
     raise InvalidDataError(f'{path} cannot be read as an .npz file ({type(e).__name__}: '
                            f'{str(e)[:120]}); it is truncated or not made by np.savez: {how}',
-                           path, None, 'not_npz', error=type(e).__name__) from None
+                           path, None, 'not_npz', error=type(e).__name__, fix=fix) from None
   if not isinstance(z, np.lib.npyio.NpzFile):
     raise InvalidDataError(f'{path} holds a single array, not named arrays: {how}', path, None,
-                           'single_array')
+                           'single_array', fix=fix)
   missing = [k for k in NPZ_ARRAYS if k not in z.files]
   if missing:
     raise InvalidDataError(f'{path} lacks arrays {missing} (it has {sorted(z.files)}): {how}',
-                           path, None, 'missing_arrays', missing=missing, present=sorted(z.files))
+                           path, None, 'missing_arrays', missing=missing, present=sorted(z.files),
+                           fix=fix)
   arrays = {}
   for key in NPZ_ARRAYS + (('classes',) if 'classes' in z.files else ()):
     try:
@@ -382,7 +383,7 @@ def _npz_splits(config: ml_collections.ConfigDict):
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
       raise InvalidDataError(f'{path}: array {key} cannot be read ({type(e).__name__}: '
                              f'{str(e)[:120]}); the file is truncated or damaged: {how}', path,
-                             key, 'damaged_array', error=type(e).__name__) from None
+                             key, 'damaged_array', error=type(e).__name__, fix=fix) from None
   if 'classes' in arrays:
     names = tuple(str(n) for n in np.atleast_1d(arrays['classes']))
     expected = _npz_num_classes(config)
