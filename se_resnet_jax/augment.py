@@ -60,12 +60,29 @@ def default_augment_config() -> ml_collections.ConfigDict:
   return config
 
 
+class AugmentConfigError(ValueError):
+  """A malformed augment config; the message says which field is wrong and what to do.
+
+  `fields` are the keys at fault (the unknown or missing ones, or the one
+  out of range), `reason` is 'unknown_keys', 'missing_keys' or 'range',
+  `value` the value out of range (None for key errors) and `allowed` the keys
+  an augment config has, so callers (config checks, tests) need not parse
+  the message.
+  """
+
+  def __init__(self, message: str, fields: Sequence[str], reason: str,
+               value: Any = None):
+    super().__init__(message)
+    self.fields, self.reason, self.value = tuple(fields), reason, value
+    self.allowed = tuple(sorted(default_augment_config().keys()))
+
+
 def validate_augment_config(config: Mapping[str, Any]) -> None:
   """Fails fast (at trace time) on a malformed augment config.
 
   Raises:
-    ValueError: on unknown or missing keys or out-of-range values. The
-      message says which field is wrong and what to do about it.
+    AugmentConfigError: on unknown or missing keys or out-of-range values.
+      The message says which field is wrong and what to do about it.
   """
   allowed = set(default_augment_config().keys())
   keys = set(config.keys())
@@ -74,32 +91,36 @@ def validate_augment_config(config: Mapping[str, Any]) -> None:
     hint = ''
     if 'augment' in unknown:
       hint = ' (did you pass the whole experiment config? pass config.augment)'
-    raise ValueError(
+    raise AugmentConfigError(
         f'Unknown augment config key(s) {unknown}{hint}. Remove or rename them; '
-        f'allowed keys are: {sorted(allowed)}.')
+        f'allowed keys are: {sorted(allowed)}.', unknown, 'unknown_keys')
   missing = sorted(allowed - keys)
   if missing:
-    raise ValueError(
+    raise AugmentConfigError(
         f'Augment config is missing key(s) {missing}. Start from '
         'default_augment_config() and override fields; allowed keys are: '
-        f'{sorted(allowed)}.')
+        f'{sorted(allowed)}.', missing, 'missing_keys')
   if config['crop_padding'] < 0:
-    raise ValueError(
+    raise AugmentConfigError(
         f'augment.crop_padding must be >= 0, got {config["crop_padding"]}. '
-        'Use 4 for standard CIFAR cropping, or set random_crop=False to disable.')
+        'Use 4 for standard CIFAR cropping, or set random_crop=False to disable.',
+        ['crop_padding'], 'range', config['crop_padding'])
   for name in ('brightness', 'contrast', 'saturation'):
     if config[name] < 0:
-      raise ValueError(
+      raise AugmentConfigError(
           f'augment.{name} must be >= 0 (a jitter strength s, factor drawn from '
-          f'[max(0, 1-s), 1+s]), got {config[name]}. Use 0 to disable it.')
+          f'[max(0, 1-s), 1+s]), got {config[name]}. Use 0 to disable it.',
+          [name], 'range', config[name])
   if not 0.0 <= config['hue'] <= 0.5:
-    raise ValueError(
+    raise AugmentConfigError(
         f'augment.hue must be in [0, 0.5] (max rotation as a fraction of a '
-        f'turn), got {config["hue"]}. Use 0 to disable it.')
+        f'turn), got {config["hue"]}. Use 0 to disable it.', ['hue'], 'range',
+        config['hue'])
   if config['cutout_size'] < 0:
-    raise ValueError(
+    raise AugmentConfigError(
         f'augment.cutout_size must be >= 0, got {config["cutout_size"]}. '
-        'Use 0 to disable cutout (16 is the usual CIFAR-10 value).')
+        'Use 0 to disable cutout (16 is the usual CIFAR-10 value).',
+        ['cutout_size'], 'range', config['cutout_size'])
 
 
 def _factor(rng: jax.Array, strength: float) -> jax.Array:

@@ -33,27 +33,60 @@ NPZ_ARRAYS = ('x_train', 'y_train', 'x_test', 'y_test')
 
 
 class DatasetUnavailableError(UserError, RuntimeError):
-  """The dataset is not on disk and cannot be fetched; the message says how to provide it."""
+  """The dataset is not on disk and cannot be fetched; the message says how to provide it.
+
+  `dataset` is the config's dataset, `location` where it was looked for (the npz_path or the tfds
+  data directory) and `reason` one of 'missing_file', 'not_prepared' (download off),
+  'unreachable' (no network) and 'download_failed'.
+  """
+
+  def __init__(self, message: str, dataset: str, location: str, reason: str):
+    super().__init__(message)
+    self.dataset, self.location, self.reason = dataset, location, reason
 
 
 class InvalidDataError(UserError, ValueError):
-  """Arrays that would train silently wrong; the message names the source, the array and the fix."""
+  """Arrays that would train silently wrong; the message names the source, the array and the fix.
+
+  `location` is the source as the message names it (the .npz path, 'synthetic data', the tfds
+  dataset and directory; None for a config value), `where` the array at fault ('x_train',
+  'y_test', 'classes'; None when it is the file as a whole) and `reason` one of 'channels_first',
+  'shape', 'empty', 'not_finite', 'dtype', 'count_mismatch', 'labels_range', 'directory',
+  'not_npz', 'single_array', 'missing_arrays', 'damaged_array', 'class_count' and
+  'no_training_data'. `details` holds the numbers the message quotes (e.g. `shape`, `dtype`,
+  `fix`, or `label`, `index`, `outside` and `num_classes`), for callers and tests.
+  """
+
+  def __init__(self, message: str, location: Optional[str], where: Optional[str], reason: str,
+               **details):
+    super().__init__(message)
+    self.location, self.where, self.reason, self.details = location, where, reason, details
 
 
 class ClassCountError(InvalidDataError):
   """A `classes` array naming another number of classes than the dataset (or the labels) have.
 
   `names` is the count the array gives, `expected` the count of `source` ('dataset cifar10', or
-  the labels).
+  the labels); `location` is the file.
   """
 
-  def __init__(self, message: str, names: int, expected: int, source: str):
-    super().__init__(message)
+  def __init__(self, message: str, names: int, expected: int, source: str,
+               location: Optional[str] = None):
+    super().__init__(message, location, 'classes', 'class_count')
     self.names, self.expected, self.source = names, expected, source
 
 
 class DataSettingsChangedError(UserError, ValueError):
-  """A run resumed or evaluated with settings that pick other images than it was made with."""
+  """A run resumed or evaluated with settings that pick other images than it was made with.
+
+  `differences` maps each setting that differs to (recorded, current), None where one side lacks
+  it; `source` is what recorded them ('The run in DIR', a checkpoint step). Callers that go on
+  anyway report from these, not from the message.
+  """
+
+  def __init__(self, message: str, differences: dict, source: str):
+    super().__init__(message)
+    self.differences, self.source = differences, source
 
 
 @dataclasses.dataclass
@@ -95,28 +128,38 @@ def validate_split(images, labels, num_classes: int, source: str, name: str) -> 
   images, labels = np.asarray(images), np.asarray(labels)
   shape = images.shape
   if images.ndim == 4 and shape[1] == IMAGE_SHAPE[2] and shape[2:] == IMAGE_SHAPE[:2]:
+    fix = f'np.transpose({x_name}, (0, 2, 3, 1))'
     raise InvalidDataError(f'{where} has shape {shape}, channels first (NCHW); the images must be '
-                           f'NHWC (N, 32, 32, 3): use np.transpose({x_name}, (0, 2, 3, 1)).')
+                           f'NHWC (N, 32, 32, 3): use {fix}.', source, x_name, 'channels_first',
+                           shape=shape, fix=fix)
   if images.ndim != 4 or shape[1:] != IMAGE_SHAPE:
     raise InvalidDataError(f'{where} has shape {shape}; the images must be (N, 32, 32, 3) RGB '
-                           '(CIFAR-sized; grayscale or other sizes need resizing and 3 channels).')
+                           '(CIFAR-sized; grayscale or other sizes need resizing and 3 channels).',
+                           source, x_name, 'shape', shape=shape)
   if len(images) == 0:
-    raise InvalidDataError(f'{where} is empty: the {name} split needs at least one image.')
+    raise InvalidDataError(f'{where} is empty: the {name} split needs at least one image.',
+                           source, x_name, 'empty')
   if np.issubdtype(images.dtype, np.floating):
     if not np.isfinite(images).all():
       raise InvalidDataError(f'{where} is {images.dtype} and holds NaN/Inf; the images must be '
-                             'uint8 in [0, 255]: fix or drop those images.')
+                             'uint8 in [0, 255]: fix or drop those images.', source, x_name,
+                             'not_finite', dtype=str(images.dtype))
     low, high = float(images.min()), float(images.max())
     fix = (f'({x_name} * 255).round().astype(np.uint8)' if high <= 1.0 else
            f'{x_name}.round().astype(np.uint8)')
     raise InvalidDataError(f'{where} is {images.dtype} with values in [{low:g}, {high:g}]; the '
-                           f'images must be uint8 in [0, 255]: convert with {fix}.')
+                           f'images must be uint8 in [0, 255]: convert with {fix}.', source,
+                           x_name, 'dtype', dtype=str(images.dtype), value_range=(low, high),
+                           fix=fix)
   if images.dtype != np.uint8:
     if not np.issubdtype(images.dtype, np.integer) or images.min() < 0 or images.max() > 255:
+      integer = np.issubdtype(images.dtype, np.integer)
       raise InvalidDataError(
           f'{where} is {images.dtype}' + (f' with values in [{images.min()}, {images.max()}]'
-                                          if np.issubdtype(images.dtype, np.integer) else '') +
-          '; the images must be uint8 in [0, 255].')
+                                          if integer else '') +
+          '; the images must be uint8 in [0, 255].', source, x_name, 'dtype',
+          dtype=str(images.dtype),
+          value_range=(int(images.min()), int(images.max())) if integer else None)
     images = images.astype(np.uint8)
 
   where = f'{source}: {y_name}'
@@ -124,22 +167,28 @@ def validate_split(images, labels, num_classes: int, source: str, name: str) -> 
     labels = labels[:, 0]
   if labels.ndim != 1:
     raise InvalidDataError(f'{where} has shape {labels.shape}; the labels must be one class index '
-                           f'per image, shape (N,) (one-hot labels: {y_name}.argmax(1)).')
+                           f'per image, shape (N,) (one-hot labels: {y_name}.argmax(1)).', source,
+                           y_name, 'shape', shape=labels.shape, fix=f'{y_name}.argmax(1)')
   if len(labels) != len(images):
     raise InvalidDataError(f'{source}: {x_name} has {len(images)} images but {y_name} has '
-                           f'{len(labels)} labels; they must pair up one to one.')
+                           f'{len(labels)} labels; they must pair up one to one.', source, y_name,
+                           'count_mismatch', images=len(images), labels=len(labels))
   if not np.issubdtype(labels.dtype, np.integer):
     integral = (np.issubdtype(labels.dtype, np.floating) and np.isfinite(labels).all()
                 and (labels == labels.round()).all())
+    fix = f'{y_name}.astype(np.int64)' if integral else None
     raise InvalidDataError(f'{where} is {labels.dtype}; the labels must be integers' +
-                           (f': convert with {y_name}.astype(np.int64).' if integral else '.'))
+                           (f': convert with {fix}.' if fix else '.'), source, y_name, 'dtype',
+                           dtype=str(labels.dtype), fix=fix)
   outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
   if len(outside):
     i = outside[0]
     raise InvalidDataError(f'{where} holds label {labels[i]} at index {i}' +
                            (f' ({len(outside)} labels in all)' if len(outside) > 1 else '') +
                            f', outside [0, {num_classes}) for {num_classes} classes: fix the '
-                           'labels, or the dataset (--config.dataset, label_key, a classes array).')
+                           'labels, or the dataset (--config.dataset, label_key, a classes array).',
+                           source, y_name, 'labels_range', label=labels[i].item(), index=int(i),
+                           outside=len(outside), num_classes=num_classes)
   return Split(images, labels.astype(np.int32))
 
 
@@ -178,7 +227,8 @@ def check_same_data(recorded: Optional[dict], current: dict, source: str) -> Non
     raise DataSettingsChangedError(
         f'{source} was made with other data settings ({shown}). They decide which images are '
         'trained, validated and tested on, and the batch order: use the values it was made with, '
-        'or pass --allow_changed_data to go on anyway, or use a new --workdir.')
+        'or pass --allow_changed_data to go on anyway, or use a new --workdir.',
+        {k: (recorded.get(k), current.get(k)) for k in differ}, source)
 
 
 def stratified_holdout(labels: np.ndarray, size: int, seed: int, stratified: bool = True):
@@ -263,7 +313,8 @@ def _tfds_splits(config: ml_collections.ConfigDict):
            f'(python -c "import tensorflow_datasets as tfds; tfds.load(\'{config.dataset}\')") '
            'and copy the directory over, or pass arrays with --config.npz_path.')
     if not config.download:
-      raise DatasetUnavailableError(f'Dataset {config.dataset!r} is not in {where}. {how}')
+      raise DatasetUnavailableError(f'Dataset {config.dataset!r} is not in {where}. {how}',
+                                    config.dataset, where, 'not_prepared')
     proxy = urllib.request.getproxies().get('https')  # downloads go through it when set
     url = urllib.parse.urlparse(proxy or builder.info.homepage)  # homepage: CIFAR's host
     port = url.port or (80 if url.scheme == 'http' else 443)
@@ -271,14 +322,14 @@ def _tfds_splits(config: ml_collections.ConfigDict):
       raise DatasetUnavailableError(
           f'Dataset {config.dataset!r} is not in {where} and '
           f'{"the proxy " if proxy else ""}{url.hostname}:{port} cannot be reached to download it '
-          f'(no network?). {how}')
+          f'(no network?). {how}', config.dataset, where, 'unreachable')
     try:
       builder.download_and_prepare()
     except Exception as e:  # noqa: BLE001 - any download failure gets the same advice
       raise DatasetUnavailableError(
           f'Dataset {config.dataset!r} is not in {where} and could not be downloaded '
-          f'({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}). {how}'
-      ) from None
+          f'({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}). {how}',
+          config.dataset, where, 'download_failed') from None
   label_names = builder.info.features[config.label_key].names
   splits = []
   for split in ('train', 'test'):
@@ -303,30 +354,36 @@ def _npz_num_classes(config: ml_collections.ConfigDict) -> int:
 def _npz_splits(config: ml_collections.ConfigDict):
   """x_train/y_train/x_test/y_test from an `.npz` file (and `classes`, the names, if present)."""
   path = config.npz_path
-  how = (f'write it with np.savez({path!r}, x_train=..., y_train=..., x_test=..., y_test=...) '
-         '(uint8 (N, 32, 32, 3) images, integer labels).')
+  fix = f'np.savez({path!r}, x_train=..., y_train=..., x_test=..., y_test=...)'
+  how = f'write it with {fix} (uint8 (N, 32, 32, 3) images, integer labels).'
   if not os.path.exists(path):
-    raise DatasetUnavailableError(f'npz_path {path!r} does not exist.')
+    raise DatasetUnavailableError(f'npz_path {path!r} does not exist.', config.dataset, path,
+                                  'missing_file')
   if os.path.isdir(path):
-    raise InvalidDataError(f'npz_path {path!r} is a directory; it must be an .npz file: {how}')
+    raise InvalidDataError(f'npz_path {path!r} is a directory; it must be an .npz file: {how}',
+                           path, None, 'directory', fix=fix)
   try:
     z = np.load(path)
   except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
     raise InvalidDataError(f'{path} cannot be read as an .npz file ({type(e).__name__}: '
-                           f'{str(e)[:120]}); it is truncated or not made by np.savez: {how}'
-                           ) from None
+                           f'{str(e)[:120]}); it is truncated or not made by np.savez: {how}',
+                           path, None, 'not_npz', error=type(e).__name__, fix=fix) from None
   if not isinstance(z, np.lib.npyio.NpzFile):
-    raise InvalidDataError(f'{path} holds a single array, not named arrays: {how}')
+    raise InvalidDataError(f'{path} holds a single array, not named arrays: {how}', path, None,
+                           'single_array', fix=fix)
   missing = [k for k in NPZ_ARRAYS if k not in z.files]
   if missing:
-    raise InvalidDataError(f'{path} lacks arrays {missing} (it has {sorted(z.files)}): {how}')
+    raise InvalidDataError(f'{path} lacks arrays {missing} (it has {sorted(z.files)}): {how}',
+                           path, None, 'missing_arrays', missing=missing, present=sorted(z.files),
+                           fix=fix)
   arrays = {}
   for key in NPZ_ARRAYS + (('classes',) if 'classes' in z.files else ()):
     try:
       arrays[key] = z[key]
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
       raise InvalidDataError(f'{path}: array {key} cannot be read ({type(e).__name__}: '
-                             f'{str(e)[:120]}); the file is truncated or damaged: {how}') from None
+                             f'{str(e)[:120]}); the file is truncated or damaged: {how}', path,
+                             key, 'damaged_array', error=type(e).__name__, fix=fix) from None
   if 'classes' in arrays:
     names = tuple(str(n) for n in np.atleast_1d(arrays['classes']))
     expected = _npz_num_classes(config)
@@ -335,7 +392,7 @@ def _npz_splits(config: ml_collections.ConfigDict):
       raise ClassCountError(
           f'{path}: the classes array names {len(names)} classes, but dataset {dataset} has '
           f'{expected}: give {expected} names, or set --config.dataset to the data\'s.',
-          len(names), expected, f'dataset {config.dataset}')
+          len(names), expected, f'dataset {config.dataset}', path)
   elif config.dataset == 'cifar10':
     names = CIFAR10_CLASSES
   else:
@@ -362,7 +419,9 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   elif config.validation_size:
     if config.validation_size >= len(train):
       raise InvalidDataError(f'validation_size={config.validation_size} leaves no training data '
-                             f'(the training split has {len(train)} examples).')
+                             f'(the training split has {len(train)} examples).', None, None,
+                             'no_training_data', validation_size=config.validation_size,
+                             train_size=len(train))
     keep, held = stratified_holdout(train.labels, config.validation_size, config.validation_seed,
                                     config.stratified_validation)
     train, validation = train.take(keep), train.take(held)

@@ -29,7 +29,17 @@ _held_guard = threading.Lock()
 
 
 class WorkdirLockedError(WorkdirError):
-  """Another process is using the workdir; the message names it and says what to do."""
+  """Another process is using the workdir; the message names it and says what to do.
+
+  `holder` is what the lock file says of the holding process ('PID 123 on host h since ...', or
+  that it has not written it yet) and `lock_path` the lock file, so callers that reword the
+  advice need not parse the message. Both are None only where a caller rebuilt the error from
+  its message alone.
+  """
+
+  def __init__(self, message: str, holder: Optional[str] = None, lock_path: Optional[str] = None):
+    super().__init__(message)
+    self.holder, self.lock_path = holder, lock_path
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -94,9 +104,10 @@ def workdir_lock(workdir: str, process_index: int = 0) -> Iterator[None]:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       locked = True
     except BlockingIOError:
+      holder = _holder(path)
       raise WorkdirLockedError(
-          f'Workdir {workdir!r} is in use by {_holder(path)} (lock file {path}). Wait for that '
-          'run to finish or stop it, or use another --workdir.') from None
+          f'Workdir {workdir!r} is in use by {holder} (lock file {path}). Wait for that '
+          'run to finish or stop it, or use another --workdir.', holder, path) from None
     except OSError as e:
       if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
         raise

@@ -116,8 +116,10 @@ def test_missing_dataset_without_download_says_where_to_put_it(tmp_path, monkeyp
   pytest.importorskip('tensorflow_datasets')
   monkeypatch.delenv('TFDS_DATA_DIR', raising=False)
   config = _config(dataset='cifar10', data_dir=str(tmp_path), download=False)
-  with pytest.raises(DatasetUnavailableError, match=r'not in .*TFDS_DATA_DIR'):
+  with pytest.raises(DatasetUnavailableError) as error:
     input_pipeline.load_dataset(config)
+  assert (error.value.dataset, error.value.location, error.value.reason) == (
+      'cifar10', str(tmp_path), 'not_prepared')
   assert not any(tmp_path.iterdir()), 'a failed load must not leave files behind'
 
 
@@ -137,8 +139,10 @@ def test_npz_arrays_load_without_tfds(tmp_path):
 def test_validation_larger_than_train_is_refused():
   config = _config(dataset='synthetic', validation_size=100)
   config.synthetic.num_train = 100
-  with pytest.raises(ValueError, match='leaves no training data'):
+  with pytest.raises(input_pipeline.InvalidDataError) as error:
     input_pipeline.load_dataset(config)
+  assert error.value.reason == 'no_training_data'
+  assert error.value.details == {'validation_size': 100, 'train_size': 100}
 
 
 def _arrays(**changes) -> dict:
@@ -174,43 +178,46 @@ def _single_array(path):
     np.save(f, _arrays()['x_train'])
 
 
-# (id, how to make the file: arrays for np.savez or a function of the path, message parts)
+def _savez_fix(path):
+  return f'np.savez({path!r}, x_train=..., y_train=..., x_test=..., y_test=...)'
+
+
+# (id, how to make the file: arrays for np.savez or a function of the path, the array at fault,
+# the reason, the details the error must carry: a value, or a function of the path)
 BAD_NPZ = [
-    ('NCHW images', _arrays(x_train=np.zeros((60, 3, 32, 32), np.uint8)),
-     ['x_train has shape (60, 3, 32, 32), channels first (NCHW)',
-      'np.transpose(x_train, (0, 2, 3, 1))']),
-    ('float images in [0, 1]', _arrays(x_train=_float_images()),
-     ['x_train is float32 with values in [',
-      'convert with (x_train * 255).round().astype(np.uint8)']),
-    ('float images in [0, 255]', _arrays(x_train=_float_images() * 255),
-     ['x_train is float32', 'convert with x_train.round().astype(np.uint8)']),
-    ('NaN images', _arrays(x_train=_nan_images()), ['x_train is float32 and holds NaN/Inf']),
-    ('label 10 of 10 classes', _arrays(y_train=np.r_[np.arange(59) % 10, 10]),
-     ['y_train holds label 10 at index 59, outside [0, 10) for 10 classes']),
-    ('label -1', _arrays(y_test=np.r_[-1, np.arange(19) % 10]),
-     ['y_test holds label -1 at index 0, outside [0, 10)']),
-    ('fewer labels than images', _arrays(y_train=np.arange(59) % 10),
-     ['x_train has 60 images but y_train has 59 labels']),
-    ('grayscale 28x28', _arrays(x_train=np.zeros((60, 28, 28), np.uint8)),
-     ['x_train has shape (60, 28, 28); the images must be (N, 32, 32, 3)']),
-    ('one-hot labels', _arrays(y_train=np.eye(10)[np.arange(60) % 10]),
-     ['y_train has shape (60, 10)', 'y_train.argmax(1)']),
-    ('float labels', _arrays(y_train=(np.arange(60) % 10).astype(np.float32)),
-     ['y_train is float32', 'y_train.astype(np.int64)']),
+    ('NCHW images', _arrays(x_train=np.zeros((60, 3, 32, 32), np.uint8)), 'x_train',
+     'channels_first', {'shape': (60, 3, 32, 32), 'fix': 'np.transpose(x_train, (0, 2, 3, 1))'}),
+    ('float images in [0, 1]', _arrays(x_train=_float_images()), 'x_train', 'dtype',
+     {'dtype': 'float32', 'fix': '(x_train * 255).round().astype(np.uint8)'}),
+    ('float images in [0, 255]', _arrays(x_train=_float_images() * 255), 'x_train', 'dtype',
+     {'dtype': 'float32', 'fix': 'x_train.round().astype(np.uint8)'}),
+    ('NaN images', _arrays(x_train=_nan_images()), 'x_train', 'not_finite', {'dtype': 'float32'}),
+    ('label 10 of 10 classes', _arrays(y_train=np.r_[np.arange(59) % 10, 10]), 'y_train',
+     'labels_range', {'label': 10, 'index': 59, 'outside': 1, 'num_classes': 10}),
+    ('label -1', _arrays(y_test=np.r_[-1, np.arange(19) % 10]), 'y_test', 'labels_range',
+     {'label': -1, 'index': 0, 'outside': 1, 'num_classes': 10}),
+    ('fewer labels than images', _arrays(y_train=np.arange(59) % 10), 'y_train',
+     'count_mismatch', {'images': 60, 'labels': 59}),
+    ('grayscale 28x28', _arrays(x_train=np.zeros((60, 28, 28), np.uint8)), 'x_train', 'shape',
+     {'shape': (60, 28, 28)}),
+    ('one-hot labels', _arrays(y_train=np.eye(10)[np.arange(60) % 10]), 'y_train', 'shape',
+     {'shape': (60, 10), 'fix': 'y_train.argmax(1)'}),
+    ('float labels', _arrays(y_train=(np.arange(60) % 10).astype(np.float32)), 'y_train', 'dtype',
+     {'dtype': 'float32', 'fix': 'y_train.astype(np.int64)'}),
     ('empty test split', _arrays(x_test=np.zeros((0, 32, 32, 3), np.uint8),
-                                 y_test=np.zeros(0, np.int64)),
-     ['x_test is empty']),
+                                 y_test=np.zeros(0, np.int64)), 'x_test', 'empty', {}),
     ('wrong keys', _arrays(x_test=None, y_test=None, x_val=np.zeros((20, 32, 32, 3), np.uint8)),
-     ["lacks arrays ['x_test', 'y_test'] (it has ['x_train', 'x_val', 'y_train'])", 'np.savez(']),
-    ('truncated file', _truncated, ['cannot be read', 'truncated', 'np.savez(']),
-    ('a directory', os.makedirs, ['is a directory', 'np.savez(']),
-    ('a single array', _single_array, ['holds a single array, not named arrays', 'np.savez(']),
+     None, 'missing_arrays', {'missing': ['x_test', 'y_test'],
+                              'present': ['x_train', 'x_val', 'y_train'], 'fix': _savez_fix}),
+    ('truncated file', _truncated, None, 'not_npz', {'fix': _savez_fix}),
+    ('a directory', os.makedirs, None, 'directory', {'fix': _savez_fix}),
+    ('a single array', _single_array, None, 'single_array', {'fix': _savez_fix}),
 ]
 
 
-@pytest.mark.parametrize('make, expected', [case[1:] for case in BAD_NPZ],
+@pytest.mark.parametrize('make, where, reason, details', [case[1:] for case in BAD_NPZ],
                          ids=[case[0] for case in BAD_NPZ])
-def test_bad_npz_is_refused_naming_file_array_and_fix(tmp_path, make, expected):
+def test_bad_npz_is_refused_naming_file_array_and_fix(tmp_path, make, where, reason, details):
   path = str(tmp_path / 'data.npz')
   if callable(make):
     make(path)
@@ -219,10 +226,14 @@ def test_bad_npz_is_refused_naming_file_array_and_fix(tmp_path, make, expected):
   config = _config(dataset='cifar10', npz_path=path, validation_size=10)
   with pytest.raises(input_pipeline.InvalidDataError) as error:
     input_pipeline.load_dataset(config)
-  message = str(error.value)
+  e = error.value
+  assert (e.location, e.where, e.reason) == (path, where, reason), (e.location, e.where, e.reason)
+  for key, value in details.items():
+    assert e.details[key] == (value(path) if callable(value) else value), (key, e.details)
+  message = str(e)
   assert path in message and '\n' not in message, message
-  for part in expected:
-    assert part in message, message
+  if 'fix' in e.details:  # the message offers the fix the error carries
+    assert e.details['fix'] in message, message
   print(f'\n{message}')
 
 
@@ -245,9 +256,10 @@ def test_cifar100_npz_labels_are_checked_against_its_classes(tmp_path):
   config = _config(dataset='cifar100', npz_path=str(path), validation_size=0)
   assert input_pipeline.load_dataset(config).num_classes == 100
   config.label_key = 'coarse_label'  # 20 classes: labels 20-24 are outside
-  with pytest.raises(input_pipeline.InvalidDataError,
-                     match=r'label 20 at index 20 \(10 labels in all\), outside \[0, 20\)'):
+  with pytest.raises(input_pipeline.InvalidDataError) as error:
     input_pipeline.load_dataset(config)
+  assert (error.value.where, error.value.reason) == ('y_train', 'labels_range')
+  assert error.value.details == {'label': 20, 'index': 20, 'outside': 10, 'num_classes': 20}
 
 
 def test_data_identity_holds_what_picks_the_images_and_the_batch_size():
@@ -272,11 +284,15 @@ def test_changed_data_settings_are_named():
   recorded = {'dataset': 'cifar10', 'batch_size': 128, 'validation_seed': 0}
   input_pipeline.check_same_data(recorded, dict(recorded), 'The run')
   input_pipeline.check_same_data(None, dict(recorded), 'The run')  # nothing recorded: old run
-  with pytest.raises(input_pipeline.DataSettingsChangedError,
-                     match=r'^The run was made with other data settings \(batch_size: 128 there, '
-                     r'64 now, validation_seed: 0 there, 7 now\)\. .*--allow_changed_data'):
+  with pytest.raises(input_pipeline.DataSettingsChangedError) as error:
     input_pipeline.check_same_data(recorded, dict(recorded, batch_size=64, validation_seed=7),
                                    'The run')
+  assert error.value.differences == {'batch_size': (128, 64), 'validation_seed': (0, 7)}
+  assert error.value.source == 'The run'
+  assert '--allow_changed_data' in str(error.value)  # the way to go on anyway is named
+  with pytest.raises(input_pipeline.DataSettingsChangedError) as error:  # a setting added since
+    input_pipeline.check_same_data(recorded, dict(recorded, label_key='label'), 'The run')
+  assert error.value.differences == {'label_key': (None, 'label')}
 
 
 @pytest.mark.parametrize('dataset, label_key, count, expected', [
@@ -293,6 +309,7 @@ def test_a_classes_array_of_another_count_than_the_dataset_is_refused(tmp_path, 
   with pytest.raises(input_pipeline.ClassCountError) as error:
     input_pipeline.load_dataset(config)
   assert (error.value.names, error.value.expected) == (count, expected)
-  assert dataset in str(error.value)
+  assert (error.value.source, error.value.location) == (f'dataset {dataset}', str(path))
+  assert (error.value.where, error.value.reason) == ('classes', 'class_count')
   np.savez(path, classes=np.array([f'c{i}' for i in range(expected)]), **_arrays())
   assert input_pipeline.load_dataset(config).num_classes == expected
