@@ -1,20 +1,17 @@
-"""The study's CIFAR-100 settings: r=16, dropout 0.6, weight decay 5e-4, 150 epochs, multi-step."""
+"""The study's CIFAR-100 settings: configs/study_cifar10.py's, with dropout 0.6, weight decay 5e-4
+and 150 epochs (decay steps at 75 and 112)."""
 
-from se_resnet_jax.config import base_config
+import os
+
+from se_resnet_jax.config import load_config_file
 
 
 def get_config():
-  config = base_config()
+  config = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         'study_cifar10.py'))
   config.dataset = 'cifar100'
   config.num_epochs = 150
   config.weight_decay = 5e-4
-  config.model.se_reduction = 16
   config.model.dropout_rate = 0.6
-  config.schedule = 'multistep'
   config.lr_decay_epochs = (75, 112)
-  config.warmup_epochs = 0.0
-  config.nesterov = False
-  config.augment.brightness = 0.2
-  config.augment.contrast = 0.2
-  config.augment.saturation = 0.2
   return config

@@ -48,15 +48,15 @@ def default_augment_config() -> ml_collections.ConfigDict:
   library's experiment configs hold this as `config.augment`.
   """
   config = ml_collections.ConfigDict()
-  config.enabled = True  # Master switch: False -> images / 255 only.
-  config.random_crop = True
-  config.crop_padding = 4  # Zero padding; crop offsets uniform in [0, 2*pad].
-  config.flip = True  # Horizontal flip with probability 0.5.
-  config.brightness = 0.0  # Factor ~ U[max(0, 1-s), 1+s]; 0 = off.
-  config.contrast = 0.0  # Same factor range; blend with mean grey level.
-  config.saturation = 0.0  # Same factor range; blend with per-pixel grey.
-  config.hue = 0.0  # Max hue rotation as a fraction of a turn, in [0, 0.5].
-  config.cutout_size = 0  # Side of the cutout square in pixels; 0 = off.
+  config.enabled = True  # augment training images at all; False: scale to [0, 1] only
+  config.random_crop = True  # random crop of the zero-padded image
+  config.crop_padding = 4  # padding (pixels) of the crop; offsets uniform in [0, 2*pad]
+  config.flip = True  # horizontal flip with probability 0.5
+  config.brightness = 0.0  # brightness jitter s: factor ~ U[max(0, 1-s), 1+s]; 0 = off
+  config.contrast = 0.0  # contrast jitter, same factor range: blend with mean grey; 0 = off
+  config.saturation = 0.0  # saturation jitter, same range: blend with pixel grey; 0 = off
+  config.hue = 0.0  # max hue rotation as a fraction of a turn, in [0, 0.5]; 0 = off
+  config.cutout_size = 0  # side of the cutout square in pixels; 0 = off
   return config
 
 

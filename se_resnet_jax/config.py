@@ -26,66 +26,83 @@ WEIGHT_DECAY_MASKS = ('kernels', 'all')
 def base_config() -> ml_collections.ConfigDict:
   """Every field a run reads, with defaults for SE-ResNet18 on CIFAR-10."""
   c = ml_collections.ConfigDict()
-  c.dataset = 'cifar10'  # cifar10 | cifar100 | synthetic (generated offline)
-  c.label_key = 'label'  # CIFAR-100: 'label' (fine, 100) or 'coarse_label' (20)
-  c.data_dir = ''  # tfds data_dir; '' means $TFDS_DATA_DIR or ~/tensorflow_datasets
-  c.npz_path = ''  # optional x_train/y_train/x_test/y_test arrays instead of tfds (no TensorFlow)
-  c.download = True  # let tfds download a missing dataset
-  c.validation_size = 5000  # carved from the training split; 0 disables validation
-  c.validation_seed = 0
-  c.stratified_validation = True
+  c.dataset = 'cifar10'  # cifar10, cifar100, or synthetic (generated images, offline)
+  c.label_key = 'label'  # CIFAR-100 labels: 'label' (100 fine classes) or 'coarse_label' (20)
+  c.data_dir = ''  # tfds data directory; '' means $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.npz_path = ''  # .npz of x_train, y_train, x_test, y_test (uint8 NHWC) instead of tfds
+  c.download = True  # let tfds download a dataset missing from data_dir
+  c.validation_size = 5000  # examples held out of the training split for validation; 0 = none
+  c.validation_seed = 0  # seed of the validation (and k-fold) split, independent of `seed`
+  c.stratified_validation = True  # keep class proportions in the validation split
   # k-fold cross-validation: with num_folds > 0 the validation split is fold `fold` of the training
   # split (stratified, seeded by validation_seed) instead of validation_size held-out examples.
+  # num_folds: k-fold cross-validation's number of folds; 0 = off (validation_size holds out)
+  # fold: the fold that validates, in [0, num_folds)
   c.kfold = ml_collections.ConfigDict(dict(num_folds=0, fold=0))
   c.synthetic = ml_collections.ConfigDict(dict(
+      # Generated images (dataset='synthetic'): a noisy copy of a random template per class.
+      # num_classes: number of classes
+      # num_train: training images
+      # num_test: test images
+      # noise: std of the pixel noise added to each class template
+      # seed: seed of the templates and the noise
       num_classes=10, num_train=2000, num_test=500, noise=0.35, seed=0))
 
   c.model = ml_collections.ConfigDict(dict(
+      # name: a network of models.MODEL_NAMES, e.g. SEResNet18, SEResNet56, SEWRN28_10, ResNet18
+      # num_filters: width of the stem and first stage, doubled by each later stage (16: CIFAR nets)
+      # se_reduction: SE reduction ratio r (hidden width = channels / r), in every stage
+      # se_reductions: per-stage r, e.g. (8, 16, 16, 32); None in a stage = no SE there
+      # dropout_rate: dropout before the classifier
       name='SEResNet18', num_filters=64, se_reduction=16, se_reductions=(), dropout_rate=0.5,
-      # A ReLU between each residual branch's last BatchNorm and its SE block: not the paper's
+      # A ReLU between each residual branch's last BatchNorm and its SE block. Not the paper's
       # network, but the layout of public PyTorch CIFAR SE-ResNets whose weights convert.py reads.
       relu_before_se=False,
-      # Post-activation networks: 'A' (zero-padded identity) or 'B' (1x1 conv + BN) shortcuts
-      # where a unit changes shape; '' = the network's own (A for ResNet20...110, else B).
+      # Shortcut where a unit changes shape: 'A' zero-padded identity, 'B' 1x1 conv + BN, '' the
+      # network's own. That is A for ResNet20...110, else B; post-activation networks only.
       shortcut='',
       se_bias=True,  # biases in the SE Dense layers (senet.pytorch's CIFAR SE-ResNets: none)
-      # How conv and dense weights start: lecun_normal (Flax's default), he_normal_fan_out
-      # (torchvision's ResNet) or torch_default (PyTorch's Conv2d/Linear default); see models.
+      # How weights start: lecun_normal (Flax), he_normal_fan_out (torchvision) or torch_default
+      # (PyTorch's Conv2d/Linear default). See models.
       kernel_init='lecun_normal',
-      # Each residual branch's last BatchNorm scale starts at 0, so every unit starts as the
-      # identity (False: at 1, as kuangliu's and weiaicunzai's PyTorch CIFAR networks).
+      # Each residual branch's last BatchNorm scale starts at 0 (False: at 1). Every unit then
+      # starts as the identity; kuangliu's and weiaicunzai's PyTorch CIFAR networks start at 1.
       zero_init_residual=True))
   c.augment = augment.default_augment_config()
 
-  c.num_epochs = 100
+  c.num_epochs = 100  # epochs to train; a larger value continues a finished run
   c.max_steps = -1  # stop early after this many steps (smoke tests); -1 runs all epochs
-  c.batch_size = 128  # global, over all devices and hosts
-  c.eval_batch_size = 1000
-  c.learning_rate = 0.1
-  c.momentum = 0.9
-  c.nesterov = True
+  c.batch_size = 128  # global training batch, over all devices and hosts
+  c.eval_batch_size = 1000  # global evaluation batch (a multiple of the device count)
+  c.learning_rate = 0.1  # peak learning rate (SGD)
+  c.momentum = 0.9  # SGD momentum
+  c.nesterov = True  # Nesterov momentum
   c.weight_decay = 5e-4  # L2, on the parameters weight_decay_mask names
-  # 'kernels': conv and dense kernels only (not BatchNorm, not biases); 'all': every parameter,
-  # as torch.optim.SGD(model.parameters(), weight_decay=...) decays them.
+  # 'kernels' (conv and dense kernels) or 'all' (BatchNorm scales and biases too). With 'all' it
+  # decays what torch.optim.SGD(model.parameters(), weight_decay=...) decays.
   c.weight_decay_mask = 'kernels'
-  c.schedule = 'cosine'
-  c.warmup_epochs = 1.0
-  c.lr_decay_epochs = (50, 75)  # multistep boundaries
-  c.lr_decay_factor = 0.1
-  c.label_smoothing = 0.0
-  c.ema_decay = 0.0  # 0 disables the EMA of weights and BatchNorm statistics; else e.g. 0.999
+  c.schedule = 'cosine'  # learning-rate schedule: cosine, multistep, onecycle or constant
+  c.warmup_epochs = 1.0  # linear warm-up from 0 to learning_rate, in epochs (fractions allowed)
+  c.lr_decay_epochs = (50, 75)  # multistep: epochs where the rate is multiplied by lr_decay_factor
+  c.lr_decay_factor = 0.1  # multistep: the factor at each of lr_decay_epochs
+  c.label_smoothing = 0.0  # label smoothing of the cross-entropy; 0 = off
+  c.ema_decay = 0.0  # EMA of weights and BatchNorm statistics, evaluated; 0 = off, else e.g. 0.999
   c.half_precision = False  # bf16 compute, fp32 parameters and optimizer state
-  c.seed = 0
+  c.seed = 0  # seed of initialisation, batch order, augmentation and dropout
 
-  c.log_every_steps = 100
-  c.eval_every_epochs = 1
-  c.checkpoint_every_epochs = 1
-  c.keep_checkpoints = 3
+  c.log_every_steps = 100  # steps between progress lines
+  c.eval_every_epochs = 1  # epochs between validations (and best-checkpoint choices)
+  c.checkpoint_every_epochs = 1  # epochs between checkpoints
+  c.keep_checkpoints = 3  # latest checkpoints kept (the best one is kept apart)
   c.early_stopping = ml_collections.ConfigDict(dict(
+      # enabled: stop when the monitored validation metric stops improving
+      # monitor: val_accuracy or val_loss
+      # patience: evaluations without improvement before stopping
+      # min_delta: smallest change that counts as an improvement
       enabled=False, monitor='val_accuracy', patience=10, min_delta=0.0))
-  c.evaluate_test = True  # the test set is used once, at the end, on the best-validation weights
-  c.tta_flip = False
-  c.measure_inference = True
+  c.evaluate_test = True  # evaluate the test set once, at the end, on the best-validation weights
+  c.tta_flip = False  # evaluation averages each image with its mirror
+  c.measure_inference = True  # time inference (images/s, batch-1 latency) for the report
   return c
 
 

@@ -119,16 +119,6 @@ def test_config_files_include_the_issue_recipes():
           'smoke.py'} <= names
 
 
-def test_study_configs_hold_the_study_settings():
-  for name, dataset, dropout, decay, epochs in (('study_cifar10.py', 'cifar10', 0.5, 1e-4, 100),
-                                                ('study_cifar100.py', 'cifar100', 0.6, 5e-4, 150)):
-    config = load_config_file(os.path.join(CONFIGS_DIR, name))
-    assert (config.dataset, config.model.name, config.model.se_reduction) == (
-        dataset, 'SEResNet18', 16)
-    assert (config.model.dropout_rate, config.weight_decay, config.num_epochs) == (
-        dropout, decay, epochs)
-
-
 def test_bad_config_stops_train_and_evaluate_before_any_work(tmp_path, monkeypatch):
   """No workdir is created and no data is read for a config that cannot run."""
   def no_loading(config):

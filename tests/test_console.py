@@ -185,18 +185,45 @@ def test_help_lists_every_config_field_with_default_and_meaning(tmp_path):
                        capture_output=True, text=True, timeout=TIMEOUT_S)
   assert run.returncode == 0, run.stderr
   assert '--workdir' in run.stdout and 'configs/smoke.py' in run.stdout
-  fields = [line.split()[0] for line in run.stdout.splitlines()
-            if line.startswith('  --config.')]
-  assert len(fields) == len(usage.FIELD_MEANINGS)
+  lines = [line.split(None, 1) for line in run.stdout.splitlines()
+           if line.startswith('  --config.')]
+  assert len(lines) == len(_flat_fields(base_config()))
+  assert all(len(line) == 2 for line in lines), [line for line in lines if len(line) < 2]
+  fields = [line[0] for line in lines]
   assert '--config.dataset=synthetic' in fields  # the file's value, not base_config's
   assert '--config.num_epochs=6' in fields
 
 
-def test_every_config_field_has_a_meaning():
+def _flat_fields(config):
   from flax import traverse_util
-  assert set(traverse_util.flatten_dict(base_config().to_dict(), sep='.')) == set(
-      usage.FIELD_MEANINGS)
-  assert all(usage.FIELD_MEANINGS.values())
+  return traverse_util.flatten_dict(config.to_dict(), sep='.')
+
+
+def test_every_config_field_has_a_meaning():
+  # A field added to base_config (or default_augment_config) without a comment fails here.
+  meanings = usage.all_field_meanings()
+  assert [name for name in _flat_fields(base_config()) if not meanings.get(name)] == []
+
+
+def test_a_field_means_its_comment_first_sentence():
+  import ml_collections
+
+  def config():
+    c = ml_collections.ConfigDict()
+    c.own = 1  # on its line, e.g. this. Not this sentence
+    # The block above
+    # it. Not this sentence.
+    c.above = 2
+    c.group = ml_collections.ConfigDict(dict(
+        # labelled: one of several fields on a line
+        labelled=1, unlabelled=2))
+    c.bare = 3
+    return c
+
+  assert usage.field_meanings(config, prefix='p.') == {
+      'p.own': 'on its line, e.g. this', 'p.above': 'The block above it',
+      'p.group.labelled': 'one of several fields on a line', 'p.group.unlabelled': '',
+      'p.bare': ''}
 
 
 def test_finished_run_is_recognised_by_its_config_only(tmp_path):
