@@ -62,8 +62,8 @@ def _lock_if_inside(workdir: str, directory: str):
     with workdir_lock(workdir, jax.process_index()):
       yield
   except WorkdirLockedError as e:
-    raise WorkdirLockedError(f'{e} Or pass --output_dir outside it to evaluate while it trains.'
-                             ) from None
+    raise WorkdirLockedError(f'{e} Or pass --output_dir outside it to evaluate while it trains.',
+                             e.holder, e.lock_path) from None
 
 
 def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'both',

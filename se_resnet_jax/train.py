@@ -101,8 +101,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
     except input_pipeline.DataSettingsChangedError as e:
       if not allow_changed_data:
         raise
+      changed = ', '.join(f'{k}: {old!r} there, {new!r} now'
+                          for k, (old, new) in sorted(e.differences.items()))
       logging.warning('The run in %s was made with other data settings (%s); going on, as '
-                      '--allow_changed_data asks.', workdir, e.differences)
+                      '--allow_changed_data asks.', workdir, changed)
   # A step of another run (copied in) is set aside: its run id is not this one.
   ckpts.run_id = run_id = record.run_id if resuming else rundir.new_run_id()
   progress = Progress(plan.architecture)

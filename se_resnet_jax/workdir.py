@@ -33,11 +33,10 @@ class WorkdirLockedError(WorkdirError):
 
   `holder` is what the lock file says of the holding process ('PID 123 on host h since ...', or
   that it has not written it yet) and `lock_path` the lock file, so callers that reword the
-  advice need not parse the message. Both are None only where a caller rebuilt the error from
-  its message alone.
+  advice need not parse the message.
   """
 
-  def __init__(self, message: str, holder: Optional[str] = None, lock_path: Optional[str] = None):
+  def __init__(self, message: str, holder: str, lock_path: str):
     super().__init__(message)
     self.holder, self.lock_path = holder, lock_path
 

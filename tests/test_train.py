@@ -384,5 +384,7 @@ def test_the_tensorboard_command_quotes_a_path_with_spaces(tmp_path):
   workdir = tmp_path / 'my run'
   os.makedirs(workdir)
   (workdir / 'events.out.tfevents.1').write_bytes(b'')
-  text = summary.closing_summary(str(workdir), {})
+  report = {'epochs_completed': 1, 'weights': {'epoch': 1, 'step': 8, 'run_id': 'r1',
+                                                'chosen_by': 'the last epoch'}}
+  text = summary.closing_summary(str(workdir), report)
   assert f"tensorboard --logdir '{workdir}'" in text, text
