@@ -328,9 +328,7 @@ def torch_contenders(config, dtype: str, deadline: Deadline) -> tuple:
         se_reduction=config.model.se_reduction,
         dropout_rate=config.model.dropout_rate).to(device)  # before fused SGD
     figures['params'] = torch_models.count_parameters(model)  # measure() compares with JAX's
-    optimizer = ts.make_optimizer(model, lr=config.learning_rate, momentum=config.momentum,
-                                  weight_decay=config.weight_decay,
-                                  weight_decay_mask=config.weight_decay_mask)
+    optimizer = ts.make_optimizer(config, model)
     step = ts.make_train_step(model, optimizer, channels_last=channels_last,
                               compile_model=compile_model, bf16=dtype == 'bf16', device=device,
                               label_smoothing=config.label_smoothing)

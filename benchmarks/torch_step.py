@@ -7,6 +7,7 @@ this file only holds the training-step plumbing.
 
 import os
 
+import ml_collections
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,22 +20,21 @@ def set_threads() -> int:
   return cores
 
 
-def make_optimizer(model: nn.Module, lr: float = 0.1, momentum: float = 0.9,
-                   weight_decay: float = 5e-4,
-                   weight_decay_mask: str = 'kernels') -> torch.optim.Optimizer:
-  """Nesterov SGD with weight decay on conv/linear weights only ('kernels') or on every
-  parameter ('all'), as the JAX optimizer with the same `weight_decay_mask`.
+def make_optimizer(config: ml_collections.ConfigDict, model: nn.Module) -> torch.optim.SGD:
+  """SGD as the library's optax chain: L2 on kernels (ndim > 1) only, or on every parameter
+  with `weight_decay_mask='all'`, then (Nesterov) momentum, at `config.learning_rate`.
 
   Call it once the model is on its device: the fused (single-kernel) update needs CUDA parameters;
   on a CPU the multi-tensor `foreach` update is PyTorch's fastest.
   """
-  decayed = lambda p: weight_decay_mask == 'all' or p.ndim > 1
-  decay = [p for p in model.parameters() if decayed(p)]
-  no_decay = [p for p in model.parameters() if not decayed(p)]
-  groups = [g for g in ({'params': decay, 'weight_decay': weight_decay},
-                        {'params': no_decay, 'weight_decay': 0.0}) if g['params']]
-  fused = {'fused': True} if decay[0].is_cuda else {'foreach': True}
-  return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True, **fused)
+  params = list(model.parameters())
+  decayed = lambda p: config.weight_decay_mask == 'all' or p.ndim > 1
+  groups = [{'params': [p for p in params if decayed(p)], 'weight_decay': config.weight_decay},
+            {'params': [p for p in params if not decayed(p)], 'weight_decay': 0.0}]
+  groups = [g for g in groups if g['params']]
+  fast = {'fused': True} if params[0].is_cuda else {'foreach': True}
+  return torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum,
+                         nesterov=config.nesterov and config.momentum > 0, **fast)
 
 
 def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, channels_last: bool,

@@ -50,10 +50,12 @@ import torch.nn.functional as F  # noqa: E402
 from absl import app, flags  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks.torch_step import make_optimizer  # noqa: E402
 from se_resnet_jax import cli, files, input_pipeline, steps, torch_models  # noqa: E402
 from se_resnet_jax import config as config_lib  # noqa: E402
 from se_resnet_jax.config import validate_config  # noqa: E402
 from se_resnet_jax.errors import ConfigError, DivergedError  # noqa: E402
+from se_resnet_jax.plan import plan_run  # noqa: E402
 
 # The same constants as se_resnet_jax.augment (BT.601 luma, RGB <-> YIQ for the hue rotation).
 _LUMA = (0.299, 0.587, 0.114)
@@ -193,22 +195,6 @@ def flax_initialisation(model: nn.Module) -> None:
   torch_models.initialise(model, 'lecun_normal')
 
 
-def make_optimizer(config: ml_collections.ConfigDict, model: nn.Module) -> torch.optim.SGD:
-  """SGD as the library's optax chain: L2 on kernels (ndim > 1) only, or on every parameter
-  with `weight_decay_mask='all'`, then (Nesterov) momentum.
-
-  The learning rate is set before every step (`learning_rates`), so the one given here is unused.
-  """
-  params = list(model.parameters())
-  decayed = lambda p: config.weight_decay_mask == 'all' or p.ndim > 1
-  groups = [{'params': [p for p in params if decayed(p)], 'weight_decay': config.weight_decay},
-            {'params': [p for p in params if not decayed(p)], 'weight_decay': 0.0}]
-  groups = [g for g in groups if g['params']]
-  fast = {'fused': True} if params[0].is_cuda else {'foreach': True}
-  return torch.optim.SGD(groups, lr=0.0, momentum=config.momentum,
-                         nesterov=config.nesterov and config.momentum > 0, **fast)
-
-
 def learning_rates(config: ml_collections.ConfigDict, steps_per_epoch: int,
                    num_steps: int) -> np.ndarray:
   """The library's schedule at steps 0..num_steps, evaluated by optax on the CPU.
@@ -305,13 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, out_dir: Optional[str]
   if channels_last is None:
     channels_last = device.type == 'cuda'
   data = input_pipeline.load_dataset(config)
-  steps_per_epoch = len(data.train) // config.batch_size
-  if steps_per_epoch == 0:
-    raise ConfigError(f'batch_size={config.batch_size} is larger than the {len(data.train)} '
-                      'training examples; lower batch_size.')
-  total_steps = steps_per_epoch * config.num_epochs
-  if config.max_steps > 0:
-    total_steps = min(total_steps, config.max_steps)
+  plan = plan_run(config, len(data.train))  # the library's step counts, as one device trains
+  steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
   lrs = learning_rates(config, steps_per_epoch, total_steps)
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
@@ -326,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, out_dir: Optional[str]
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
   if channels_last:
     model = model.to(memory_format=torch.channels_last)
-  optimizer = make_optimizer(config, model)
+  optimizer = make_optimizer(config, model)  # its rate is set before every step
   ema = WeightEMA(model, config.ema_decay) if config.ema_decay else None
   forward = torch.compile(model) if compile_model else model
   generator = torch.Generator(device=device)
