@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny configs, a compilation cache, and commands run in subprocesses.
+"""Shared test helpers: tiny configs, one finished tiny run, a compilation cache, and commands run
+in subprocesses.
 
 Training tests compile the same small programs more than once (a run, the same run interrupted,
 its resume). JAX's persistent compilation cache, pointed at a directory that lives for one test
@@ -7,15 +8,18 @@ that tests start in subprocesses share it through `subprocess_env`.
 """
 
 import ast
+import dataclasses
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Callable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -130,13 +134,7 @@ def make_tiny_config():
     config.eval_batch_size = 48  # divides neither 128 nor 200: the last eval batch is padded
     config.log_every_steps = 8
     config.measure_inference = False
-    for dotted, value in overrides.items():
-      *groups, key = dotted.split('.')
-      target = config
-      for group in groups:
-        target = target[group]
-      target[key] = value
-    return config
+    return with_overrides(config, overrides)
 
   return make
 
@@ -185,3 +183,79 @@ def abstract_state(config, sharding=None):
   from se_resnet_jax.plan import plan_run
 
   return plan_run(config).abstract_state(sharding or SingleDeviceSharding(jax.devices()[0]))
+
+
+# configs/smoke.py shrunk: SEResNet18 four channels wide, 2 epochs of 8 steps (384 images - 128
+# validation, batches of 32), on generated images stored as an .npz (a dataset a test can move).
+TINY_RUN = {
+    'dataset': 'cifar10', 'synthetic.num_train': 384, 'synthetic.num_test': 64,
+    'validation_size': 128, 'model.num_filters': 4, 'model.se_reduction': 2, 'batch_size': 32,
+    'eval_batch_size': 64, 'measure_inference': False, 'log_every_steps': 3, 'num_epochs': 2,
+}
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """`config` with dotted-name `overrides` set, as `--config.a.b=v` sets them."""
+  for dotted, value in overrides.items():
+    *groups, key = dotted.split('.')
+    target = config
+    for group in groups:
+      target = target[group]
+    target[key] = value
+  return config
+
+
+@dataclasses.dataclass
+class TinyRun:
+  workdir: str
+  config: ml_collections.ConfigDict  # what the command trained, as a config object
+  command: subprocess.CompletedProcess  # its exit status, stdout and stderr
+
+
+@pytest.fixture(scope='session')
+def tiny_run_result(tmp_path_factory) -> TinyRun:
+  """The session's one finished run, trained by the real command (`se_resnet_jax.main`).
+
+  Tests that read a finished run share it, and must not change it: copy it to change it.
+  """
+  base = tmp_path_factory.mktemp('tiny')
+  overrides = {**TINY_RUN, 'npz_path': str(base / 'data.npz')}
+  config = with_overrides(load_config_file(os.path.join(CONFIGS_DIR, 'smoke.py')), overrides)
+  from se_resnet_jax import input_pipeline
+
+  train, test, names = input_pipeline.synthetic_splits(config.synthetic)
+  np.savez(config.npz_path, x_train=train.images, y_train=train.labels, x_test=test.images,
+           y_test=test.labels, classes=np.array(names))
+  workdir = str(base / 'run')
+  command = run_command('main', '--config=configs/smoke.py', f'--workdir={workdir}',
+                        *[f'--config.{k}={v}' for k, v in overrides.items()])
+  assert command.returncode == 0, command.stderr[-3000:]
+  return TinyRun(workdir, config, command)
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tiny_run_result) -> str:
+  """The workdir of the session's finished run (see `tiny_run_result`)."""
+  return tiny_run_result.workdir
+
+
+def command_env() -> dict:
+  """The commands' subprocesses (this session's environment) import the library from this
+  checkout."""
+  path = os.pathsep.join(p for p in (REPO, os.environ.get('PYTHONPATH')) if p)
+  return subprocess_env(PYTHONPATH=path)
+
+
+def run_command(module: str, *args: str, cwd: str = REPO) -> subprocess.CompletedProcess:
+  """`python -m se_resnet_jax.<module> args...`, its output captured."""
+  return subprocess.run([sys.executable, '-m', f'se_resnet_jax.{module}', *args], cwd=cwd,
+                        env=command_env(), capture_output=True, text=True, timeout=600)
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+  """The command's `error:` line; fails unless it exited non-zero with no traceback."""
+  assert result.returncode != 0, result.stdout + result.stderr
+  assert 'Traceback' not in result.stderr, result.stderr
+  lines = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(lines) == 1, result.stderr
+  return lines[0]
