@@ -19,8 +19,7 @@ from typing import Optional, Sequence
 import ml_collections
 from absl import app, flags
 
-from se_resnet_jax import cli, files
-from se_resnet_jax.errors import ConfigError
+from se_resnet_jax import cli, files, train
 from se_resnet_jax.experiments import common
 from se_resnet_jax.models import MODELS, has_se
 
@@ -37,16 +36,16 @@ DESCRIPTIONS = {
 
 def _without_se(name: str) -> str:
   if not has_se(name) or name[2:] not in MODELS:  # SEResNet18 -> ResNet18
-    raise ConfigError(f'model.name={name!r} has no SE blocks to remove; the ablation needs an SE '
-                      'model such as SEResNet18.')
+    raise common.SettingError(f'model.name={name!r} has no SE blocks to remove; the ablation '
+                              'needs an SE model such as SEResNet18.', 'model.name', name)
   return name[2:]
 
 
 def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
   """The config of one ablation variant: the given config with one (or every) part switched off."""
   if variant not in DESCRIPTIONS:
-    raise ConfigError(f'Unknown ablation variant {variant!r}; choose from '
-                     f'{", ".join(DESCRIPTIONS)}.')
+    raise common.SettingError(f'Unknown ablation variant {variant!r}; choose from '
+                              f'{", ".join(DESCRIPTIONS)}.', 'variants', variant)
   values = {}
   if variant in ('no_se', ALL_OFF):
     values['model.name'] = _without_se(config.model.name)
@@ -58,25 +57,27 @@ def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collec
 
 
 def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: int = 3,
-                 variants: Sequence[str] = VARIANTS, cache_dir: Optional[str] = None) -> dict:
+                 variants: Sequence[str] = VARIANTS, cache_dir: Optional[str] = None,
+                 trainer: common.Trainer = train.train_and_evaluate) -> dict:
   """Trains (or reads back) every variant for seeds config.seed, +1, ...; writes the tables.
 
   Returns the content of ablation.json. Every config is checked before anything trains.
   """
   if seeds < 1:
-    raise ConfigError(f'seeds must be >= 1, got {seeds}.')
+    raise common.SettingError(f'seeds must be >= 1, got {seeds}.', 'seeds', seeds)
   variants = ['full'] + [v for v in dict.fromkeys(variants) if v != 'full']
   seed_list = [config.seed + i for i in range(seeds)]
   configs = {v: variant_config(config, v) for v in variants}
   for name, variant in configs.items():
     if name != 'full' and variant.to_dict() == config.to_dict():
-      raise ConfigError(f'Variant {name!r} ({DESCRIPTIONS[name]}) is the config itself; leave it '
-                        f'out with --variants={",".join(v for v in variants if v != name)}.')
+      raise common.SettingError(
+          f'Variant {name!r} ({DESCRIPTIONS[name]}) is the config itself; leave it out with '
+          f'--variants={",".join(v for v in variants if v != name)}.', 'variants', name)
   runs = {(v, s): common.with_values(configs[v], {'seed': s}) for v in variants for s in seed_list}
   common.validate_all(list(runs.values()))
   split = 'test' if config.evaluate_test else 'validation'
   with common.compilation_cache(common.cache_dir_for(workdir, cache_dir)):
-    summaries = {key: common.run(c, os.path.join(workdir, key[0], f'seed_{key[1]}'))
+    summaries = {key: common.run(c, os.path.join(workdir, key[0], f'seed_{key[1]}'), trainer)
                  for key, c in sorted(runs.items(), key=lambda kv: kv[0][1])}  # seed by seed
   num_classes = summaries['full', seed_list[0]]['num_classes']
   full_params = common.count_parameters(configs['full'], num_classes)

@@ -15,8 +15,7 @@ from typing import Optional, Sequence
 import ml_collections
 from absl import app, flags
 
-from se_resnet_jax import cli, files
-from se_resnet_jax.errors import ConfigError
+from se_resnet_jax import cli, files, train
 from se_resnet_jax.experiments import common
 
 
@@ -28,8 +27,9 @@ def parse_settings(text: str) -> list:
       r, p = item.split(':')
       settings.append((int(r), float(p)))
     except ValueError:
-      raise ConfigError(f'Bad setting {item!r} in --settings={text!r}: write reduction:dropout '
-                       'pairs separated by commas, e.g. 16:0.5,8:0.3.') from None
+      raise common.SettingError(f'Bad setting {item!r} in --settings={text!r}: write '
+                                'reduction:dropout pairs separated by commas, e.g. 16:0.5,8:0.3.',
+                                'settings', item) from None
   return settings
 
 
@@ -43,13 +43,14 @@ def fold_config(config: ml_collections.ConfigDict, reduction: int, dropout: floa
 
 def run_kfold(config: ml_collections.ConfigDict, workdir: str, folds: int = 5,
               settings: Optional[Sequence[tuple]] = None,
-              cache_dir: Optional[str] = None) -> dict:
+              cache_dir: Optional[str] = None,
+              trainer: common.Trainer = train.train_and_evaluate) -> dict:
   """Trains (or reads back) every setting on every fold; writes and returns kfold.json.
 
   `settings` are (reduction, dropout) pairs; default: the config's own.
   """
   if folds < 2:
-    raise ConfigError(f'folds must be >= 2, got {folds}.')
+    raise common.SettingError(f'folds must be >= 2, got {folds}.', 'folds', folds)
   settings = list(dict.fromkeys(settings or [(config.model.se_reduction,
                                               config.model.dropout_rate)]))
   common.check_reduction_settable(config)
@@ -57,7 +58,7 @@ def run_kfold(config: ml_collections.ConfigDict, workdir: str, folds: int = 5,
   common.validate_all(list(runs.values()))
   with common.compilation_cache(common.cache_dir_for(workdir, cache_dir)):
     summaries = {key: common.run(c, os.path.join(workdir, common.setting_name(*key[0]),
-                                                 f'fold_{key[1]}'))
+                                                 f'fold_{key[1]}'), trainer)
                  for key, c in runs.items()}
   rows = []
   for r, p in settings:
