@@ -87,13 +87,12 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: int = 3
     runs_v = [dict(seed=s, **summaries[v, s]) for s in seed_list]
     params = common.count_parameters(configs[v], num_classes)
     stats = {k: common.mean_std(r[split][k] for r in runs_v) for k in ('accuracy', 'loss')}
-    deltas = {f'{k}_delta': common.mean_std(r[split][k] - full[r['seed']][k] for r in runs_v)
-              for k in ('accuracy', 'loss')}
-    intervals = {f'{k}_delta_ci95': common.paired_interval(
-        r[split][k] - full[r['seed']][k] for r in runs_v) for k in ('accuracy', 'loss')}
+    differences = {k: [r[split][k] - full[r['seed']][k] for r in runs_v] for k in stats}
     result['variants'].append({
         'name': v, 'description': DESCRIPTIONS[v], 'parameters': params,
-        'parameters_change': params / full_params - 1.0, **stats, **deltas, **intervals,
+        'parameters_change': params / full_params - 1.0, **stats,
+        **{f'{k}_delta': common.mean_std(d) for k, d in differences.items()},
+        **{f'{k}_delta_ci95': common.paired_interval(d) for k, d in differences.items()},
         'validation_accuracy': common.mean_std(r['validation']['accuracy'] for r in runs_v),
         'runs': runs_v})
   if 'no_se' in variants:
@@ -116,7 +115,6 @@ def se_gain(result: dict, configs: dict) -> dict:
 
 def write_outputs(workdir: str, result: dict) -> None:
   """ablation.json, ablation.md and ablation.png (bars with std error bars)."""
-  files.write_json_atomic(os.path.join(workdir, 'ablation.json'), result)
   split, seeds, variants = result['split'], result['seeds'], result['variants']
   label = split.capitalize()
   lines = ['# Ablation', '',
@@ -149,7 +147,7 @@ def write_outputs(workdir: str, result: dict) -> None:
       [[f'`{v["name"]}`', r['seed'], f'{100 * r[split]["accuracy"]:.2f}',
         f'{r[split]["loss"]:.4f}', f'{100 * r["validation"]["accuracy"]:.2f}',
         r['best_epoch'], r['epochs_completed']] for v in variants for r in v['runs']])
-  files.write_text(os.path.join(workdir, 'ablation.md'), lines)
+  common.write_tables(workdir, 'ablation', result, lines)
   common.bar_chart(
       os.path.join(workdir, 'ablation.png'), [v['name'] for v in variants],
       [(f'{label} accuracy (%)', [100 * v['accuracy']['mean'] for v in variants],
@@ -189,14 +187,12 @@ def closing_summary(workdir: str, result: dict) -> str:
   width = max(len(v['name']) for v in result['variants'])
   for v in result['variants']:
     delta = '' if v['name'] == 'full' else (
-        f'  Δ {common.fmt(v["accuracy_delta"], 100, 2, signed=True)}')
-    if v['name'] != 'full':
-      delta += f'  95% CI {common.fmt_interval(v["accuracy_delta_ci95"], 100)}'
+        f'  Δ {common.fmt(v["accuracy_delta"], 100, 2, signed=True)}'
+        f'  95% CI {common.fmt_interval(v["accuracy_delta_ci95"], 100)}')
     lines.append(f'  {v["name"].ljust(width)}  {common.fmt(v["accuracy"], 100, 2)}%{delta}')
   if 'se_gain' in result:
     lines += ['', '  ' + se_gain_line(result['se_gain'])]
-  return '\n'.join(lines + ['', f'  table        {os.path.join(workdir, "ablation.md")} '
-                                 f'(numbers: {os.path.join(workdir, "ablation.json")})'])
+  return '\n'.join(lines + ['', common.tables_line(workdir, 'ablation')])
 
 
 def main(argv: Sequence[str]) -> None:

@@ -270,6 +270,18 @@ def with_values(config: ml_collections.ConfigDict, values: dict) -> ml_collectio
   return config
 
 
+def write_tables(workdir: str, name: str, result: dict, markdown: Sequence[str]) -> None:
+  """<name>.json (every number, for programs) and <name>.md (the tables, for people)."""
+  files.write_json_atomic(os.path.join(workdir, f'{name}.json'), result)
+  files.write_text(os.path.join(workdir, f'{name}.md'), markdown)
+
+
+def tables_line(workdir: str, name: str) -> str:
+  """The closing summaries' pointer to what write_tables wrote."""
+  return (f'  table        {os.path.join(workdir, f"{name}.md")} '
+          f'(numbers: {os.path.join(workdir, f"{name}.json")})')
+
+
 def define_flags() -> None:
   """--config, --workdir and --cache_dir of an experiment command.
 

@@ -64,19 +64,17 @@ def run_kfold(config: ml_collections.ConfigDict, workdir: str, folds: int = 5,
   for r, p in settings:
     per_fold = [dict(fold=f, **summaries[(r, p), f]) for f in range(folds)]
     rows.append({'reduction': r, 'dropout': p,
-                 'accuracy': common.mean_std([x['validation']['accuracy'] for x in per_fold]),
-                 'loss': common.mean_std([x['validation']['loss'] for x in per_fold]),
-                 'runs': per_fold})
+                 **{k: common.mean_std(x['validation'][k] for x in per_fold)
+                    for k in ('accuracy', 'loss')}, 'runs': per_fold})
   rows.sort(key=lambda row: (-row['accuracy']['mean'], row['loss']['mean']))
   result = {'folds': folds, 'validation_seed': config.validation_seed, 'config': config.to_dict(),
             'settings': rows}
-  files.write_json_atomic(os.path.join(workdir, 'kfold.json'), result)
   write_outputs(workdir, result)
   return result
 
 
 def write_outputs(workdir: str, result: dict) -> None:
-  """kfold.md and kfold.png."""
+  """kfold.json, kfold.md and kfold.png."""
   folds, rows = result['folds'], result['settings']
   names = [common.setting_name(row['reduction'], row['dropout']) for row in rows]
   lines = ['# k-fold cross-validation', '',
@@ -91,7 +89,7 @@ def write_outputs(workdir: str, result: dict) -> None:
         common.fmt(row['loss']), *[f'{100 * x["validation"]["accuracy"]:.2f}'
                                    for x in row['runs']]] for i, row in enumerate(rows)])
   lines += ['![k-fold validation accuracy](kfold.png)']
-  files.write_text(os.path.join(workdir, 'kfold.md'), lines)
+  common.write_tables(workdir, 'kfold', result, lines)
   common.bar_chart(os.path.join(workdir, 'kfold.png'), names,
                    [('validation accuracy (%)', [100 * row['accuracy']['mean'] for row in rows],
                      [100 * row['accuracy']['std'] for row in rows])],
@@ -114,8 +112,7 @@ def closing_summary(workdir: str, result: dict) -> str:
   for i, row in enumerate(result['settings']):
     lines.append(f'  {i + 1}. r={row["reduction"]}, dropout={row["dropout"]:g}: '
                  f'{common.fmt(row["accuracy"], 100, 2)}%')
-  return '\n'.join(lines + ['', f'  table        {os.path.join(workdir, "kfold.md")} '
-                                 f'(numbers: {os.path.join(workdir, "kfold.json")})'])
+  return '\n'.join(lines + ['', common.tables_line(workdir, 'kfold')])
 
 
 def main(argv: Sequence[str]) -> None:

@@ -108,13 +108,12 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, mode: str = 'gri
                                                                            'model.dropout_rate')},
                     config_file, f'the {mode} search in {workdir} (its run: {chosen["run_dir"]})',
                     result['commands']['train_chosen'])
-  files.write_json_atomic(os.path.join(workdir, 'search.json'), result)
   write_outputs(workdir, result, axis_dropouts)
   return result
 
 
 def write_outputs(workdir: str, result: dict, axis_dropouts: Sequence[float]) -> None:
-  """search.md and the validation-accuracy heat map search.png."""
+  """search.json, search.md and the validation-accuracy heat map search.png."""
   chosen, reductions = result['chosen'], result['reductions']
   by_cell = {(r['reduction'], r['dropout']): r for r in result['runs']}
   key = (chosen['model.se_reduction'], chosen['model.dropout_rate'])
@@ -153,7 +152,7 @@ def write_outputs(workdir: str, result: dict, axis_dropouts: Sequence[float]) ->
             result['commands']['test_chosen_run'],
             '# or cross-validate the best three settings:',
             result['commands']['kfold_top3'], '```']
-  files.write_text(os.path.join(workdir, 'search.md'), lines)
+  common.write_tables(workdir, 'search', result, lines)
   plot_heat_map(os.path.join(workdir, 'search.png'), reductions, axis_dropouts, by_cell, key,
                 'Two-stage' if two_stage else 'Grid')
 
@@ -255,8 +254,7 @@ def closing_summary(workdir: str, result: dict) -> str:
       f'(validation accuracy {100 * chosen["validation"]["accuracy"]:.2f}%, loss '
       f'{chosen["validation"]["loss"]:.4f}; run {chosen["run_dir"]}), of {len(result["runs"])} '
       f'runs by {SELECTION}.', '',
-      f'  table        {os.path.join(workdir, "search.md")} (numbers: '
-      f'{os.path.join(workdir, "search.json")})',
+      common.tables_line(workdir, 'search'),
       f'  config       {result["chosen_config"]}',
       f'  train it     {result["commands"]["train_chosen"]}',
       f'  test it once {result["commands"]["test_chosen_run"]}'])
