@@ -19,8 +19,7 @@ from typing import Optional, Sequence
 import ml_collections
 from absl import app, flags
 
-from se_resnet_jax import cli, files
-from se_resnet_jax.errors import ConfigError
+from se_resnet_jax import cli, files, train
 from se_resnet_jax.experiments import common
 from se_resnet_jax.models import MODELS, has_se
 
@@ -37,16 +36,16 @@ DESCRIPTIONS = {
 
 def _without_se(name: str) -> str:
   if not has_se(name) or name[2:] not in MODELS:  # SEResNet18 -> ResNet18
-    raise ConfigError(f'model.name={name!r} has no SE blocks to remove; the ablation needs an SE '
-                      'model such as SEResNet18.')
+    raise common.SettingError(f'model.name={name!r} has no SE blocks to remove; the ablation '
+                              'needs an SE model such as SEResNet18.', 'model.name', name)
   return name[2:]
 
 
 def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
   """The config of one ablation variant: the given config with one (or every) part switched off."""
   if variant not in DESCRIPTIONS:
-    raise ConfigError(f'Unknown ablation variant {variant!r}; choose from '
-                     f'{", ".join(DESCRIPTIONS)}.')
+    raise common.SettingError(f'Unknown ablation variant {variant!r}; choose from '
+                              f'{", ".join(DESCRIPTIONS)}.', 'variants', variant)
   values = {}
   if variant in ('no_se', ALL_OFF):
     values['model.name'] = _without_se(config.model.name)
@@ -58,25 +57,27 @@ def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collec
 
 
 def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: int = 3,
-                 variants: Sequence[str] = VARIANTS, cache_dir: Optional[str] = None) -> dict:
+                 variants: Sequence[str] = VARIANTS, cache_dir: Optional[str] = None,
+                 trainer: common.Trainer = train.train_and_evaluate) -> dict:
   """Trains (or reads back) every variant for seeds config.seed, +1, ...; writes the tables.
 
   Returns the content of ablation.json. Every config is checked before anything trains.
   """
   if seeds < 1:
-    raise ConfigError(f'seeds must be >= 1, got {seeds}.')
+    raise common.SettingError(f'seeds must be >= 1, got {seeds}.', 'seeds', seeds)
   variants = ['full'] + [v for v in dict.fromkeys(variants) if v != 'full']
   seed_list = [config.seed + i for i in range(seeds)]
   configs = {v: variant_config(config, v) for v in variants}
   for name, variant in configs.items():
     if name != 'full' and variant.to_dict() == config.to_dict():
-      raise ConfigError(f'Variant {name!r} ({DESCRIPTIONS[name]}) is the config itself; leave it '
-                        f'out with --variants={",".join(v for v in variants if v != name)}.')
+      raise common.SettingError(
+          f'Variant {name!r} ({DESCRIPTIONS[name]}) is the config itself; leave it out with '
+          f'--variants={",".join(v for v in variants if v != name)}.', 'variants', name)
   runs = {(v, s): common.with_values(configs[v], {'seed': s}) for v in variants for s in seed_list}
   common.validate_all(list(runs.values()))
   split = 'test' if config.evaluate_test else 'validation'
   with common.compilation_cache(common.cache_dir_for(workdir, cache_dir)):
-    summaries = {key: common.run(c, os.path.join(workdir, key[0], f'seed_{key[1]}'))
+    summaries = {key: common.run(c, os.path.join(workdir, key[0], f'seed_{key[1]}'), trainer)
                  for key, c in sorted(runs.items(), key=lambda kv: kv[0][1])}  # seed by seed
   num_classes = summaries['full', seed_list[0]]['num_classes']
   full_params = common.count_parameters(configs['full'], num_classes)
@@ -86,13 +87,12 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: int = 3
     runs_v = [dict(seed=s, **summaries[v, s]) for s in seed_list]
     params = common.count_parameters(configs[v], num_classes)
     stats = {k: common.mean_std(r[split][k] for r in runs_v) for k in ('accuracy', 'loss')}
-    deltas = {f'{k}_delta': common.mean_std(r[split][k] - full[r['seed']][k] for r in runs_v)
-              for k in ('accuracy', 'loss')}
-    intervals = {f'{k}_delta_ci95': common.paired_interval(
-        r[split][k] - full[r['seed']][k] for r in runs_v) for k in ('accuracy', 'loss')}
+    differences = {k: [r[split][k] - full[r['seed']][k] for r in runs_v] for k in stats}
     result['variants'].append({
         'name': v, 'description': DESCRIPTIONS[v], 'parameters': params,
-        'parameters_change': params / full_params - 1.0, **stats, **deltas, **intervals,
+        'parameters_change': params / full_params - 1.0, **stats,
+        **{f'{k}_delta': common.mean_std(d) for k, d in differences.items()},
+        **{f'{k}_delta_ci95': common.paired_interval(d) for k, d in differences.items()},
         'validation_accuracy': common.mean_std(r['validation']['accuracy'] for r in runs_v),
         'runs': runs_v})
   if 'no_se' in variants:
@@ -115,7 +115,6 @@ def se_gain(result: dict, configs: dict) -> dict:
 
 def write_outputs(workdir: str, result: dict) -> None:
   """ablation.json, ablation.md and ablation.png (bars with std error bars)."""
-  files.write_json_atomic(os.path.join(workdir, 'ablation.json'), result)
   split, seeds, variants = result['split'], result['seeds'], result['variants']
   label = split.capitalize()
   lines = ['# Ablation', '',
@@ -148,7 +147,7 @@ def write_outputs(workdir: str, result: dict) -> None:
       [[f'`{v["name"]}`', r['seed'], f'{100 * r[split]["accuracy"]:.2f}',
         f'{r[split]["loss"]:.4f}', f'{100 * r["validation"]["accuracy"]:.2f}',
         r['best_epoch'], r['epochs_completed']] for v in variants for r in v['runs']])
-  files.write_text(os.path.join(workdir, 'ablation.md'), lines)
+  common.write_tables(workdir, 'ablation', result, lines)
   common.bar_chart(
       os.path.join(workdir, 'ablation.png'), [v['name'] for v in variants],
       [(f'{label} accuracy (%)', [100 * v['accuracy']['mean'] for v in variants],
@@ -188,14 +187,12 @@ def closing_summary(workdir: str, result: dict) -> str:
   width = max(len(v['name']) for v in result['variants'])
   for v in result['variants']:
     delta = '' if v['name'] == 'full' else (
-        f'  Δ {common.fmt(v["accuracy_delta"], 100, 2, signed=True)}')
-    if v['name'] != 'full':
-      delta += f'  95% CI {common.fmt_interval(v["accuracy_delta_ci95"], 100)}'
+        f'  Δ {common.fmt(v["accuracy_delta"], 100, 2, signed=True)}'
+        f'  95% CI {common.fmt_interval(v["accuracy_delta_ci95"], 100)}')
     lines.append(f'  {v["name"].ljust(width)}  {common.fmt(v["accuracy"], 100, 2)}%{delta}')
   if 'se_gain' in result:
     lines += ['', '  ' + se_gain_line(result['se_gain'])]
-  return '\n'.join(lines + ['', f'  table        {os.path.join(workdir, "ablation.md")} '
-                                 f'(numbers: {os.path.join(workdir, "ablation.json")})'])
+  return '\n'.join(lines + ['', common.tables_line(workdir, 'ablation')])
 
 
 def main(argv: Sequence[str]) -> None:

@@ -1,8 +1,9 @@
 """What the experiment commands share: runs in subdirectories, the compilation cache, tables.
 
-A run is "finished" when its report.json exists: `train_and_evaluate` writes it last, atomically,
-so a run killed at any earlier point has none and is resumed from its own checkpoints when the
-experiment is rerun, while finished runs are read back instead of being trained again.
+A run is "finished" when its report.json exists: the trainer (`train_and_evaluate`) writes it
+last, atomically, so a run killed at any earlier point has none and is resumed from its own
+checkpoints when the experiment is rerun, while finished runs are read back instead of being
+trained again.
 """
 
 import collections
@@ -23,7 +24,7 @@ from ml_collections import config_flags
 from se_resnet_jax import cli, files, train
 from se_resnet_jax.config import validate_config
 from se_resnet_jax.console import Console
-from se_resnet_jax.errors import ConfigError, Preempted, UserError
+from se_resnet_jax.errors import ConfigError, UserError
 from se_resnet_jax.models import build_model, has_se
 from se_resnet_jax.summary import config_differences, read_report
 
@@ -32,12 +33,37 @@ CACHE_SUBDIR = 'jax_cache'
 _CACHE_OPTIONS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
                   'jax_persistent_cache_min_entry_size_bytes')
 
-
-__all__ = ['Preempted']  # raised by `run` when a run stops on SIGTERM, as train raises it
+Trainer = Callable[[ml_collections.ConfigDict, str], dict]
+"""Trains (or resumes) a config's run in a directory and returns its report, as
+`train.train_and_evaluate` does; the experiments take one so that tests and benchmarks can
+stand in for training."""
 
 
 class RunConflictError(UserError):
-  """A run directory holds a run made with other settings; the message says what to do."""
+  """A run directory holds a run made with other settings: rather stop than mix the two.
+
+  `differences` maps each dotted field that differs to (its value there, its value now).
+  """
+
+  def __init__(self, run_dir: str, differences: dict):
+    shown = ', '.join(f'{k}: {there!r} there, {now!r} now'
+                      for k, (there, now) in list(differences.items())[:5])
+    super().__init__(
+        f'{run_dir} holds a run made with other settings ({shown}'
+        f'{", ..." if len(differences) > 5 else ""}). Rerun with the settings it was made with, or '
+        'use a new --workdir (or move that directory aside).')
+    self.run_dir = run_dir
+    self.differences = differences
+
+
+class SettingError(ConfigError):
+  """An experiment's setting that cannot work: `field` names it (a dotted config field, or an
+  argument such as 'seeds' or 'variants') and `value` is what it was given."""
+
+  def __init__(self, message: str, field: str, value: Any):
+    super().__init__(message)
+    self.field = field
+    self.value = value
 
 
 @contextlib.contextmanager
@@ -91,13 +117,9 @@ def _check_same_config(saved: Optional[dict], config: ml_collections.ConfigDict,
     return
   differ = config_differences(saved, config)
   if differ:
-    saved, current = traverse_util.flatten_dict(saved, sep='.'), config.to_dict()
-    current = traverse_util.flatten_dict(current, sep='.')
-    shown = ', '.join(f'{k}: {saved.get(k)!r} there, {current.get(k)!r} now' for k in differ[:5])
-    raise RunConflictError(
-        f'{run_dir} holds a run made with other settings ({shown}'
-        f'{", ..." if len(differ) > 5 else ""}). Rerun with the settings it was made with, or '
-        'use a new --workdir (or move that directory aside).')
+    saved = traverse_util.flatten_dict(saved, sep='.')
+    current = traverse_util.flatten_dict(config.to_dict(), sep='.')
+    raise RunConflictError(run_dir, {k: (saved.get(k), current.get(k)) for k in differ})
 
 
 def _read_json(path: str) -> Optional[dict]:
@@ -107,7 +129,8 @@ def _read_json(path: str) -> Optional[dict]:
     return json.load(f)
 
 
-def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
+def run(config: ml_collections.ConfigDict, run_dir: str,
+        trainer: Trainer = train.train_and_evaluate) -> dict:
   """Summary of the run in `run_dir`: read back if finished, else trained or resumed there.
 
   Returns {'run_dir', 'epochs_completed', 'best_epoch', 'num_classes', 'validation' and (when the
@@ -122,7 +145,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str) -> dict:
   _check_same_config(_read_json(os.path.join(run_dir, 'config.json')), config, run_dir)
   requests, hits = _cache_counts()
   Console().say(f'{run_dir}: training (resuming from its checkpoints if it has any).')
-  result = train.train_and_evaluate(config, run_dir)  # raises Preempted on SIGTERM: no further run
+  result = trainer(config, run_dir)  # Preempted (SIGTERM) passes through: no further run starts
   now_requests, now_hits = _cache_counts()
   cache = {'requests': now_requests - requests, 'hits': now_hits - hits}
   cache['misses'] = cache['requests'] - cache['hits']
@@ -150,19 +173,22 @@ def validate_all(configs: Sequence[ml_collections.ConfigDict]) -> None:
   for config in configs:
     validate_config(config, jax.device_count())
     if not config.validation_size and not config.kfold.num_folds:
-      raise ConfigError('The experiments need a validation split (best checkpoints and choices '
-                        'use it, never the test set): set validation_size > 0.')
+      raise SettingError('The experiments need a validation split (best checkpoints and choices '
+                         'use it, never the test set): set validation_size > 0.',
+                         'validation_size', config.validation_size)
 
 
 def check_reduction_settable(config: ml_collections.ConfigDict) -> None:
   """The model's SE reduction ratio must come from model.se_reduction for a search to set it."""
   if not has_se(config.model.name):
-    raise ConfigError(f'model.name={config.model.name!r} has no SE blocks, so the reduction ratio '
-                      'does nothing; use an SE model such as SEResNet18.')
+    raise SettingError(f'model.name={config.model.name!r} has no SE blocks, so the reduction '
+                       'ratio does nothing; use an SE model such as SEResNet18.', 'model.name',
+                       config.model.name)
   if config.model.se_reductions:
-    raise ConfigError(f'model.se_reductions={tuple(config.model.se_reductions)} (per stage) '
-                      'overrides model.se_reduction, which the experiment sets; set '
-                      'model.se_reductions to () in the config.')
+    raise SettingError(f'model.se_reductions={tuple(config.model.se_reductions)} (per stage) '
+                       'overrides model.se_reduction, which the experiment sets; set '
+                       'model.se_reductions to () in the config.', 'model.se_reductions',
+                       tuple(config.model.se_reductions))
 
 
 def count_parameters(config: ml_collections.ConfigDict, num_classes: int) -> int:
@@ -242,6 +268,18 @@ def with_values(config: ml_collections.ConfigDict, values: dict) -> ml_collectio
   config = config.copy_and_resolve_references()
   config.update_from_flattened_dict(values)
   return config
+
+
+def write_tables(workdir: str, name: str, result: dict, markdown: Sequence[str]) -> None:
+  """<name>.json (every number, for programs) and <name>.md (the tables, for people)."""
+  files.write_json_atomic(os.path.join(workdir, f'{name}.json'), result)
+  files.write_text(os.path.join(workdir, f'{name}.md'), markdown)
+
+
+def tables_line(workdir: str, name: str) -> str:
+  """The closing summaries' pointer to what write_tables wrote."""
+  return (f'  table        {os.path.join(workdir, f"{name}.md")} '
+          f'(numbers: {os.path.join(workdir, f"{name}.json")})')
 
 
 def define_flags() -> None:

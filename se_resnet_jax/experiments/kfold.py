@@ -15,8 +15,7 @@ from typing import Optional, Sequence
 import ml_collections
 from absl import app, flags
 
-from se_resnet_jax import cli, files
-from se_resnet_jax.errors import ConfigError
+from se_resnet_jax import cli, files, train
 from se_resnet_jax.experiments import common
 
 
@@ -28,8 +27,9 @@ def parse_settings(text: str) -> list:
       r, p = item.split(':')
       settings.append((int(r), float(p)))
     except ValueError:
-      raise ConfigError(f'Bad setting {item!r} in --settings={text!r}: write reduction:dropout '
-                       'pairs separated by commas, e.g. 16:0.5,8:0.3.') from None
+      raise common.SettingError(f'Bad setting {item!r} in --settings={text!r}: write '
+                                'reduction:dropout pairs separated by commas, e.g. 16:0.5,8:0.3.',
+                                'settings', item) from None
   return settings
 
 
@@ -43,13 +43,14 @@ def fold_config(config: ml_collections.ConfigDict, reduction: int, dropout: floa
 
 def run_kfold(config: ml_collections.ConfigDict, workdir: str, folds: int = 5,
               settings: Optional[Sequence[tuple]] = None,
-              cache_dir: Optional[str] = None) -> dict:
+              cache_dir: Optional[str] = None,
+              trainer: common.Trainer = train.train_and_evaluate) -> dict:
   """Trains (or reads back) every setting on every fold; writes and returns kfold.json.
 
   `settings` are (reduction, dropout) pairs; default: the config's own.
   """
   if folds < 2:
-    raise ConfigError(f'folds must be >= 2, got {folds}.')
+    raise common.SettingError(f'folds must be >= 2, got {folds}.', 'folds', folds)
   settings = list(dict.fromkeys(settings or [(config.model.se_reduction,
                                               config.model.dropout_rate)]))
   common.check_reduction_settable(config)
@@ -57,25 +58,23 @@ def run_kfold(config: ml_collections.ConfigDict, workdir: str, folds: int = 5,
   common.validate_all(list(runs.values()))
   with common.compilation_cache(common.cache_dir_for(workdir, cache_dir)):
     summaries = {key: common.run(c, os.path.join(workdir, common.setting_name(*key[0]),
-                                                 f'fold_{key[1]}'))
+                                                 f'fold_{key[1]}'), trainer)
                  for key, c in runs.items()}
   rows = []
   for r, p in settings:
     per_fold = [dict(fold=f, **summaries[(r, p), f]) for f in range(folds)]
     rows.append({'reduction': r, 'dropout': p,
-                 'accuracy': common.mean_std([x['validation']['accuracy'] for x in per_fold]),
-                 'loss': common.mean_std([x['validation']['loss'] for x in per_fold]),
-                 'runs': per_fold})
+                 **{k: common.mean_std(x['validation'][k] for x in per_fold)
+                    for k in ('accuracy', 'loss')}, 'runs': per_fold})
   rows.sort(key=lambda row: (-row['accuracy']['mean'], row['loss']['mean']))
   result = {'folds': folds, 'validation_seed': config.validation_seed, 'config': config.to_dict(),
             'settings': rows}
-  files.write_json_atomic(os.path.join(workdir, 'kfold.json'), result)
   write_outputs(workdir, result)
   return result
 
 
 def write_outputs(workdir: str, result: dict) -> None:
-  """kfold.md and kfold.png."""
+  """kfold.json, kfold.md and kfold.png."""
   folds, rows = result['folds'], result['settings']
   names = [common.setting_name(row['reduction'], row['dropout']) for row in rows]
   lines = ['# k-fold cross-validation', '',
@@ -90,7 +89,7 @@ def write_outputs(workdir: str, result: dict) -> None:
         common.fmt(row['loss']), *[f'{100 * x["validation"]["accuracy"]:.2f}'
                                    for x in row['runs']]] for i, row in enumerate(rows)])
   lines += ['![k-fold validation accuracy](kfold.png)']
-  files.write_text(os.path.join(workdir, 'kfold.md'), lines)
+  common.write_tables(workdir, 'kfold', result, lines)
   common.bar_chart(os.path.join(workdir, 'kfold.png'), names,
                    [('validation accuracy (%)', [100 * row['accuracy']['mean'] for row in rows],
                      [100 * row['accuracy']['std'] for row in rows])],
@@ -113,8 +112,7 @@ def closing_summary(workdir: str, result: dict) -> str:
   for i, row in enumerate(result['settings']):
     lines.append(f'  {i + 1}. r={row["reduction"]}, dropout={row["dropout"]:g}: '
                  f'{common.fmt(row["accuracy"], 100, 2)}%')
-  return '\n'.join(lines + ['', f'  table        {os.path.join(workdir, "kfold.md")} '
-                                 f'(numbers: {os.path.join(workdir, "kfold.json")})'])
+  return '\n'.join(lines + ['', common.tables_line(workdir, 'kfold')])
 
 
 def main(argv: Sequence[str]) -> None:

@@ -20,9 +20,8 @@ from absl import app, flags
 from flax import traverse_util
 from ml_collections import config_flags
 
-from se_resnet_jax import cli, files
+from se_resnet_jax import cli, files, train
 from se_resnet_jax.config import base_config, load_config_file
-from se_resnet_jax.errors import ConfigError
 from se_resnet_jax.experiments import common
 
 REDUCTIONS = (8, 16, 32)  # the study's grid
@@ -55,17 +54,20 @@ def choose(runs: Sequence[dict]) -> dict:
 def run_search(config: ml_collections.ConfigDict, workdir: str, mode: str = 'grid',
                reductions: Sequence[int] = REDUCTIONS, dropouts: Sequence[float] = DROPOUTS,
                stage1_dropout: float = STAGE1_DROPOUT, report_test: bool = False,
-               config_file: Optional[str] = None, cache_dir: Optional[str] = None) -> dict:
+               config_file: Optional[str] = None, cache_dir: Optional[str] = None,
+               trainer: common.Trainer = train.train_and_evaluate) -> dict:
   """Runs the search (reading back finished runs) and writes its outputs; returns search.json.
 
   `config_file` is the file `config` came from: chosen_config.py then starts from it (plus the
   fields `config` changes), else from base_config().
   """
   if mode not in MODES:
-    raise ConfigError(f'Unknown search mode {mode!r}; choose one of {", ".join(MODES)}.')
+    raise common.SettingError(f'Unknown search mode {mode!r}; choose one of {", ".join(MODES)}.',
+                              'mode', mode)
   reductions, dropouts = list(dict.fromkeys(reductions)), list(dict.fromkeys(dropouts))
   if not reductions or not dropouts:
-    raise ConfigError('The search needs at least one reduction ratio and one dropout rate.')
+    raise common.SettingError('The search needs at least one reduction ratio and one dropout '
+                              'rate.', 'dropouts' if reductions else 'reductions', [])
   common.check_reduction_settable(config)
   axis_dropouts = sorted(set(dropouts) | ({stage1_dropout} if mode == 'two_stage' else set()))
   common.validate_all([cell_config(config, r, p, report_test)
@@ -75,7 +77,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, mode: str = 'gri
   def run_cell(r: int, p: float, stage: int) -> dict:
     if (r, p) not in runs:
       summary = common.run(cell_config(config, r, p, report_test),
-                           os.path.join(workdir, common.setting_name(r, p)))
+                           os.path.join(workdir, common.setting_name(r, p)), trainer)
       runs[r, p] = dict(reduction=r, dropout=p, stage=stage, **summary)
     return runs[r, p]
 
@@ -106,13 +108,12 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, mode: str = 'gri
                                                                            'model.dropout_rate')},
                     config_file, f'the {mode} search in {workdir} (its run: {chosen["run_dir"]})',
                     result['commands']['train_chosen'])
-  files.write_json_atomic(os.path.join(workdir, 'search.json'), result)
   write_outputs(workdir, result, axis_dropouts)
   return result
 
 
 def write_outputs(workdir: str, result: dict, axis_dropouts: Sequence[float]) -> None:
-  """search.md and the validation-accuracy heat map search.png."""
+  """search.json, search.md and the validation-accuracy heat map search.png."""
   chosen, reductions = result['chosen'], result['reductions']
   by_cell = {(r['reduction'], r['dropout']): r for r in result['runs']}
   key = (chosen['model.se_reduction'], chosen['model.dropout_rate'])
@@ -151,7 +152,7 @@ def write_outputs(workdir: str, result: dict, axis_dropouts: Sequence[float]) ->
             result['commands']['test_chosen_run'],
             '# or cross-validate the best three settings:',
             result['commands']['kfold_top3'], '```']
-  files.write_text(os.path.join(workdir, 'search.md'), lines)
+  common.write_tables(workdir, 'search', result, lines)
   plot_heat_map(os.path.join(workdir, 'search.png'), reductions, axis_dropouts, by_cell, key,
                 'Two-stage' if two_stage else 'Grid')
 
@@ -241,8 +242,8 @@ def _numbers(flag: str, kind: type) -> list:
   try:
     return [kind(v) for v in values]
   except ValueError:
-    raise ConfigError(f'--{flag} takes comma-separated {kind.__name__} values, got '
-                     f'{",".join(values)!r}.') from None
+    raise common.SettingError(f'--{flag} takes comma-separated {kind.__name__} values, got '
+                              f'{",".join(values)!r}.', flag, values) from None
 
 
 def closing_summary(workdir: str, result: dict) -> str:
@@ -253,8 +254,7 @@ def closing_summary(workdir: str, result: dict) -> str:
       f'(validation accuracy {100 * chosen["validation"]["accuracy"]:.2f}%, loss '
       f'{chosen["validation"]["loss"]:.4f}; run {chosen["run_dir"]}), of {len(result["runs"])} '
       f'runs by {SELECTION}.', '',
-      f'  table        {os.path.join(workdir, "search.md")} (numbers: '
-      f'{os.path.join(workdir, "search.json")})',
+      common.tables_line(workdir, 'search'),
       f'  config       {result["chosen_config"]}',
       f'  train it     {result["commands"]["train_chosen"]}',
       f'  test it once {result["commands"]["test_chosen_run"]}'])
