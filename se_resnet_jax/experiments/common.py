@@ -25,7 +25,8 @@ from se_resnet_jax import cli, files, train
 from se_resnet_jax.config import validate_config
 from se_resnet_jax.console import Console
 from se_resnet_jax.errors import ConfigError, UserError
-from se_resnet_jax.models import build_model, has_se
+from se_resnet_jax.config import build_model
+from se_resnet_jax.models import has_se
 from se_resnet_jax.summary import config_differences, read_report
 
 REPORT = 'report.json'
