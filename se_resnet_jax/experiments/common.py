@@ -22,10 +22,9 @@ from jax.experimental.compilation_cache import compilation_cache as jax_compilat
 from ml_collections import config_flags
 
 from se_resnet_jax import cli, files, train
-from se_resnet_jax.config import validate_config
+from se_resnet_jax.config import build_model, validate_config
 from se_resnet_jax.console import Console
 from se_resnet_jax.errors import ConfigError, UserError
-from se_resnet_jax.config import build_model
 from se_resnet_jax.models import has_se
 from se_resnet_jax.summary import config_differences, read_report
 
