@@ -1,47 +1,16 @@
 """PyTorch weights <-> Flax variables for the library's networks, both ways.
 
   python -m se_resnet_jax.convert --from_torch=weights.pth --config=configs/cifar100.py \
-      --workdir=runs/from_torch          # a run directory that `se_resnet_jax.evaluate` reports on
+      --mean=R,G,B --std=R,G,B --workdir=runs/from_torch  # a run `evaluate` reports on
   python -m se_resnet_jax.convert --to_torch=weights.pth --workdir=runs/cifar100  # its best weights
 
-`torch_to_flax(state_dict, model)` turns a PyTorch `state_dict` into the `{'params', 'batch_stats'}`
-that `model.apply` takes; `flax_to_torch(variables, model)` does the reverse, in the names of
-`se_resnet_jax.torch_models`, which computes the same function. `load_torch_file(path)` reads the
-files people have: a `state_dict`, a whole pickled model, a dict holding either
-(`{'state_dict': ...}`, `{'model': ...}`, `{'net': ...}`), `.pth`/`.pt` or `.safetensors`.
-
-The mapping is the table LAYERS below, in the names of `se_resnet_jax.torch_models` (the common
-kuangliu/pytorch-cifar layout). A `module.` (DataParallel) or `_orig_mod.` (torch.compile) prefix is
-dropped, and PUBLIC_LAYOUTS renames the other public CIFAR layouts into those names first. The
-layouts read (S: stage 1-4, U: unit in the stage from 0, [..]: bottleneck units only):
-
-- se_resnet_jax.torch_models and kuangliu/pytorch-cifar resnet.py (BasicBlock, Bottleneck): stem
-  `conv1`, `bn1`; units `layerS.U.conv1/bn1/conv2/bn2[/conv3/bn3]`, `layerS.U.shortcut.0/1`
-  (projection conv, BN); SE `layerS.U.se.reduce/expand`; head `linear`.
-- kuangliu/pytorch-cifar senet.py (BasicBlock): as above, SE as `layerS.U.fc1/fc2`, 1x1 Conv2d.
-- weiaicunzai/pytorch-cifar100 senet.py: stem `pre.0/1`; units `stageS.U.residual.0/1/3/4[/6/7]`
-  (conv, BN, conv, BN, ReLUs between), `stageS.U.shortcut.0/1`; SE `stageS.U.excitation.0/2`; head
-  `linear`. Its convolutions have biases, and its residual branch ends in a ReLU before the SE:
-  the model must be built with relu_before_se=True.
-- weiaicunzai/pytorch-cifar100 resnet.py: stem `conv1.0/1`; units
-  `conv{S+1}_x.U.residual_function.0/1/3/4[/6/7]`, `conv{S+1}_x.U.shortcut.0/1`; head `fc`.
-- moskomule/senet.pytorch se_resnet.py, CIFAR SE-ResNet-20/32/56 (CifarSEResNet): as the native
-  layout with SE as `layerS.U.se.fc.0/2` (Linear without bias), projection shortcuts
-  `layerS.U.downsample.0/1` and head `fc`: the model must be built with shortcut='B' and
-  se_bias=False (He et al.'s networks, as this library builds them, have option A shortcuts). Its
-  CifarSEPreActResNet is not read: its forward returns nothing and its final BatchNorm has the
-  stem's width.
-- The pre-activation networks (ResNet164, WRN16_8, WRN28_10 and SE versions) in the native layout:
-  stem `conv1` (no BN), units `layerS.U.bn1/conv1/bn2/conv2[/bn3/conv3]`, `layerS.U.shortcut.0`
-  (1x1 conv without BN), final `bn_final`, head `linear`.
-
-Conv biases before a BatchNorm are folded into that BatchNorm's running mean, mean' = mean - bias:
-exact in eval mode; in train mode a bias before BatchNorm cancels out of the normalised output and
-shifts the batch mean, hence the running-mean update, by exactly the bias. The returned
-ConversionReport lists every folded bias.
-Pre-activation units converted into a post-activation network (kuangliu's PreActBlock, its SENet18
-and old ResNet18) are refused with a message saying so; those with this library's pre-activation
-stem and final BatchNorm go into ResNet164 or a WRN.
+The mapping is one table, LAYERS, in the names of `se_resnet_jax.torch_models` (kuangliu/
+pytorch-cifar's layout); PUBLIC_LAYOUTS renames the other public CIFAR layouts into those names
+first, and a `module.` (DataParallel) or `_orig_mod.` (torch.compile) prefix is dropped.
+Conv biases before a BatchNorm fold into its running mean (mean - bias), the same function in eval
+and train mode: in train mode the bias cancels out of the normalised output and shifts the batch
+mean, hence the running-mean update, by exactly the bias. Pre-activation units read into a
+post-activation network (kuangliu's PreActBlock) are refused with a message saying so.
 """
 
 import dataclasses
@@ -109,11 +78,11 @@ WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model', 'net')
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """A public PyTorch layout: regex renames into LAYERS' names, and what its forward implies."""
+  """A public PyTorch layout: regex renames into LAYERS' names, and the model options (pairs)
+  its network's function needs, which the keys' names and shapes cannot tell."""
   name: str
   renames: tuple  # (pattern, replacement) pairs, tried in order on each key
-  relu_before_se: bool = False
-  options: tuple = ()  # (model option, value) pairs the layout's network was built with
+  options: tuple = ()
 
 
 def _sequential(prefix: str, target: str, indices: dict) -> tuple:
@@ -123,13 +92,14 @@ def _sequential(prefix: str, target: str, indices: dict) -> tuple:
 # nn.Sequential indices of the conv/BN layers in weiaicunzai's residual branches (ReLUs between).
 _RESIDUAL = {0: 'conv1', 1: 'bn1', 3: 'conv2', 4: 'bn2', 6: 'conv3', 7: 'bn3'}
 PUBLIC_LAYOUTS = (
+    # Conv biases (folded), and a ReLU between each residual branch's last BN and its SE block.
     Layout('weiaicunzai/pytorch-cifar100 senet.py', (
         (r'^pre\.0\.', 'conv1.'), (r'^pre\.1\.', 'bn1.'),
         *_sequential(r'stage(\d+)\.(\d+)\.residual', r'layer\1.\2', _RESIDUAL),
         (r'^stage(\d+)\.(\d+)\.excitation\.0\.', r'layer\1.\2.se.reduce.'),
         (r'^stage(\d+)\.(\d+)\.excitation\.2\.', r'layer\1.\2.se.expand.'),
         (r'^stage(\d+)\.(\d+)\.shortcut\.', r'layer\1.\2.shortcut.')),
-        relu_before_se=True),
+        options=(('relu_before_se', True),)),
     Layout('weiaicunzai/pytorch-cifar100 resnet.py', (
         (r'^conv1\.0\.', 'conv1.'), (r'^conv1\.1\.', 'bn1.'), (r'^fc\.', 'linear.'),
         *((rf'^conv{s + 1}_x\.(\d+)\.residual_function\.{i}\.', rf'layer{s}.\1.{name}.')
@@ -139,8 +109,9 @@ PUBLIC_LAYOUTS = (
     Layout('kuangliu/pytorch-cifar senet.py', (
         (r'^(layer\d+\.\d+)\.fc1\.', r'\1.se.reduce.'),
         (r'^(layer\d+\.\d+)\.fc2\.', r'\1.se.expand.'))),
-    # CifarSEResNet (se_resnet20/32/56): He et al.'s CIFAR layout with projection shortcuts
-    # (`downsample`, conv + BN, where the width changes) and SE Linear layers without biases.
+    # CifarSEResNet (se_resnet20/32/56): projection shortcuts (`downsample`, conv + BN) and SE
+    # Linear layers without biases. Its CifarSEPreActResNet is not read: its forward returns
+    # nothing and its final BatchNorm has the stem's width.
     Layout('moskomule/senet.pytorch se_resnet.py (CIFAR)', (
         (r'^(layer\d+\.\d+)\.se\.fc\.0\.', r'\1.se.reduce.'),
         (r'^(layer\d+\.\d+)\.se\.fc\.2\.', r'\1.se.expand.'),
@@ -173,10 +144,6 @@ class ConversionReport:
     return '\n'.join(lines)
 
 
-# ------------------------------------------------------------------------------------------------
-# The model's tensors, by PyTorch name.
-
-
 @dataclasses.dataclass(frozen=True)
 class _Slot:
   collection: str
@@ -186,28 +153,16 @@ class _Slot:
   torch_shape: tuple
 
 
-def _unit_names(model: models.SEResNet) -> dict:
-  """Flax unit name -> PyTorch unit name, e.g. 'ResidualBlock_2' -> 'layer2.0'."""
-  names, n = {}, 0
-  for stage, units in enumerate(model.stage_sizes):
-    for unit in range(units):
-      names[f'{model.block_cls.__name__}_{n}'] = f'layer{stage + 1}.{unit}'
-      n += 1
-  return names
-
-
-def variable_shapes(model: models.SEResNet) -> dict:
-  """The model's {'params', 'batch_stats'} as shapes, traced for 32x32 inputs without compute."""
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                           train=False))
-
-
 def torch_slots(model: models.SEResNet) -> dict:
   """PyTorch tensor name -> where and how it sits in the Flax variables, from LAYERS."""
   by_flax = {flax: (torch, kind) for torch, flax, kind in LAYERS}
-  units = _unit_names(model)
+  torch_units = [f'layer{stage + 1}.{unit}' for stage, size in enumerate(model.stage_sizes)
+                 for unit in range(size)]  # 'ResidualBlock_2' -> 'layer2.0' in SEResNet18
+  units = {f'{model.block_cls.__name__}_{n}': name for n, name in enumerate(torch_units)}
+  shapes = jax.eval_shape(  # traced, not computed
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
   slots = {}
-  for (collection, *path), leaf in traverse_util.flatten_dict(variable_shapes(model)).items():
+  for (collection, *path), leaf in traverse_util.flatten_dict(shapes).items():
     *module, name = path
     unit = units.get(module[0])
     key = '/'.join(['{u}', *module[1:]] if unit else module)
@@ -225,10 +180,6 @@ def torch_slots(model: models.SEResNet) -> dict:
 
 def _natural(name: str) -> list:
   return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', name)]
-
-
-# ------------------------------------------------------------------------------------------------
-# PyTorch -> Flax.
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -303,33 +254,30 @@ def infer_options(state_dict: Mapping[str, Any]) -> dict:
   for stage in range(1, len(stage_sizes) + 1):
     reduce = shapes.get(f'layer{stage}.0.se.reduce.weight')  # (C/r, C)
     ratios.append(reduce[1] // reduce[0] if reduce and reduce[0] else None)
-  for name, constructor in models.MODELS.items():
-    keywords = constructor.keywords
-    if (list(keywords['stage_sizes']) == stage_sizes
-        and (constructor.func is models.PreActResNet) == preact
-        and (keywords['block_cls'].expansion == 4) == bottleneck
-        and keywords.get('widen_factor', 1) == widen
-        and (keywords.get('se_reduction', 16) is None) == all(r is None for r in ratios)):
-      found['name'] = name
+  name = _named((stage_sizes, preact, bottleneck, widen, any(r is not None for r in ratios)))
+  if name:
+    found['name'] = name
   if stage_sizes:
     found['se_reduction'] = ratios[0] if len(set(ratios)) == 1 else ratios
   return found
 
 
-def _pre_activation(model: models.SEResNet) -> bool:
-  return isinstance(model, models.PreActResNet)
+def _named(signature: tuple) -> Optional[str]:
+  """The name in models.MODELS of the network with this (stage sizes, pre-activation,
+  bottleneck, widen factor, SE) signature; None if none has it."""
+  for name, constructor in models.MODELS.items():
+    keywords = constructor.keywords
+    if signature == (list(keywords['stage_sizes']), constructor.func is models.PreActResNet,
+                     keywords['block_cls'].expansion == 4, keywords.get('widen_factor', 1),
+                     keywords.get('se_reduction', 16) is not None):
+      return name
+  return None
 
 
 def _model_name(model: models.SEResNet) -> str:
-  for name, constructor in models.MODELS.items():
-    keywords = constructor.keywords
-    if (list(keywords['stage_sizes']) == list(model.stage_sizes)
-        and constructor.func is type(model)
-        and keywords['block_cls'] is model.block_cls
-        and keywords.get('widen_factor', 1) == getattr(model, 'widen_factor', 1)
-        and (keywords.get('se_reduction', 16) is None) == (model.se_reduction is None)):
-      return name
-  return type(model).__name__
+  return _named((list(model.stage_sizes), isinstance(model, models.PreActResNet),
+                 model.block_cls.expansion == 4, getattr(model, 'widen_factor', 1),
+                 model.se_reduction is not None)) or type(model).__name__
 
 
 def _fitting_options(state_dict: Mapping[str, Any], model: models.SEResNet) -> str:
@@ -362,8 +310,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], model: models.SEResNet) -> tupl
              if layout.name in layouts and getattr(model, k, v) != v]
     if wrong:
       raise ConversionError(f'Weights in the {layout.name} layout come from a network built with '
-                            f'{", ".join(wrong)}: build the model with those options to compute '
-                            'their function.')
+                            f'{", ".join(wrong)}: build the model with those options (in a '
+                            f'config, model.{", model.".join(wrong)}) to compute their function.')
 
   def key(name):  # the file's key, and the name it was read as when a layout renamed it
     return origin[name] if origin[name] == name else f'{origin[name]} (read as {name})'
@@ -371,11 +319,10 @@ def torch_to_flax(state_dict: Mapping[str, Any], model: models.SEResNet) -> tupl
   for name, value in renamed.items():
     if name.endswith('num_batches_tracked'):
       continue  # only used by momentum=None BatchNorm; both sides use a fixed momentum
-    bn = None if _pre_activation(model) else _bn_of_conv_bias(name)
+    bn = None if isinstance(model, models.PreActResNet) else _bn_of_conv_bias(name)
     if bn is not None and f'{bn}.running_mean' in slots:
-      folds[name] = bn
-      continue
-    slot = slots.get(name)
+      folds[name] = bn  # checked against the shape of the running mean it folds into
+    slot = slots.get(f'{bn}.running_mean' if name in folds else name)
     if slot is None:
       problems.append(f'{key(name)}: no such tensor in {_model_name(model)} (shape '
                       f'{tuple(np.shape(value))})')
@@ -388,20 +335,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], model: models.SEResNet) -> tupl
                       f'{tuple(np.shape(value))}')
   problems += [f'{name}: missing (expected shape {slot.torch_shape})'
                for name, slot in slots.items() if name not in renamed]
-  for name, bn in folds.items():
-    if np.shape(renamed[name]) != slots[f'{bn}.running_mean'].torch_shape:
-      problems.append(f'{key(name)}: expected shape {slots[f"{bn}.running_mean"].torch_shape}, '
-                      f'found {tuple(np.shape(renamed[name]))}')
   if problems:
     raise ConversionError(_problem_message(problems, renamed, model, layouts))
-  implied = [layout for layout in PUBLIC_LAYOUTS
-             if layout.name in layouts and layout.relu_before_se]
-  if implied and not model.relu_before_se:
-    raise ConversionError(
-        f'Weights in the {implied[0].name} layout come from a network with a ReLU between each '
-        'residual branch\'s last BatchNorm and its SE block: build the model with '
-        'relu_before_se=True (in a config, model.relu_before_se=True) to compute their function.')
-
   bias_of_mean = {f'{bn}.running_mean': bias for bias, bn in folds.items()}
   flat = {}
   for name, slot in slots.items():
@@ -424,7 +359,7 @@ def _problem_message(problems: list, renamed: Mapping, model: models.SEResNet,
   lines += [f'  {p}' for p in shown]
   if len(problems) > len(shown):
     lines.append(f'  ... and {len(problems) - len(shown)} more.')
-  if not _pre_activation(model) and any(
+  if not isinstance(model, models.PreActResNet) and any(
       re.match(r'layer\d+\.\d+\.shortcut\.0\.weight$', n) for n in renamed) and not any(
       re.match(r'layer\d+\.\d+\.shortcut\.1\.weight$', n) for n in renamed):
     lines.append('The shortcuts have a convolution but no BatchNorm: these are pre-activation '
@@ -436,10 +371,6 @@ def _problem_message(problems: list, renamed: Mapping, model: models.SEResNet,
     if fitting:
       lines.append(f'The file\'s shapes fit: {fitting}.')
   return '\n'.join(lines)
-
-
-# ------------------------------------------------------------------------------------------------
-# Flax -> PyTorch.
 
 
 def flax_to_torch(variables: Mapping[str, Any], model: models.SEResNet) -> 'OrderedDict':
@@ -467,16 +398,9 @@ def flax_to_torch(variables: Mapping[str, Any], model: models.SEResNet) -> 'Orde
   return state
 
 
-# ------------------------------------------------------------------------------------------------
-# Files.
-
-
 class NotATorchFileError(ConversionError):
   """A weights file that is no PyTorch file at all (random or damaged bytes); `path`, `reason`.
-
-  Told apart from a whole pickled model: advising --trust_pickle for damaged bytes would invite
-  running code from a file nobody can vouch for.
-  """
+  Told apart from a whole pickled model, so damaged bytes never get advice to --trust_pickle."""
 
   def __init__(self, path: str, reason: str):
     super().__init__(f'{path} is not a PyTorch weights file ({reason}): give a file written by '
@@ -534,10 +458,6 @@ def unwrap_state_dict(obj: Any, where: str = 'the object') -> 'OrderedDict':
   keys = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
   raise ConversionError(f'Found no state dict in {where}: expected a model, a state dict, or a '
                         f'dict holding one under one of {WRAPPER_KEYS}; found {keys}.')
-
-
-# ------------------------------------------------------------------------------------------------
-# The command.
 
 
 def import_torch_weights(path: str, config: ml_collections.ConfigDict, workdir: str,
@@ -613,17 +533,9 @@ def export_torch_weights(workdir: str, path: str, checkpoint: str = 'best',
       torch.save(state_dict, buffer)
       data = buffer.getvalue()
     files.write_output(path, data, '--to_torch', overwrite)
-  model = run.model
-  options = [f'num_classes={model.num_classes}', f'num_filters={model.num_filters}']
-  if models.has_se(run.config.model.name):
-    options.append(f'se_reduction={model.se_reduction!r}')
-  if model.relu_before_se:
-    options.append('relu_before_se=True')
-  set_options = model_options(run.config, model.num_classes)
-  options += [f'{k}={set_options[k]!r}' for k in ('shortcut', 'se_bias') if k in set_options]
-  if model.dropout_rate:
-    options.append(f'dropout_rate={model.dropout_rate}')
-  return f'torch_models.create_model({run.config.model.name!r}, {", ".join(options)})'
+  options = model_options(run.config, run.model.num_classes)
+  return f'torch_models.create_model({run.config.model.name!r}' + ''.join(
+      f', {k}={v!r}' for k, v in options.items() if k != 'dropout_rate' or v) + ')'
 
 
 def define_flags() -> None:
