@@ -124,9 +124,6 @@ def _augment_one(rng: jax.Array, image: jax.Array, config: Mapping[str, Any]) ->
     factor = _factor(jax.random.fold_in(rng, _CONTRAST), config['contrast'])
     mean_grey = jnp.mean(_grey(image))
     image = jnp.clip(factor * image + (1.0 - factor) * mean_grey, 0.0, 1.0)
-  if (config['saturation'] > 0 or config['hue'] > 0) and channels != 3:
-    raise ValueError(f'augment.saturation / augment.hue need RGB images (3 channels), got '
-                     f'{channels}. Set both to 0 for non-RGB data.')
   if config['saturation'] > 0:
     factor = _factor(jax.random.fold_in(rng, _SATURATION), config['saturation'])
     image = jnp.clip(factor * image + (1.0 - factor) * _grey(image), 0.0, 1.0)
@@ -161,11 +158,8 @@ def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) ->
 
 
 def cutout(rng: jax.Array, images: jax.Array, size: int) -> jax.Array:
-  """Zeroes one size x size square per example (DeVries & Taylor, 2017); size 0: unchanged.
-
-  The centre is uniform over all pixels (the square may be clipped at the borders). Applied after
-  normalisation, so zero is the dataset mean.
-  """
+  """Zeroes one size x size square per example (DeVries & Taylor, 2017), centred anywhere (so
+  clipped at the borders); after normalisation, so zero is the dataset mean. size 0: unchanged."""
   if size < 0:
     raise ValueError(f'cutout size must be >= 0, got {size}. Use 0 to disable.')
   if size == 0:

@@ -24,9 +24,8 @@ class DivergedError(UserError, FloatingPointError):
 class Preempted(Exception):
   """The run stopped on SIGTERM, SIGHUP or SIGINT with its progress saved; rerunning resumes.
 
-  `saved` is False when the signal came before the first step of this (re)start: there was nothing
-  new to save. The command exits with `exit_code`: 0 for SIGTERM and SIGHUP (a preemption or a
-  closed terminal is no failure), 130 for SIGINT (Ctrl-C), as shells report an interrupted command.
+  `saved` is False when the signal came before the first step (nothing new to save). `exit_code`
+  is 130 for SIGINT (Ctrl-C), as shells report it, and 0 otherwise: a preemption is no failure.
   """
 
   def __init__(self, step: int, workdir: str, signal_name: str = 'SIGTERM', saved: bool = True):
@@ -37,7 +36,5 @@ class Preempted(Exception):
               f'is step {step}); rerun the same command to resume.' if step else
               'stopped before training, nothing saved; rerun the same command to start.')
     super().__init__(f'{signal_name}: {text}')
-    self.step = step
-    self.workdir = workdir
-    self.signal_name = signal_name
+    self.step, self.workdir, self.signal_name = step, workdir, signal_name
     self.exit_code = 130 if signal_name == 'SIGINT' else 0

@@ -5,6 +5,7 @@ once: arrays of another layout, dtype or label range do not fail downstream, the
 and exit 0.
 """
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -28,9 +29,7 @@ NPZ_ARRAYS = ('x_train', 'y_train', 'x_test', 'y_test')
 
 class DatasetUnavailableError(UserError, RuntimeError):
   """The dataset is not on disk and cannot be fetched; the message says how to provide it.
-
-  `reason`: 'missing_file', 'not_prepared' (download off), 'unreachable' or 'download_failed'.
-  """
+  `reason`: 'missing_file', 'not_prepared' (download off), 'unreachable' or 'download_failed'."""
 
   def __init__(self, message: str, dataset: str, location: str, reason: str):
     super().__init__(message)
@@ -60,10 +59,8 @@ class ClassCountError(InvalidDataError):
 
 
 class DataSettingsChangedError(UserError, ValueError):
-  """A run resumed or evaluated with settings that pick other images than it was made with.
-
-  `differences` maps each differing setting to (recorded, current); `source` recorded them.
-  """
+  """A run resumed or evaluated with settings that pick other images than it was made with:
+  `differences` maps each differing setting to (recorded, current); `source` recorded them."""
 
   def __init__(self, message: str, differences: dict, source: str):
     super().__init__(message)
@@ -186,9 +183,9 @@ def data_identity(config: ml_collections.ConfigDict) -> dict:
   return identity
 
 
-def check_same_data(recorded: Optional[dict], current: dict, source: str) -> None:
-  """Refuses `current` data settings that differ from those `source` was made with (if known)."""
-  keys = sorted(recorded.keys() | current.keys()) if recorded is not None else []
+def check_same_data(recorded: dict, current: dict, source: str) -> None:
+  """Refuses `current` data settings that differ from those `source` was made with."""
+  keys = sorted(recorded.keys() | current.keys())
   differences = {k: (recorded.get(k), current.get(k)) for k in keys
                  if recorded.get(k) != current.get(k)}
   if differences:
@@ -218,22 +215,14 @@ def stratified_holdout(labels: np.ndarray, size: int, seed: int, stratified: boo
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list:
   """k disjoint, class-balanced index sets covering every example once (for cross-validation)."""
-  rng = np.random.RandomState(seed)
-  folds = [[] for _ in range(k)]
-  offset = 0
-  for c in np.unique(labels):
-    members = rng.permutation(np.flatnonzero(labels == c))
-    for j, idx in enumerate(members):
-      folds[(j + offset) % k].append(idx)
-    offset += len(members)
-  return [np.sort(np.array(f, dtype=np.int64)) for f in folds]
+  rng = np.random.RandomState(seed)  # dealt round-robin from the examples grouped by class
+  order = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)])
+  return [np.sort(order[j::k]).astype(np.int64) for j in range(k)]
 
 
 def synthetic_splits(cfg: ml_collections.ConfigDict, image_size: int = 32):
-  """A generated, learnable image set: one smooth colour template per class, plus noise and shifts.
-
-  It ships with no files and needs no network, so smoke runs and tests train on real signal.
-  """
+  """A generated, learnable image set (one smooth colour template per class, plus noise and
+  shifts): smoke runs and tests train on real signal without files or network."""
   rng = np.random.RandomState(cfg.seed)
   coarse = rng.uniform(0, 1, (cfg.num_classes, 4, 4, 3))
   templates = coarse.repeat(image_size // 4, axis=1).repeat(image_size // 4, axis=2)
@@ -257,16 +246,14 @@ def _reachable(host: str, port: int = 443, timeout: float = 10.0) -> bool:
   result = []
 
   def connect():
-    try:
+    with contextlib.suppress(OSError):
       socket.create_connection((host, port), timeout=timeout).close()
       result.append(True)
-    except OSError:
-      result.append(False)
 
   thread = threading.Thread(target=connect, daemon=True)
   thread.start()
   thread.join(timeout)
-  return bool(result and result[0])
+  return bool(result)
 
 
 def _tfds_splits(config: ml_collections.ConfigDict):
@@ -372,8 +359,8 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
     train, test, names = _tfds_splits(config)
   validation = None
   if config.kfold.num_folds:
-    folds = stratified_folds(train.labels, config.kfold.num_folds, config.validation_seed)
-    held = folds[config.kfold.fold]
+    held = stratified_folds(train.labels, config.kfold.num_folds,
+                            config.validation_seed)[config.kfold.fold]
     train, validation = train.take(np.setdiff1d(np.arange(len(train)), held)), train.take(held)
   elif config.validation_size:
     if config.validation_size >= len(train):
@@ -390,8 +377,7 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
 
 def channel_statistics(images: np.ndarray, chunk: int = 4096):
   """Per-channel mean and std in [0, 1], in chunks so 50k images need no float copy."""
-  total = np.zeros(images.shape[-1])
-  squares = np.zeros(images.shape[-1])
+  total, squares = np.zeros(images.shape[-1]), np.zeros(images.shape[-1])
   for i in range(0, len(images), chunk):
     x = images[i:i + chunk].astype(np.float64) / 255.0
     total += x.sum(axis=(0, 1, 2))
