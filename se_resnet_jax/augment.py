@@ -1,8 +1,7 @@
 """On-device CIFAR data augmentation in pure JAX, inside the jitted train step.
 
 The augment config is static (close over it, e.g. with `functools.partial`): a switched-off
-transform is gated by a Python `if` and never traced. Order, see `preprocess_for_train`: crop ->
-flip -> brightness -> contrast -> saturation -> hue -> normalize -> cutout -> cast.
+transform is gated by a Python `if` and never traced.
 """
 
 from typing import Any, Mapping, Sequence
@@ -83,8 +82,7 @@ def validate_augment_config(config: Mapping[str, Any]) -> None:
 
 def _factor(rng: jax.Array, strength: float) -> jax.Array:
   """Scalar jitter factor ~ U[max(0, 1-s), 1+s], as in torchvision ColorJitter."""
-  return jax.random.uniform(
-      rng, (), jnp.float32, minval=max(0.0, 1.0 - strength), maxval=1.0 + strength)
+  return jax.random.uniform(rng, (), jnp.float32, max(0.0, 1.0 - strength), 1.0 + strength)
 
 
 def _grey(image: jax.Array) -> jax.Array:
@@ -95,9 +93,7 @@ def _grey(image: jax.Array) -> jax.Array:
 def _hue_matrix(theta: jax.Array) -> jax.Array:
   """3x3 RGB -> RGB matrix that rotates chroma by `theta` radians in YIQ space."""
   cos, sin = jnp.cos(theta), jnp.sin(theta)
-  one, zero = jnp.ones_like(cos), jnp.zeros_like(cos)
-  rot = jnp.stack([jnp.stack([one, zero, zero]), jnp.stack([zero, cos, -sin]),
-                   jnp.stack([zero, sin, cos])])
+  rot = jnp.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]], jnp.float32)
   return jnp.asarray(_YIQ_TO_RGB, jnp.float32) @ rot @ jnp.asarray(_RGB_TO_YIQ, jnp.float32)
 
 
@@ -177,7 +173,7 @@ def cutout(rng: jax.Array, images: jax.Array, size: int) -> jax.Array:
 def preprocess_for_train(rng: jax.Array, images_uint8: jax.Array,
                          config: ml_collections.ConfigDict, mean: Sequence[float],
                          std: Sequence[float], dtype: Any = jnp.float32) -> jax.Array:
-  """augment -> normalize -> cutout (when enabled) -> cast to `dtype`; the maths is in float32."""
+  """crop -> flip -> colour jitter -> normalize -> cutout -> cast to `dtype` (maths in float32)."""
   rng_augment, rng_cutout = jax.random.split(rng)
   images = augment_images(rng_augment, images_uint8, config)
   images = normalize(images, mean, std)

@@ -1,7 +1,7 @@
 """What every command shares: one-line errors for bad flags and configs, a quiet log, --help.
 
-A typo in a flag or config ends in one line that says what to do, not a traceback; the libraries'
-INFO chatter (JAX, orbax) shows only with -v 1, so it does not bury the progress lines.
+A typo ends in one line that says what to do, not a traceback; other libraries' INFO logs, which
+would bury the progress lines, show only with -v 1.
 """
 
 import logging as std_logging
@@ -61,8 +61,7 @@ def _flag_error(argv, error: Exception) -> str:
   text = ' '.join(str(error).split()).rstrip('.')
   path = next((a.split('=', 1)[1] for a in reversed(argv) if a.startswith('--config=')), '?')
   if 'Failed loading config file' in str(error):  # a --config file missing or not importable
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f'Cannot load --config={path}: {lines[-1]}.'
+    return f'Cannot load --config={path}: {str(error).strip().splitlines()[-1].strip()}.'
   problem = _bad_override(argv)
   if problem:
     return problem
@@ -91,11 +90,10 @@ def _find_config_file(argv: Sequence[str]) -> list:
   repository (beside an editable install's package), so the README's commands work anywhere."""
   found = list(argv)
   for i, arg in enumerate(found):
-    if arg.startswith('--config='):
-      path = arg.split('=', 1)[1]
-      in_repo = os.path.join(_REPO_DIR, path)
-      if path and not os.path.isabs(path) and not os.path.exists(path) and os.path.isfile(in_repo):
-        found[i] = f'--config={in_repo}'
+    path = arg.split('=', 1)[1] if arg.startswith('--config=') else ''
+    in_repo = os.path.join(_REPO_DIR, path)
+    if path and not os.path.isabs(path) and not os.path.exists(path) and os.path.isfile(in_repo):
+      found[i] = f'--config={in_repo}'
   return found
 
 
@@ -118,10 +116,8 @@ def parse_flags(argv):
 
 
 def run(argv: Sequence[str], command: Callable[[], Any]) -> Any:
-  """Runs a command's body with the quiet log; user errors end in one `error:` line.
-
-  A preempted run saved its checkpoint and exits 0 (130 for Ctrl-C, as does Ctrl-C elsewhere).
-  """
+  """Runs a command's body with the quiet log; user errors end in one `error:` line, and a
+  preempted run (its checkpoint saved) exits 0, or 130 for Ctrl-C, as does Ctrl-C elsewhere."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   _quiet_logs()

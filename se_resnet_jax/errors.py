@@ -1,7 +1,7 @@
 """The errors a user can fix, and the one stop that is not an error.
 
-The commands print a `UserError` as one line (its message says what is wrong and what to do) and
-let every other exception keep its traceback: an internal bug must never look like a bad flag.
+The commands print a `UserError` as one line; every other exception keeps its traceback, so an
+internal bug never looks like a bad flag.
 """
 
 
@@ -23,10 +23,8 @@ class DivergedError(UserError, FloatingPointError):
 
 class Preempted(Exception):
   """The run stopped on SIGTERM, SIGHUP or SIGINT with its progress saved; rerunning resumes.
-
-  `saved` is False when the signal came before the first step (nothing new to save). `exit_code`
-  is 130 for SIGINT (Ctrl-C), as shells report it, and 0 otherwise: a preemption is no failure.
-  """
+  `saved`: False when the signal came before the first step. `exit_code`: 130 for SIGINT, as
+  shells report Ctrl-C, else 0 (a preemption is no failure)."""
 
   def __init__(self, step: int, workdir: str, signal_name: str = 'SIGTERM', saved: bool = True):
     if saved:

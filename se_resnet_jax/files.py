@@ -87,10 +87,8 @@ def to_jsonable(value: Any) -> Any:
     return {str(k): to_jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
     return [to_jsonable(v) for v in value]
-  if isinstance(value, np.ndarray):
+  if isinstance(value, (np.ndarray, np.generic)):
     return to_jsonable(value.tolist())
-  if isinstance(value, np.generic):
-    return to_jsonable(value.item())
   if isinstance(value, float):
     return value if math.isfinite(value) else None
   if value is None or isinstance(value, (bool, int, str)):

@@ -39,9 +39,8 @@ class DatasetUnavailableError(UserError, RuntimeError):
 class InvalidDataError(UserError, ValueError):
   """Arrays that would train silently wrong; the message names the source, the array and the fix.
 
-  `location` is the source (None for a config value), `where` the array at fault (None: the whole
-  file), `reason` a short tag ('dtype', 'labels_range', ...) and `details` the numbers the message
-  quotes, so callers need not parse it.
+  `location` is the source (None: a config value), `where` the array (None: the whole file),
+  `reason` a tag ('dtype', ...) and `details` the numbers the message quotes.
   """
 
   def __init__(self, message: str, location: Optional[str], where: Optional[str], reason: str,
@@ -97,8 +96,7 @@ class Dataset:
 def validate_split(images, labels, num_classes: int, source: str, name: str) -> Split:
   """The split as uint8 (N, 32, 32, 3) images and int32 (N,) labels, or InvalidDataError.
 
-  Integer images within [0, 255] are cast and Keras-style (N, 1) labels squeezed; anything else is
-  refused with its fix, never converted by guessing (float images may be in [0, 1] or [0, 255]).
+  Integer images in [0, 255] are cast and (N, 1) labels squeezed; nothing else is guessed at.
   """
   x_name, y_name = f'x_{name}', f'y_{name}'
 
@@ -161,11 +159,8 @@ def validate_split(images, labels, num_classes: int, source: str, name: str) -> 
 
 
 def data_identity(config: ml_collections.ConfigDict) -> dict:
-  """The settings that decide which images a run trains, validates and tests on, and its batch size.
-
-  Checkpoints record them: resuming or evaluating with another validation seed or batch size uses
-  other images or batch order, and looks like a normal run.
-  """
+  """The settings that decide which images a run trains, validates and tests on, and its batch size:
+  checkpoints record them, as a run with others would look normal."""
   identity = {'dataset': config.dataset, 'batch_size': config.batch_size}
   if config.dataset == 'synthetic':
     identity.update({f'synthetic.{k}': config.synthetic[k] for k in sorted(config.synthetic)})

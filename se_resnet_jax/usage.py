@@ -1,7 +1,6 @@
 """The commands' --help: what the command does, its own flags, and every config field.
 
-A field's meaning is the comment where `base_config()` (or `default_augment_config()`) sets it, so
-the two cannot drift apart.
+A field's meaning is the comment where `base_config()` sets it, so the two cannot drift apart.
 """
 
 import ast
