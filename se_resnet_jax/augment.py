@@ -1,19 +1,7 @@
-"""On-device CIFAR data augmentation in pure JAX.
+"""On-device CIFAR data augmentation in pure JAX, inside the jitted train step.
 
-The whole training set lives on the accelerator as uint8, and each compiled
-train step samples a batch and augments it *inside* the jitted step. That keeps
-the host out of the input pipeline entirely (no tf.data / tfds), so every
-function here is jit-compatible, vectorised over the batch with `jax.vmap`,
-and draws per-example randomness from JAX PRNG keys.
-
-The augment config is treated as *static*: close over it (e.g. with
-`functools.partial`) rather than passing it as a traced argument. Every
-transform is gated by a Python-level `if` on the config, so a switched-off
-transform is not even traced and costs nothing.
-
-Pipeline (fixed order, see `preprocess_for_train`):
-  crop -> flip -> brightness -> contrast -> saturation -> hue -> clip to [0, 1]
-  -> normalize -> cutout -> cast.
+The augment config is static (close over it, e.g. with `functools.partial`): a switched-off
+transform is gated by a Python `if` and never traced.
 """
 
 from typing import Any, Mapping, Sequence
@@ -23,30 +11,30 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-# ITU-R BT.601 luma weights; the same ones torchvision uses for grayscale.
+# ITU-R BT.601 luma weights, as torchvision's grayscale.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
-# RGB -> YIQ. Hue rotation is a rotation of the (I, Q) chroma plane, which
-# keeps luma Y fixed and costs one 3x3 matmul per pixel (no HSV round trip).
-_RGB_TO_YIQ = np.array(
-    [[0.299, 0.587, 0.114],
-     [0.596, -0.274, -0.322],
-     [0.211, -0.523, 0.312]],
-    dtype=np.float64,
-)
+# RGB -> YIQ: a hue rotation turns the (I, Q) chroma plane and keeps luma Y (no HSV round trip).
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 
-# Fixed fold_in tags so each transform's randomness does not depend on which
-# other transforms are switched on.
+# fold_in tags: a transform's randomness does not depend on which others are on.
 _CROP, _FLIP, _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(6)
+
+_JITTER = ' (a jitter strength s, factor drawn from [max(0, 1-s), 1+s])'
+_RANGES = {  # field: (largest allowed value, what the value means, what to do)
+    'crop_padding': (None, '', 'Use 4 for standard CIFAR cropping, or set random_crop=False to '
+                     'disable.'),
+    'brightness': (None, _JITTER, 'Use 0 to disable it.'),
+    'contrast': (None, _JITTER, 'Use 0 to disable it.'),
+    'saturation': (None, _JITTER, 'Use 0 to disable it.'),
+    'hue': (0.5, ' (max rotation as a fraction of a turn)', 'Use 0 to disable it.'),
+    'cutout_size': (None, '', 'Use 0 to disable cutout (16 is the usual CIFAR-10 value).'),
+}
 
 
 def default_augment_config() -> ml_collections.ConfigDict:
-  """Standard CIFAR augmentation: pad-4 random crop + horizontal flip.
-
-  Colour jitter and cutout are off by default (strength / size 0); the
-  library's experiment configs hold this as `config.augment`.
-  """
+  """Standard CIFAR augmentation (pad-4 random crop, horizontal flip); `config.augment`."""
   config = ml_collections.ConfigDict()
   config.enabled = True  # augment training images at all; False: scale to [0, 1] only
   config.random_crop = True  # random crop of the zero-padded image
@@ -61,114 +49,70 @@ def default_augment_config() -> ml_collections.ConfigDict:
 
 
 class AugmentConfigError(ValueError):
-  """A malformed augment config; the message says which field is wrong and what to do.
+  """A malformed augment config: `fields` at fault, `reason` ('unknown_keys', 'missing_keys' or
+  'range'), `value` out of range and the `allowed` keys, so callers need not parse the message."""
 
-  `fields` are the keys at fault (the unknown or missing ones, or the one
-  out of range), `reason` is 'unknown_keys', 'missing_keys' or 'range',
-  `value` the value out of range (None for key errors) and `allowed` the keys
-  an augment config has, so callers (config checks, tests) need not parse
-  the message.
-  """
-
-  def __init__(self, message: str, fields: Sequence[str], reason: str,
-               value: Any = None):
+  def __init__(self, message: str, fields: Sequence[str], reason: str, value: Any = None):
     super().__init__(message)
     self.fields, self.reason, self.value = tuple(fields), reason, value
     self.allowed = tuple(sorted(default_augment_config().keys()))
 
 
 def validate_augment_config(config: Mapping[str, Any]) -> None:
-  """Fails fast (at trace time) on a malformed augment config.
-
-  Raises:
-    AugmentConfigError: on unknown or missing keys or out-of-range values.
-      The message says which field is wrong and what to do about it.
-  """
+  """Raises AugmentConfigError (at trace time) on unknown or missing keys or values out of range."""
   allowed = set(default_augment_config().keys())
-  keys = set(config.keys())
-  unknown = sorted(keys - allowed)
+  unknown = sorted(set(config.keys()) - allowed)
   if unknown:
-    hint = ''
-    if 'augment' in unknown:
-      hint = ' (did you pass the whole experiment config? pass config.augment)'
+    hint = ' (did you pass the whole experiment config? pass config.augment)'
     raise AugmentConfigError(
-        f'Unknown augment config key(s) {unknown}{hint}. Remove or rename them; '
-        f'allowed keys are: {sorted(allowed)}.', unknown, 'unknown_keys')
-  missing = sorted(allowed - keys)
+        f'Unknown augment config key(s) {unknown}{hint if "augment" in unknown else ""}. Remove '
+        f'or rename them; allowed keys are: {sorted(allowed)}.', unknown, 'unknown_keys')
+  missing = sorted(allowed - set(config.keys()))
   if missing:
     raise AugmentConfigError(
-        f'Augment config is missing key(s) {missing}. Start from '
-        'default_augment_config() and override fields; allowed keys are: '
-        f'{sorted(allowed)}.', missing, 'missing_keys')
-  if config['crop_padding'] < 0:
-    raise AugmentConfigError(
-        f'augment.crop_padding must be >= 0, got {config["crop_padding"]}. '
-        'Use 4 for standard CIFAR cropping, or set random_crop=False to disable.',
-        ['crop_padding'], 'range', config['crop_padding'])
-  for name in ('brightness', 'contrast', 'saturation'):
-    if config[name] < 0:
-      raise AugmentConfigError(
-          f'augment.{name} must be >= 0 (a jitter strength s, factor drawn from '
-          f'[max(0, 1-s), 1+s]), got {config[name]}. Use 0 to disable it.',
-          [name], 'range', config[name])
-  if not 0.0 <= config['hue'] <= 0.5:
-    raise AugmentConfigError(
-        f'augment.hue must be in [0, 0.5] (max rotation as a fraction of a '
-        f'turn), got {config["hue"]}. Use 0 to disable it.', ['hue'], 'range',
-        config['hue'])
-  if config['cutout_size'] < 0:
-    raise AugmentConfigError(
-        f'augment.cutout_size must be >= 0, got {config["cutout_size"]}. '
-        'Use 0 to disable cutout (16 is the usual CIFAR-10 value).',
-        ['cutout_size'], 'range', config['cutout_size'])
+        f'Augment config is missing key(s) {missing}. Start from default_augment_config() and '
+        f'override fields; allowed keys are: {sorted(allowed)}.', missing, 'missing_keys')
+  for name, (high, meaning, advice) in _RANGES.items():
+    value = config[name]
+    if value < 0 or (high is not None and value > high):
+      rule = '>= 0' if high is None else f'in [0, {high}]'
+      raise AugmentConfigError(f'augment.{name} must be {rule}{meaning}, got {value}. {advice}',
+                               [name], 'range', value)
 
 
 def _factor(rng: jax.Array, strength: float) -> jax.Array:
   """Scalar jitter factor ~ U[max(0, 1-s), 1+s], as in torchvision ColorJitter."""
-  return jax.random.uniform(
-      rng, (), jnp.float32, minval=max(0.0, 1.0 - strength), maxval=1.0 + strength)
+  return jax.random.uniform(rng, (), jnp.float32, max(0.0, 1.0 - strength), 1.0 + strength)
 
 
 def _grey(image: jax.Array) -> jax.Array:
   """Per-pixel luma, shape (H, W, 1)."""
-  if image.shape[-1] == 1:
-    return image
   return jnp.sum(image * _LUMA, axis=-1, keepdims=True)
 
 
 def _hue_matrix(theta: jax.Array) -> jax.Array:
   """3x3 RGB -> RGB matrix that rotates chroma by `theta` radians in YIQ space."""
   cos, sin = jnp.cos(theta), jnp.sin(theta)
-  one, zero = jnp.ones_like(cos), jnp.zeros_like(cos)
-  rot = jnp.stack([
-      jnp.stack([one, zero, zero]),
-      jnp.stack([zero, cos, -sin]),
-      jnp.stack([zero, sin, cos]),
-  ])
-  return (jnp.asarray(_YIQ_TO_RGB, jnp.float32) @ rot
-          @ jnp.asarray(_RGB_TO_YIQ, jnp.float32))
+  rot = jnp.array([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]], jnp.float32)
+  return jnp.asarray(_YIQ_TO_RGB, jnp.float32) @ rot @ jnp.asarray(_RGB_TO_YIQ, jnp.float32)
 
 
 def _augment_one(rng: jax.Array, image: jax.Array, config: Mapping[str, Any]) -> jax.Array:
   """Augments one uint8 (H, W, C) image -> float32 in [0, 1]."""
   height, width, channels = image.shape
 
-  # Geometric transforms first, on uint8 (cheaper to move around).
-  pad = config['crop_padding']
+  pad = config['crop_padding']  # geometric transforms first, on uint8 (cheaper to move)
   if config['random_crop'] and pad > 0:
     padded = jnp.pad(image, ((pad, pad), (pad, pad), (0, 0)))
-    offsets = jax.random.randint(
-        jax.random.fold_in(rng, _CROP), (2,), 0, 2 * pad + 1)
-    image = jax.lax.dynamic_slice(
-        padded, (offsets[0], offsets[1], 0), (height, width, channels))
+    offsets = jax.random.randint(jax.random.fold_in(rng, _CROP), (2,), 0, 2 * pad + 1)
+    image = jax.lax.dynamic_slice(padded, (offsets[0], offsets[1], 0), (height, width, channels))
   if config['flip']:
     do_flip = jax.random.bernoulli(jax.random.fold_in(rng, _FLIP))
     image = jnp.where(do_flip, image[:, ::-1, :], image)
 
   image = image.astype(jnp.float32) / 255.0
 
-  # Colour jitter (torchvision ColorJitter semantics, fixed order). Clipping
-  # after each op matches torchvision and keeps the final result in [0, 1].
+  # Colour jitter as torchvision's ColorJitter, clipping after each op as it does.
   if config['brightness'] > 0:
     factor = _factor(jax.random.fold_in(rng, _BRIGHTNESS), config['brightness'])
     image = jnp.clip(image * factor, 0.0, 1.0)
@@ -176,47 +120,25 @@ def _augment_one(rng: jax.Array, image: jax.Array, config: Mapping[str, Any]) ->
     factor = _factor(jax.random.fold_in(rng, _CONTRAST), config['contrast'])
     mean_grey = jnp.mean(_grey(image))
     image = jnp.clip(factor * image + (1.0 - factor) * mean_grey, 0.0, 1.0)
-  if config['saturation'] > 0 or config['hue'] > 0:
-    if channels != 3:
-      raise ValueError(
-          f'augment.saturation / augment.hue need RGB images (3 channels), got '
-          f'{channels}. Set both to 0 for non-RGB data.')
   if config['saturation'] > 0:
     factor = _factor(jax.random.fold_in(rng, _SATURATION), config['saturation'])
     image = jnp.clip(factor * image + (1.0 - factor) * _grey(image), 0.0, 1.0)
   if config['hue'] > 0:
-    turns = jax.random.uniform(
-        jax.random.fold_in(rng, _HUE), (), jnp.float32,
-        minval=-config['hue'], maxval=config['hue'])
-    matrix = _hue_matrix(2.0 * jnp.pi * turns)
-    image = jnp.clip(image @ matrix.T, 0.0, 1.0)
+    turns = jax.random.uniform(jax.random.fold_in(rng, _HUE), (), jnp.float32,
+                               minval=-config['hue'], maxval=config['hue'])
+    image = jnp.clip(image @ _hue_matrix(2.0 * jnp.pi * turns).T, 0.0, 1.0)
   return image
 
 
 def augment_images(rng: jax.Array, images: jax.Array,
                    config: ml_collections.ConfigDict) -> jax.Array:
-  """Randomly augments a uint8 batch on device.
-
-  Each example gets its own key (the batch key is split N ways and the
-  per-example transform is vmapped), so examples in a batch are augmented
-  independently. `config` is the augment config (`config.augment`), static.
-
-  Args:
-    rng: PRNG key for the whole batch.
-    images: uint8 array (N, H, W, C).
-    config: augment config, see `default_augment_config`.
-
-  Returns:
-    float32 array (N, H, W, C) in [0, 1].
-  """
+  """Augments a uint8 (N, H, W, C) batch to float32 in [0, 1], each example with its own key."""
   validate_augment_config(config)
   if images.ndim != 4:
     raise ValueError(f'images must be (N, H, W, C), got shape {images.shape}.')
-  any_transform = (
-      (config['random_crop'] and config['crop_padding'] > 0) or config['flip']
-      or config['brightness'] > 0 or config['contrast'] > 0
-      or config['saturation'] > 0 or config['hue'] > 0)
-  if not config['enabled'] or not any_transform:
+  on = [config['random_crop'] and config['crop_padding'] > 0, config['flip']]
+  on += [config[name] > 0 for name in ('brightness', 'contrast', 'saturation', 'hue')]
+  if not config['enabled'] or not any(on):  # nothing random to trace
     return jnp.asarray(images).astype(jnp.float32) / 255.0
   keys = jax.random.split(rng, images.shape[0])
   return jax.vmap(lambda k, x: _augment_one(k, x, config))(keys, images)
@@ -224,30 +146,16 @@ def augment_images(rng: jax.Array, images: jax.Array,
 
 def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
   """Per-channel standardisation (x - mean) / std of float images in [0, 1]."""
-  mean = np.asarray(mean, dtype=np.float32)
-  std = np.asarray(std, dtype=np.float32)
+  mean, std = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
   if mean.shape != (images.shape[-1],) or std.shape != (images.shape[-1],):
-    raise ValueError(
-        f'mean and std need one value per channel ({images.shape[-1]}), got '
-        f'{mean.tolist()} and {std.tolist()}.')
+    raise ValueError(f'mean and std need one value per channel ({images.shape[-1]}), got '
+                     f'{mean.tolist()} and {std.tolist()}.')
   return (jnp.asarray(images) - mean) / std
 
 
 def cutout(rng: jax.Array, images: jax.Array, size: int) -> jax.Array:
-  """Zeroes one size x size square per example (DeVries & Taylor, 2017).
-
-  The centre is uniform over all pixels, so the square may be clipped at the
-  borders. Applied after normalisation, so zero is the dataset mean. The mask
-  is built from broadcast row/column comparisons: no vmap or scatter needed.
-
-  Args:
-    rng: PRNG key for the whole batch.
-    images: float array (N, H, W, C).
-    size: side of the square in pixels; 0 returns `images` unchanged.
-
-  Returns:
-    Array with the same shape and dtype as `images`.
-  """
+  """Zeroes one size x size square per example (DeVries & Taylor, 2017), centred anywhere (so
+  clipped at the borders); after normalisation, so zero is the dataset mean. size 0: unchanged."""
   if size < 0:
     raise ValueError(f'cutout size must be >= 0, got {size}. Use 0 to disable.')
   if size == 0:
@@ -258,20 +166,14 @@ def cutout(rng: jax.Array, images: jax.Array, size: int) -> jax.Array:
   left = jax.random.randint(rng_x, (n, 1, 1, 1), 0, width) - size // 2
   rows = jnp.arange(height).reshape(1, height, 1, 1)
   cols = jnp.arange(width).reshape(1, 1, width, 1)
-  inside = ((rows >= top) & (rows < top + size)
-            & (cols >= left) & (cols < left + size))
+  inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
   return jnp.where(inside, jnp.zeros((), images.dtype), images)
 
 
 def preprocess_for_train(rng: jax.Array, images_uint8: jax.Array,
                          config: ml_collections.ConfigDict, mean: Sequence[float],
                          std: Sequence[float], dtype: Any = jnp.float32) -> jax.Array:
-  """Train-time pipeline: augment -> normalize -> cutout -> cast to `dtype`.
-
-  Cutout runs only when `config.enabled` and `config.cutout_size > 0`. Use
-  `dtype=jnp.bfloat16` to feed a bf16 model; the maths is done in float32.
-  """
-  validate_augment_config(config)
+  """crop -> flip -> colour jitter -> normalize -> cutout -> cast to `dtype` (maths in float32)."""
   rng_augment, rng_cutout = jax.random.split(rng)
   images = augment_images(rng_augment, images_uint8, config)
   images = normalize(images, mean, std)

@@ -1,7 +1,7 @@
 """The errors a user can fix, and the one stop that is not an error.
 
-The commands print a `UserError` as one line (its message says what is wrong and what to do) and
-let every other exception keep its traceback: an internal bug must never look like a bad flag.
+The commands print a `UserError` as one line; every other exception keeps its traceback, so an
+internal bug never looks like a bad flag.
 """
 
 
@@ -23,11 +23,8 @@ class DivergedError(UserError, FloatingPointError):
 
 class Preempted(Exception):
   """The run stopped on SIGTERM, SIGHUP or SIGINT with its progress saved; rerunning resumes.
-
-  `saved` is False when the signal came before the first step of this (re)start: there was nothing
-  new to save. The command exits with `exit_code`: 0 for SIGTERM and SIGHUP (a preemption or a
-  closed terminal is no failure), 130 for SIGINT (Ctrl-C), as shells report an interrupted command.
-  """
+  `saved`: False when the signal came before the first step. `exit_code`: 130 for SIGINT, as
+  shells report Ctrl-C, else 0 (a preemption is no failure)."""
 
   def __init__(self, step: int, workdir: str, signal_name: str = 'SIGTERM', saved: bool = True):
     if saved:
@@ -37,7 +34,5 @@ class Preempted(Exception):
               f'is step {step}); rerun the same command to resume.' if step else
               'stopped before training, nothing saved; rerun the same command to start.')
     super().__init__(f'{signal_name}: {text}')
-    self.step = step
-    self.workdir = workdir
-    self.signal_name = signal_name
+    self.step, self.workdir, self.signal_name = step, workdir, signal_name
     self.exit_code = 130 if signal_name == 'SIGINT' else 0

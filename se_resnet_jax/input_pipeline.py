@@ -1,15 +1,11 @@
 """Loads CIFAR (or generated data) once, as uint8 arrays on the host, and carves the splits.
 
-The arrays then go to the accelerator(s) whole; batching and augmentation happen there. tfds (and so
-TensorFlow) is imported only when a tfds dataset is actually read, so generated data and `.npz`
-arrays work on machines without TensorFlow.
-
-Every source is validated once, before anything else uses it: arrays of another layout, dtype or
-label range do not fail loudly downstream, they train to chance and exit 0. So each split must be
-uint8 (N, 32, 32, 3) images with N integer labels in [0, num_classes), and an error names the
-source, the array and the fix.
+tfds (and so TensorFlow) is imported only when a tfds dataset is read. Every source is validated
+once: arrays of another layout, dtype or label range do not fail downstream, they train to chance
+and exit 0.
 """
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -22,23 +18,18 @@ from typing import Optional, Sequence
 import ml_collections
 import numpy as np
 
+from se_resnet_jax.config import num_classes
 from se_resnet_jax.errors import UserError
+from se_resnet_jax.models import IMAGE_SHAPE
 
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
                    'truck')
-
-
-IMAGE_SHAPE = (32, 32, 3)  # every dataset here: CIFAR-10, CIFAR-100 and the generated one
 NPZ_ARRAYS = ('x_train', 'y_train', 'x_test', 'y_test')
 
 
 class DatasetUnavailableError(UserError, RuntimeError):
   """The dataset is not on disk and cannot be fetched; the message says how to provide it.
-
-  `dataset` is the config's dataset, `location` where it was looked for (the npz_path or the tfds
-  data directory) and `reason` one of 'missing_file', 'not_prepared' (download off),
-  'unreachable' (no network) and 'download_failed'.
-  """
+  `reason`: 'missing_file', 'not_prepared' (download off), 'unreachable' or 'download_failed'."""
 
   def __init__(self, message: str, dataset: str, location: str, reason: str):
     super().__init__(message)
@@ -48,13 +39,8 @@ class DatasetUnavailableError(UserError, RuntimeError):
 class InvalidDataError(UserError, ValueError):
   """Arrays that would train silently wrong; the message names the source, the array and the fix.
 
-  `location` is the source as the message names it (the .npz path, 'synthetic data', the tfds
-  dataset and directory; None for a config value), `where` the array at fault ('x_train',
-  'y_test', 'classes'; None when it is the file as a whole) and `reason` one of 'channels_first',
-  'shape', 'empty', 'not_finite', 'dtype', 'count_mismatch', 'labels_range', 'directory',
-  'not_npz', 'single_array', 'missing_arrays', 'damaged_array', 'class_count' and
-  'no_training_data'. `details` holds the numbers the message quotes (e.g. `shape`, `dtype`,
-  `fix`, or `label`, `index`, `outside` and `num_classes`), for callers and tests.
+  `location` is the source (None: a config value), `where` the array (None: the whole file),
+  `reason` a tag ('dtype', ...) and `details` the numbers the message quotes.
   """
 
   def __init__(self, message: str, location: Optional[str], where: Optional[str], reason: str,
@@ -64,25 +50,16 @@ class InvalidDataError(UserError, ValueError):
 
 
 class ClassCountError(InvalidDataError):
-  """A `classes` array naming another number of classes than the dataset (or the labels) have.
+  """A `classes` array naming `names` classes where `source` (the dataset) has `expected`."""
 
-  `names` is the count the array gives, `expected` the count of `source` ('dataset cifar10', or
-  the labels); `location` is the file.
-  """
-
-  def __init__(self, message: str, names: int, expected: int, source: str,
-               location: Optional[str] = None):
+  def __init__(self, message: str, names: int, expected: int, source: str, location: str):
     super().__init__(message, location, 'classes', 'class_count')
     self.names, self.expected, self.source = names, expected, source
 
 
 class DataSettingsChangedError(UserError, ValueError):
-  """A run resumed or evaluated with settings that pick other images than it was made with.
-
-  `differences` maps each setting that differs to (recorded, current), None where one side lacks
-  it; `source` is what recorded them ('The run in DIR', a checkpoint step). Callers that go on
-  anyway report from these, not from the message.
-  """
+  """A run resumed or evaluated with settings that pick other images than it was made with:
+  `differences` maps each differing setting to (recorded, current); `source` recorded them."""
 
   def __init__(self, message: str, differences: dict, source: str):
     super().__init__(message)
@@ -119,56 +96,47 @@ class Dataset:
 def validate_split(images, labels, num_classes: int, source: str, name: str) -> Split:
   """The split as uint8 (N, 32, 32, 3) images and int32 (N,) labels, or InvalidDataError.
 
-  Accepted as they are: integer images within [0, 255] (cast to uint8) and Keras-style (N, 1)
-  labels (squeezed). Everything else that is not exactly right is refused with its fix, never
-  converted by guessing: float images may be in [0, 1] or [0, 255], and NCHW may be a mistake.
+  Integer images in [0, 255] are cast and (N, 1) labels squeezed; nothing else is guessed at.
   """
   x_name, y_name = f'x_{name}', f'y_{name}'
-  where = f'{source}: {x_name}'
+
+  def fail(array, text, reason, **details):
+    raise InvalidDataError(f'{source}: {array} {text}', source, array, reason, **details)
+
   images, labels = np.asarray(images), np.asarray(labels)
   shape = images.shape
   if images.ndim == 4 and shape[1] == IMAGE_SHAPE[2] and shape[2:] == IMAGE_SHAPE[:2]:
     fix = f'np.transpose({x_name}, (0, 2, 3, 1))'
-    raise InvalidDataError(f'{where} has shape {shape}, channels first (NCHW); the images must be '
-                           f'NHWC (N, 32, 32, 3): use {fix}.', source, x_name, 'channels_first',
-                           shape=shape, fix=fix)
+    fail(x_name, f'has shape {shape}, channels first (NCHW); the images must be NHWC '
+         f'(N, 32, 32, 3): use {fix}.', 'channels_first', shape=shape, fix=fix)
   if images.ndim != 4 or shape[1:] != IMAGE_SHAPE:
-    raise InvalidDataError(f'{where} has shape {shape}; the images must be (N, 32, 32, 3) RGB '
-                           '(CIFAR-sized; grayscale or other sizes need resizing and 3 channels).',
-                           source, x_name, 'shape', shape=shape)
+    fail(x_name, f'has shape {shape}; the images must be (N, 32, 32, 3) RGB (CIFAR-sized; '
+         'grayscale or other sizes need resizing and 3 channels).', 'shape', shape=shape)
   if len(images) == 0:
-    raise InvalidDataError(f'{where} is empty: the {name} split needs at least one image.',
-                           source, x_name, 'empty')
+    fail(x_name, f'is empty: the {name} split needs at least one image.', 'empty')
+  dtype = str(images.dtype)
   if np.issubdtype(images.dtype, np.floating):
     if not np.isfinite(images).all():
-      raise InvalidDataError(f'{where} is {images.dtype} and holds NaN/Inf; the images must be '
-                             'uint8 in [0, 255]: fix or drop those images.', source, x_name,
-                             'not_finite', dtype=str(images.dtype))
+      fail(x_name, f'is {dtype} and holds NaN/Inf; the images must be uint8 in [0, 255]: fix or '
+           'drop those images.', 'not_finite', dtype=dtype)
     low, high = float(images.min()), float(images.max())
     fix = (f'({x_name} * 255).round().astype(np.uint8)' if high <= 1.0 else
            f'{x_name}.round().astype(np.uint8)')
-    raise InvalidDataError(f'{where} is {images.dtype} with values in [{low:g}, {high:g}]; the '
-                           f'images must be uint8 in [0, 255]: convert with {fix}.', source,
-                           x_name, 'dtype', dtype=str(images.dtype), value_range=(low, high),
-                           fix=fix)
-  if images.dtype != np.uint8:
-    if not np.issubdtype(images.dtype, np.integer) or images.min() < 0 or images.max() > 255:
-      integer = np.issubdtype(images.dtype, np.integer)
-      raise InvalidDataError(
-          f'{where} is {images.dtype}' + (f' with values in [{images.min()}, {images.max()}]'
-                                          if integer else '') +
-          '; the images must be uint8 in [0, 255].', source, x_name, 'dtype',
-          dtype=str(images.dtype),
-          value_range=(int(images.min()), int(images.max())) if integer else None)
-    images = images.astype(np.uint8)
+    fail(x_name, f'is {dtype} with values in [{low:g}, {high:g}]; the images must be uint8 in '
+         f'[0, 255]: convert with {fix}.', 'dtype', dtype=dtype, fix=fix)
+  if not np.issubdtype(images.dtype, np.integer):
+    fail(x_name, f'is {dtype}; the images must be uint8 in [0, 255].', 'dtype', dtype=dtype)
+  if images.min() < 0 or images.max() > 255:
+    fail(x_name, f'is {dtype} with values in [{images.min()}, {images.max()}]; the images must be '
+         'uint8 in [0, 255].', 'dtype', dtype=dtype)
+  images = images.astype(np.uint8)
 
-  where = f'{source}: {y_name}'
   if labels.ndim == 2 and labels.shape[1] == 1:
     labels = labels[:, 0]
   if labels.ndim != 1:
-    raise InvalidDataError(f'{where} has shape {labels.shape}; the labels must be one class index '
-                           f'per image, shape (N,) (one-hot labels: {y_name}.argmax(1)).', source,
-                           y_name, 'shape', shape=labels.shape, fix=f'{y_name}.argmax(1)')
+    fix = f'{y_name}.argmax(1)'
+    fail(y_name, f'has shape {labels.shape}; the labels must be one class index per image, shape '
+         f'(N,) (one-hot labels: {fix}).', 'shape', shape=labels.shape, fix=fix)
   if len(labels) != len(images):
     raise InvalidDataError(f'{source}: {x_name} has {len(images)} images but {y_name} has '
                            f'{len(labels)} labels; they must pair up one to one.', source, y_name,
@@ -177,29 +145,22 @@ def validate_split(images, labels, num_classes: int, source: str, name: str) -> 
     integral = (np.issubdtype(labels.dtype, np.floating) and np.isfinite(labels).all()
                 and (labels == labels.round()).all())
     fix = f'{y_name}.astype(np.int64)' if integral else None
-    raise InvalidDataError(f'{where} is {labels.dtype}; the labels must be integers' +
-                           (f': convert with {fix}.' if fix else '.'), source, y_name, 'dtype',
-                           dtype=str(labels.dtype), fix=fix)
+    fail(y_name, f'is {labels.dtype}; the labels must be integers' +
+         (f': convert with {fix}.' if fix else '.'), 'dtype', dtype=str(labels.dtype), fix=fix)
   outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
   if len(outside):
     i = outside[0]
-    raise InvalidDataError(f'{where} holds label {labels[i]} at index {i}' +
-                           (f' ({len(outside)} labels in all)' if len(outside) > 1 else '') +
-                           f', outside [0, {num_classes}) for {num_classes} classes: fix the '
-                           'labels, or the dataset (--config.dataset, label_key, a classes array).',
-                           source, y_name, 'labels_range', label=labels[i].item(), index=int(i),
-                           outside=len(outside), num_classes=num_classes)
+    fail(y_name, f'holds label {labels[i]} at index {i}' +
+         (f' ({len(outside)} labels in all)' if len(outside) > 1 else '') +
+         f', outside [0, {num_classes}) for {num_classes} classes: fix the labels, or the dataset '
+         '(--config.dataset, label_key, a classes array).', 'labels_range',
+         label=labels[i].item(), index=int(i), outside=len(outside), num_classes=num_classes)
   return Split(images, labels.astype(np.int32))
 
 
 def data_identity(config: ml_collections.ConfigDict) -> dict:
-  """The settings that decide which images a run trains, validates and tests on, and its batch size.
-
-  Checkpoints record them next to the architecture. Resuming with another validation seed would
-  train on images that were validation images (and pick the best checkpoint on contaminated
-  numbers); evaluating with one would report on another split under the run's name; another batch
-  size changes the steps per epoch and the batch order. All of them look like a normal run.
-  """
+  """The settings that decide which images a run trains, validates and tests on, and its batch size:
+  checkpoints record them, as a run with others would look normal."""
   identity = {'dataset': config.dataset, 'batch_size': config.batch_size}
   if config.dataset == 'synthetic':
     identity.update({f'synthetic.{k}': config.synthetic[k] for k in sorted(config.synthetic)})
@@ -217,18 +178,18 @@ def data_identity(config: ml_collections.ConfigDict) -> dict:
   return identity
 
 
-def check_same_data(recorded: Optional[dict], current: dict, source: str) -> None:
-  """Refuses `current` data settings that differ from those `source` was made with (if known)."""
-  if recorded is None:
-    return
-  differ = sorted(k for k in recorded.keys() | current.keys() if recorded.get(k) != current.get(k))
-  if differ:
-    shown = ', '.join(f'{k}: {recorded.get(k)!r} there, {current.get(k)!r} now' for k in differ)
+def check_same_data(recorded: dict, current: dict, source: str) -> None:
+  """Refuses `current` data settings that differ from those `source` was made with."""
+  keys = sorted(recorded.keys() | current.keys())
+  differences = {k: (recorded.get(k), current.get(k)) for k in keys
+                 if recorded.get(k) != current.get(k)}
+  if differences:
+    shown = ', '.join(f'{k}: {old!r} there, {new!r} now' for k, (old, new) in differences.items())
     raise DataSettingsChangedError(
         f'{source} was made with other data settings ({shown}). They decide which images are '
         'trained, validated and tested on, and the batch order: use the values it was made with, '
         'or pass --allow_changed_data to go on anyway, or use a new --workdir.',
-        {k: (recorded.get(k), current.get(k)) for k in differ}, source)
+        differences, source)
 
 
 def stratified_holdout(labels: np.ndarray, size: int, seed: int, stratified: bool = True):
@@ -249,22 +210,14 @@ def stratified_holdout(labels: np.ndarray, size: int, seed: int, stratified: boo
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> list:
   """k disjoint, class-balanced index sets covering every example once (for cross-validation)."""
-  rng = np.random.RandomState(seed)
-  folds = [[] for _ in range(k)]
-  offset = 0
-  for c in np.unique(labels):
-    members = rng.permutation(np.flatnonzero(labels == c))
-    for j, idx in enumerate(members):
-      folds[(j + offset) % k].append(idx)
-    offset += len(members)
-  return [np.sort(np.array(f, dtype=np.int64)) for f in folds]
+  rng = np.random.RandomState(seed)  # dealt round-robin from the examples grouped by class
+  order = np.concatenate([rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)])
+  return [np.sort(order[j::k]).astype(np.int64) for j in range(k)]
 
 
 def synthetic_splits(cfg: ml_collections.ConfigDict, image_size: int = 32):
-  """A generated, learnable image set: one smooth colour template per class, plus noise and shifts.
-
-  It ships with no files and needs no network, so smoke runs and tests train on real signal.
-  """
+  """A generated, learnable image set (one smooth colour template per class, plus noise and
+  shifts): smoke runs and tests train on real signal without files or network."""
   rng = np.random.RandomState(cfg.seed)
   coarse = rng.uniform(0, 1, (cfg.num_classes, 4, 4, 3))
   templates = coarse.repeat(image_size // 4, axis=1).repeat(image_size // 4, axis=2)
@@ -281,24 +234,21 @@ def synthetic_splits(cfg: ml_collections.ConfigDict, image_size: int = 32):
 
 
 def _reachable(host: str, port: int = 443, timeout: float = 10.0) -> bool:
-  """Whether a TCP connection to host:port opens within `timeout` seconds.
+  """Whether host:port accepts a TCP connection within `timeout` seconds (tfds retries for minutes).
 
-  tfds retries a failing download with back-off for minutes; without network this answers in
-  seconds. The name lookup, which a socket timeout does not bound, runs in a daemon thread.
+  In a daemon thread, because a socket timeout does not bound the name lookup.
   """
   result = []
 
   def connect():
-    try:
+    with contextlib.suppress(OSError):
       socket.create_connection((host, port), timeout=timeout).close()
       result.append(True)
-    except OSError:
-      result.append(False)
 
   thread = threading.Thread(target=connect, daemon=True)
   thread.start()
   thread.join(timeout)
-  return bool(result and result[0])
+  return bool(result)
 
 
 def _tfds_splits(config: ml_collections.ConfigDict):
@@ -333,8 +283,7 @@ def _tfds_splits(config: ml_collections.ConfigDict):
   label_names = builder.info.features[config.label_key].names
   splits = []
   for split in ('train', 'test'):
-    # One batch of the whole split, sized by the dataset's own cardinality: batch_size=-1 sizes it
-    # from the split metadata, which tfds' mock data (tests) lacks, and then asks for sys.maxsize.
+    # Sized by the cardinality, not batch_size=-1: that reads split metadata tfds' mock data lacks.
     ds = builder.as_dataset(split=split)
     count = int(ds.cardinality())
     count = count if count > 0 else builder.info.splits[split].num_examples
@@ -344,18 +293,12 @@ def _tfds_splits(config: ml_collections.ConfigDict):
   return splits[0], splits[1], tuple(label_names)
 
 
-def _npz_num_classes(config: ml_collections.ConfigDict) -> int:
-  """The class count of the dataset the arrays stand for (CIFAR-100's coarse labels: 20)."""
-  if config.dataset == 'cifar100':
-    return 100 if config.label_key == 'label' else 20
-  return 10
-
-
 def _npz_splits(config: ml_collections.ConfigDict):
   """x_train/y_train/x_test/y_test from an `.npz` file (and `classes`, the names, if present)."""
   path = config.npz_path
   fix = f'np.savez({path!r}, x_train=..., y_train=..., x_test=..., y_test=...)'
   how = f'write it with {fix} (uint8 (N, 32, 32, 3) images, integer labels).'
+  unreadable = (OSError, ValueError, zipfile.BadZipFile, EOFError)
   if not os.path.exists(path):
     raise DatasetUnavailableError(f'npz_path {path!r} does not exist.', config.dataset, path,
                                   'missing_file')
@@ -364,10 +307,10 @@ def _npz_splits(config: ml_collections.ConfigDict):
                            path, None, 'directory', fix=fix)
   try:
     z = np.load(path)
-  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+  except unreadable as e:
     raise InvalidDataError(f'{path} cannot be read as an .npz file ({type(e).__name__}: '
                            f'{str(e)[:120]}); it is truncated or not made by np.savez: {how}',
-                           path, None, 'not_npz', error=type(e).__name__, fix=fix) from None
+                           path, None, 'not_npz', fix=fix) from None
   if not isinstance(z, np.lib.npyio.NpzFile):
     raise InvalidDataError(f'{path} holds a single array, not named arrays: {how}', path, None,
                            'single_array', fix=fix)
@@ -380,13 +323,13 @@ def _npz_splits(config: ml_collections.ConfigDict):
   for key in NPZ_ARRAYS + (('classes',) if 'classes' in z.files else ()):
     try:
       arrays[key] = z[key]
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    except unreadable as e:
       raise InvalidDataError(f'{path}: array {key} cannot be read ({type(e).__name__}: '
                              f'{str(e)[:120]}); the file is truncated or damaged: {how}', path,
-                             key, 'damaged_array', error=type(e).__name__, fix=fix) from None
+                             key, 'damaged_array', fix=fix) from None
+  expected = num_classes(config)
   if 'classes' in arrays:
     names = tuple(str(n) for n in np.atleast_1d(arrays['classes']))
-    expected = _npz_num_classes(config)
     dataset = config.dataset + (f' ({config.label_key})' if config.dataset == 'cifar100' else '')
     if len(names) != expected:  # it would size the classifier and average metrics over it
       raise ClassCountError(
@@ -396,7 +339,7 @@ def _npz_splits(config: ml_collections.ConfigDict):
   elif config.dataset == 'cifar10':
     names = CIFAR10_CLASSES
   else:
-    names = tuple(f'class_{i}' for i in range(_npz_num_classes(config)))
+    names = tuple(f'class_{i}' for i in range(expected))
   return (validate_split(arrays['x_train'], arrays['y_train'], len(names), path, 'train'),
           validate_split(arrays['x_test'], arrays['y_test'], len(names), path, 'test'), names)
 
@@ -404,17 +347,15 @@ def _npz_splits(config: ml_collections.ConfigDict):
 def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
   """Train / validation / test splits as host uint8 arrays, with normalisation statistics."""
   if config.dataset == 'synthetic':
-    train, test, names = synthetic_splits(config.synthetic)
-    train, test = (validate_split(s.images, s.labels, len(names), 'synthetic data', name)
-                   for s, name in ((train, 'train'), (test, 'test')))
+    train, test, names = synthetic_splits(config.synthetic)  # valid by construction
   elif config.npz_path:
     train, test, names = _npz_splits(config)
   else:
     train, test, names = _tfds_splits(config)
   validation = None
   if config.kfold.num_folds:
-    folds = stratified_folds(train.labels, config.kfold.num_folds, config.validation_seed)
-    held = folds[config.kfold.fold]
+    held = stratified_folds(train.labels, config.kfold.num_folds,
+                            config.validation_seed)[config.kfold.fold]
     train, validation = train.take(np.setdiff1d(np.arange(len(train)), held)), train.take(held)
   elif config.validation_size:
     if config.validation_size >= len(train):
@@ -431,8 +372,7 @@ def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
 
 def channel_statistics(images: np.ndarray, chunk: int = 4096):
   """Per-channel mean and std in [0, 1], in chunks so 50k images need no float copy."""
-  total = np.zeros(images.shape[-1])
-  squares = np.zeros(images.shape[-1])
+  total, squares = np.zeros(images.shape[-1]), np.zeros(images.shape[-1])
   for i in range(0, len(images), chunk):
     x = images[i:i + chunk].astype(np.float64) / 255.0
     total += x.sum(axis=(0, 1, 2))
@@ -443,11 +383,8 @@ def channel_statistics(images: np.ndarray, chunk: int = 4096):
 
 
 def with_data_location(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of `config` that names where its data is read: absolute paths, $TFDS_DATA_DIR in.
-
-  A run's config.json holds this, so `evaluate`, run later from another directory or shell without
-  the environment of the training, reads the same data.
-  """
+  """A copy of `config` with absolute data paths and $TFDS_DATA_DIR in, for a run's config.json:
+  `evaluate`, run later from elsewhere, reads the same data."""
   config = config.copy_and_resolve_references()
   if config.npz_path:
     config.npz_path = os.path.abspath(os.path.expanduser(config.npz_path))

@@ -1,7 +1,6 @@
 """The commands' --help: what the command does, its own flags, and every config field.
 
-A field's meaning is the comment where `config.base_config()` (or augment's
-`default_augment_config()`) sets it, so the two cannot drift apart; a test fails when one has none.
+A field's meaning is the comment where `base_config()` sets it, so the two cannot drift apart.
 """
 
 import ast
@@ -13,7 +12,6 @@ import textwrap
 import tokenize
 from typing import Callable, Dict, Optional, Sequence
 
-import ml_collections
 from absl import flags
 from flax import traverse_util
 
@@ -24,12 +22,9 @@ HELP_ARGUMENTS = ('--help', '-h', '-?', '--helpshort', '--help=true', '--helpsho
 
 
 def field_meanings(function: Callable, prefix: str = '') -> Dict[str, str]:
-  """{field: meaning} from the comments of `function`, which sets fields as `c.name = ...` or
-  `c.group = ConfigDict(dict(name=..., ...))`.
-
-  A field's comments are the one on its line, else the block just above it. Where one line sets
-  several fields, each takes the comment line that starts with `name:`. Only the first sentence
-  counts: the rest of a comment explains the field to readers of the source, not of --help.
+  """{field: meaning} from the comments of `function`, which sets `c.name = ...` or
+  `c.group = ConfigDict(dict(name=..., ...))`: the first sentence of the comment on the field's
+  line, else of the block above it (where a line sets several fields, the one that starts `name:`).
   """
   source = textwrap.dedent(inspect.getsource(function))
   comments = {t.start[0]: (t.string.lstrip('#').strip(), t.line.lstrip().startswith('#'))
@@ -60,18 +55,9 @@ def field_meanings(function: Callable, prefix: str = '') -> Dict[str, str]:
 
 
 def all_field_meanings() -> Dict[str, str]:
-  """Meanings of every field of base_config(); its `augment` group comes from augment.py."""
+  """Meanings of every field of base_config(), its `augment` group included."""
   return {**field_meanings(base_config),
           **field_meanings(augment.default_augment_config, prefix='augment.')}
-
-
-def config_fields_help(config: Optional[ml_collections.ConfigDict] = None) -> list:
-  """One line per config field: `--config.name=value  meaning`, values of `config` if given."""
-  flat = traverse_util.flatten_dict((config or base_config()).to_dict(), sep='.')
-  settings = [f'--config.{name}={_show(value)}' for name, value in flat.items()]
-  width, meanings = min(max(map(len, settings)), 48), all_field_meanings()
-  return [f'  {setting.ljust(width)}  {meanings.get(name, "")}'.rstrip()
-          for setting, name in zip(settings, flat)]
 
 
 def _show(value) -> str:
@@ -87,14 +73,18 @@ def command_help(argv: Sequence[str], doc: Optional[str]) -> str:
   lines = [(doc or '').strip(), '', 'Flags (--helpfull lists every library\'s flags too):',
            flags.FLAGS.main_module_help().strip().split('\n', 1)[-1], '']
   if 'config' in flags.FLAGS:
-    config, source = None, 'defaults of se_resnet_jax.config.base_config()'
+    config, source = base_config(), 'defaults of se_resnet_jax.config.base_config()'
     if config_path:
       try:
         config, source = load_config_file(config_path), f'values of {config_path}'
       except Exception as e:  # noqa: BLE001 - help still shows the defaults
         source += f' ({config_path} does not load: {type(e).__name__}: {e})'
+    flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
+    settings = [f'--config.{name}={_show(value)}' for name, value in flat.items()]
+    width, meanings = min(max(map(len, settings)), 48), all_field_meanings()
     lines += [f'Config fields, set with --config.<field>=<value> ({source}):',
-              *config_fields_help(config), '',
+              *(f'  {setting.ljust(width)}  {meanings.get(name, "")}'.rstrip()
+                for setting, name in zip(settings, flat)), '',
               '-v 1 (or --verbosity=1) also shows the libraries\' INFO logs (JAX, orbax, ...).']
   return '\n'.join(lines)
 

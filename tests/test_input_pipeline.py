@@ -283,7 +283,6 @@ def test_data_identity_holds_what_picks_the_images_and_the_batch_size():
 def test_changed_data_settings_are_named():
   recorded = {'dataset': 'cifar10', 'batch_size': 128, 'validation_seed': 0}
   input_pipeline.check_same_data(recorded, dict(recorded), 'The run')
-  input_pipeline.check_same_data(None, dict(recorded), 'The run')  # nothing recorded: old run
   with pytest.raises(input_pipeline.DataSettingsChangedError) as error:
     input_pipeline.check_same_data(recorded, dict(recorded, batch_size=64, validation_seed=7),
                                    'The run')
