@@ -1,11 +1,6 @@
-"""What a run tells the person watching it: one progress display, one line per epoch.
-
-The lines go to stderr, like any progress display, so that stdout carries only a command's result
-(the closing summary) and `... > result.txt` keeps just that. Only process 0 of a multi-process run
-speaks; the others would repeat it. On a terminal the progress line is redrawn in place as a bar;
-anywhere else (a file, a pipe, a notebook) each update is a line of its own.
+"""What a run tells the person watching it: one progress display, one line per epoch; on stderr,
+so that stdout carries only a command's result (`... > result.txt` keeps the closing summary).
 """
-
 import sys
 import time
 from typing import IO, Optional
@@ -25,12 +20,17 @@ def format_duration(seconds: float) -> str:
 
 
 class Console:
-  """Lines for a person, on stderr of process 0; a live line is redrawn in place on a terminal."""
+  """Lines for a person, on stderr of process 0 (the others would repeat it). On a terminal a
+  progress line is redrawn in place; elsewhere (a file, a pipe, a notebook) it is a line of its own.
+  """
 
   def __init__(self, stream: Optional[IO[str]] = None, enabled: Optional[bool] = None):
     self.stream = stream if stream is not None else sys.stderr
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.live = self.enabled and _isatty(self.stream)
+    try:
+      self.live = self.enabled and self.stream.isatty()
+    except (AttributeError, ValueError):  # closed or not a real file
+      self.live = False
     self._pending = False  # a live line is on screen without its newline
 
   def say(self, text: str) -> None:
@@ -54,13 +54,6 @@ class Console:
     if self._pending:
       self.stream.write('\n')
       self._pending = False
-
-
-def _isatty(stream: IO[str]) -> bool:
-  try:
-    return stream.isatty()
-  except (AttributeError, ValueError):  # closed or not a real file
-    return False
 
 
 class TrainingProgress:
