@@ -35,25 +35,18 @@ class Console:
 
   def say(self, text: str) -> None:
     """A line that stays."""
-    if not self.enabled:
-      return
-    self._end_live_line()
-    self.stream.write(text + '\n')
-    self.stream.flush()
+    if self.enabled:
+      self.stream.write(('\n' if self._pending else '') + text + '\n')  # ends a live line
+      self.stream.flush()
+      self._pending = False
 
   def update(self, text: str) -> None:
     """A progress line: redrawn in place on a terminal, else written as a line of its own."""
     if not self.live:
-      self.say(text)
-      return
+      return self.say(text)
     self.stream.write('\r\033[K' + text)
     self.stream.flush()
     self._pending = True
-
-  def _end_live_line(self) -> None:
-    if self._pending:
-      self.stream.write('\n')
-      self._pending = False
 
 
 class TrainingProgress:
@@ -74,9 +67,6 @@ class TrainingProgress:
     self._start: Optional[tuple] = None  # (time, step) of the first progress line
     self._last = (time.perf_counter(), start_step)
 
-  def _epochs(self, epoch: int) -> str:
-    return f'epoch {epoch}/{self.num_epochs}'
-
   def step(self, step: int, scalars: dict) -> None:
     """The progress line after `step`, with the running train loss and accuracy of the epoch."""
     now = time.perf_counter()
@@ -94,13 +84,13 @@ class TrainingProgress:
       bar = f'[{"#" * filled}{"." * (_BAR_WIDTH - filled)}] {100 * done:3.0f}%  '
     epoch = (step - 1) // self.steps_per_epoch + 1
     self.console.update(
-        f'{bar}step {step}/{self.total_steps}  {self._epochs(epoch)}  '
+        f'{bar}step {step}/{self.total_steps}  epoch {epoch}/{self.num_epochs}  '
         f'loss {scalars["loss"]:.4f}  acc {scalars["accuracy"]:.4f}  {images_per_s:,.0f} img/s  '
         f'ETA {format_duration((self.total_steps - step) / rate)}')
 
   def epoch(self, row: dict, best: bool) -> None:
     """The line of a finished epoch: train, validation (when run) and time."""
-    text = (f'{self._epochs(row["epoch"])}  train loss {row["train_loss"]:.4f} '
+    text = (f'epoch {row["epoch"]}/{self.num_epochs}  train loss {row["train_loss"]:.4f} '
             f'acc {row["train_accuracy"]:.4f}')
     if 'val_loss' in row:
       text += (f'  |  val loss {row["val_loss"]:.4f} acc {row["val_accuracy"]:.4f}'

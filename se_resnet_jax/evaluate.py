@@ -4,11 +4,9 @@
 
 The run's config is read from `workdir/config.json` (written when training starts) unless --config
 is given; it names where the training read its data (absolute paths, $TFDS_DATA_DIR filled in), so
-no environment needs repeating. --data_dir or --npz_path point at the data where it has moved.
-The report goes to `workdir/evaluation/<checkpoint>-<step>/` so the training report stays.
-Writing into the workdir takes its lock (while a run trains there, this is refused, with the advice
-to pass --output_dir outside it); with --output_dir elsewhere the workdir is only read. An
---output_dir that already holds a report is refused unless --overwrite.
+no environment needs repeating. The report goes to `workdir/evaluation/<checkpoint>-<step>/`, so
+the training report stays; while a run trains in the workdir, only an --output_dir outside it can
+be written (the workdir is then only read).
 """
 
 import contextlib
@@ -67,11 +65,9 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'bo
                         tta_flip: Optional[bool] = None,
                         allow_changed_data: bool = False, data_dir: Optional[str] = None,
                         npz_path: Optional[str] = None, overwrite: bool = False) -> dict:
-  """Writes the report of one checkpoint and returns it, with 'output_dir' saying where.
-
-  Before any data is read, the report's directory must be writable and the checkpoint is restored
-  and checked against the config, data settings included (an npz_path other than the run's too).
-  """
+  """Writes the report of one checkpoint and returns it, with 'output_dir' saying where. Before
+  any data is read, the report's directory must be writable and the checkpoint is restored and
+  checked against the config, data settings included (an npz_path other than the run's too)."""
   if not os.path.isdir(workdir):
     raise WorkdirError(f'Workdir {workdir!r} does not exist.')
   destination = output_dir or os.path.join(workdir, 'evaluation')

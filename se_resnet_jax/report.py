@@ -1,8 +1,7 @@
 """The report a run leaves in its workdir: report.json for machines, report.md for people, pictures.
 
-The trainer hands over per-example predictions, top-5 hits and losses as numpy arrays; the metrics
-here are plain host-side numpy (following scikit-learn's conventions, see `split_report`), so they
-need neither TensorFlow nor scikit-learn. Every file is written atomically (see `files`).
+The metrics are host-side numpy on the per-example predictions, following scikit-learn's
+conventions (see `split_report`) without needing it. Every file is written atomically (`files`).
 """
 
 import json
@@ -34,11 +33,9 @@ _MAX_ANNOTATED_CLASSES = 20
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-  """(num_classes, num_classes) int64 counts, rows true and columns predicted (as sklearn).
-
-  Every class gets a row and a column, present or not, so the matrices of different splits line
-  up. A class index out of range raises ValueError rather than being dropped by the bincount.
-  """
+  """(num_classes, num_classes) int64 counts, rows true and columns predicted (as sklearn); every
+  class has a row and a column, present or not, so the matrices of different splits line up. A
+  class index out of range raises ValueError rather than being dropped by the bincount."""
   labels, predictions = np.asarray(labels), np.asarray(predictions)
   if labels.ndim != 1 or labels.shape != predictions.shape:
     raise ValueError('labels and predictions must be 1-D arrays of the same length, got shapes '
@@ -57,8 +54,7 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
   """numerator / denominator, 0 where the denominator is 0 (sklearn's zero_division=0)."""
   numerator = numerator.astype(np.float64)
-  return np.divide(numerator, denominator, out=np.zeros_like(numerator),
-                   where=denominator > 0)
+  return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
 
 
 def split_report(labels: np.ndarray, predictions: np.ndarray, losses: np.ndarray,
@@ -66,13 +62,9 @@ def split_report(labels: np.ndarray, predictions: np.ndarray, losses: np.ndarray
   """One evaluated split as a JSON-serialisable dict: accuracies, loss, matrix, per-class table.
 
   Precision, recall and F1 match sklearn's `precision_recall_fscore_support(zero_division=0,
-  labels=range(len(class_names)))`, and the macro average is over all classes, present or not, so
-  it is comparable across splits and checkpoints. A class's accuracy is its recall. An empty split
-  or arrays of different lengths raise ValueError instead of a report of NaNs.
-  """
-  labels = np.asarray(labels)
-  losses = np.asarray(losses)
-  top5_correct = np.asarray(top5_correct)
+  labels=range(len(class_names)))`; the macro average is over all classes, present or not, so it
+  compares across splits. A class's accuracy is its recall. An empty split raises ValueError."""
+  labels, losses, top5_correct = np.asarray(labels), np.asarray(losses), np.asarray(top5_correct)
   cm = confusion_matrix(labels, predictions, len(class_names))
   if labels.size == 0:
     raise ValueError('Cannot report on an empty split.')
@@ -80,9 +72,7 @@ def split_report(labels: np.ndarray, predictions: np.ndarray, losses: np.ndarray
     raise ValueError(f'losses {losses.shape} and top5_correct {top5_correct.shape} must match '
                      f'labels {labels.shape}.')
 
-  true_positives = np.diag(cm)
-  support = cm.sum(axis=1)
-  predicted = cm.sum(axis=0)
+  true_positives, support, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
   precision = _safe_divide(true_positives, predicted)
   recall = _safe_divide(true_positives, support)
   # support + predicted = 2TP + FN + FP, so this is the F1 formula sklearn uses.
@@ -117,11 +107,8 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[Any], 
 
 
 def plot_learning_curves(history: Sequence[Mapping[str, Any]], path: str) -> None:
-  """Loss and accuracy per epoch, train against validation, on integer epoch ticks.
-
-  Validation has markers because it may be evaluated only every few epochs, where a lone point
-  would be no line; so has train unless there are many epochs, so a 1-epoch run shows its point.
-  """
+  """Loss and accuracy per epoch, train against validation, with markers: validation may be
+  evaluated only every few epochs, and a 1-epoch run has one point, which a line would not show."""
   plt = pyplot()
   from matplotlib.ticker import MaxNLocator
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -133,12 +120,10 @@ def plot_learning_curves(history: Sequence[Mapping[str, Any]], path: str) -> Non
       if epochs:
         ax.plot(epochs, values, style, label=label, markersize=4)
     ax.margins(y=0.1)
-    ax.set_title(metric.capitalize())
-    ax.set_xlabel('epoch')
+    ax.set(title=metric.capitalize(), xlabel='epoch', ylabel=metric)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 0.96 or 1.02
     if len(set(train_epochs)) == 1:  # one epoch: a point, centred, not a 0.08-wide axis
       ax.set_xlim(train_epochs[0] - 1, train_epochs[0] + 1)
-    ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend()
@@ -147,11 +132,8 @@ def plot_learning_curves(history: Sequence[Mapping[str, Any]], path: str) -> Non
 
 
 def plot_confusion_matrix(split: Mapping[str, Any], path: str, title: str) -> None:
-  """A split's row-normalised confusion matrix as a heat map.
-
-  Each cell reads as "fraction of class i predicted as j", comparable across classes of different
-  support. Beyond 20 classes the cells are not annotated; the figure grows and the fonts shrink.
-  """
+  """A split's confusion matrix as a heat map, rows normalised so that cells compare across classes
+  of different support; beyond 20 classes it grows instead of annotating the cells."""
   plt = pyplot()
   class_names = [entry['class'] for entry in split['per_class']]
   cm = np.asarray(split['confusion_matrix'], dtype=np.float64)
@@ -165,15 +147,11 @@ def plot_confusion_matrix(split: Mapping[str, Any], path: str, title: str) -> No
   ticks = np.arange(num_classes)
   ax.set_xticks(ticks, labels=class_names, rotation=90, fontsize=fontsize)
   ax.set_yticks(ticks, labels=class_names, fontsize=fontsize)
-  ax.set_xlabel('predicted class')
-  ax.set_ylabel('true class')
-  ax.set_title(title)
+  ax.set(xlabel='predicted class', ylabel='true class', title=title)
   if num_classes <= _MAX_ANNOTATED_CLASSES:
-    for i in range(num_classes):
-      for j in range(num_classes):
-        value = normalised[i, j]
-        ax.text(j, i, f'{value:.2f}', ha='center', va='center', fontsize=8,
-                color='white' if value > 0.5 else 'black')
+    for (i, j), value in np.ndenumerate(normalised):
+      ax.text(j, i, f'{value:.2f}', ha='center', va='center', fontsize=8,
+              color='white' if value > 0.5 else 'black')
   fig.tight_layout()
   save_figure(fig, path)
 
@@ -195,10 +173,7 @@ def plot_per_class_accuracy(split: Mapping[str, Any], path: str, title: str) -> 
     ax.legend(loc='lower right')
   ax.set_xticks(np.arange(num_classes), labels=names, rotation=90,
                 fontsize=_tick_fontsize(num_classes))
-  ax.set_xlim(-0.6, num_classes - 0.4)
-  ax.set_ylim(0.0, 1.08)
-  ax.set_ylabel('accuracy')
-  ax.set_title(title)
+  ax.set(xlim=(-0.6, num_classes - 0.4), ylim=(0.0, 1.08), ylabel='accuracy', title=title)
   ax.grid(axis='y', alpha=0.3)
   fig.tight_layout()
   save_figure(fig, path)
@@ -303,14 +278,17 @@ def write_markdown(report: Mapping[str, Any], path: str,
   files.write_text(path, lines)
 
 
+def figures_in(directory: str) -> dict[str, str]:
+  """Caption -> file name of the pictures in `directory`."""
+  return {caption: name for name, caption in FIGURES.items()
+          if os.path.exists(os.path.join(directory, name))}
+
+
 def write_report(workdir: str, report: Mapping[str, Any],
                  history: Sequence[Mapping[str, Any]]) -> dict[str, str]:
   """Writes report.json (the report and `history`, one dict per epoch), report.md and the pictures
-  into `workdir`, and returns name ('json', 'markdown', 'curves', ...) -> path of what it wrote.
-
-  The pictures (none without matplotlib) are the learning curves, when there is a history, and the
-  confusion matrix and per-class accuracy of the test split, or else the validation split.
-  """
+  (none without matplotlib; the matrix and per-class accuracy of the test split, else validation)
+  into `workdir`; returns name ('json', 'markdown', 'curves', ...) -> path of what it wrote."""
   os.makedirs(workdir, exist_ok=True)
   paths = {}
   draw = files.drawing_available()
@@ -323,9 +301,8 @@ def write_report(workdir: str, report: Mapping[str, Any],
                        ('per_class_accuracy', plot_per_class_accuracy)):
       paths[name] = os.path.join(workdir, f'{name}.png')
       plot(report[split_name], paths[name], f'{FIGURES[name + ".png"]} ({split_name})')
-  figures = {FIGURES[os.path.basename(p)]: os.path.basename(p) for p in paths.values()}
   paths['json'] = os.path.join(workdir, REPORT_JSON)
   files.write_json_atomic(paths['json'], {**report, 'history': list(history)})
   paths['markdown'] = os.path.join(workdir, 'report.md')
-  write_markdown(report, paths['markdown'], figures=figures)
+  write_markdown(report, paths['markdown'], figures=figures_in(workdir))
   return paths

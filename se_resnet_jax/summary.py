@@ -67,13 +67,10 @@ def read_report(workdir: str) -> Optional[dict]:
 
 def finished_report(workdir: str, config: ml_collections.ConfigDict,
                     allow_changed_data: bool = False) -> Optional[dict]:
-  """The report of the finished run in `workdir` if `config` asks for that very run, else None.
-
-  The very run means the same config (but for RERUN_NEUTRAL_FIELDS), the same data settings
-  (`input_pipeline.data_identity`: an npz_path moved elsewhere may hold other arrays), and the
-  report's weights still on disk. Other data settings are refused (FinishedRunError) unless
-  `allow_changed_data`, which evaluates the run's checkpoints again on the data given.
-  """
+  """The report of the finished run in `workdir` if `config` asks for that very run (the same
+  config but for RERUN_NEUTRAL_FIELDS), else None. Other data settings (an npz_path moved elsewhere
+  may hold other arrays) or lost weights raise FinishedRunError, unless `allow_changed_data` asks
+  to evaluate the run's checkpoints again on the data given."""
   from se_resnet_jax import input_pipeline
 
   report = read_report(workdir)
@@ -98,13 +95,10 @@ def finished_report(workdir: str, config: ml_collections.ConfigDict,
 
 
 def ensure_markdown(workdir: str, report: dict) -> None:
-  """Rewrites report.md from report.json when it is missing (a kill between the two writes):
-  the summary points at it."""
+  """Rewrites a missing report.md (a kill between the two writes), which the summary points at."""
   path = os.path.join(workdir, 'report.md')
   if not os.path.exists(path):
-    report_lib.write_markdown(report, path, figures={
-        caption: name for name, caption in report_lib.FIGURES.items()
-        if os.path.exists(os.path.join(workdir, name))})
+    report_lib.write_markdown(report, path, figures=report_lib.figures_in(workdir))
     logging.warning('%s was missing: rewrote it from %s.', path, REPORT_JSON)
 
 
@@ -129,7 +123,8 @@ def finished_message(workdir: str, report: dict) -> str:
 def closing_summary(workdir: str, report: dict) -> str:
   """The result table (split, accuracy, loss, best epoch) and the paths of the report's files."""
   weights = report['weights']
-  lines = [f'Results of {workdir}: {report["config"]["model"]["name"]} on {report["dataset"]}, '
+  model = report.get('config', {}).get('model', {}).get('name', 'model')
+  lines = [f'Results of {workdir}: {model} on {report.get("dataset", "?")}, '
            f'weights of epoch {weights["epoch"]} of {report["epochs_completed"]}, step '
            f'{weights["step"]} of run {weights["run_id"]} ({weights["chosen_by"]})', '']
   best = report.get('best_epoch')
@@ -141,8 +136,7 @@ def closing_summary(workdir: str, report: dict) -> str:
   for row in rows:
     lines.append('  ' + '  '.join(cell.ljust(w) if i == 0 else cell.rjust(w)
                                   for i, (cell, w) in enumerate(zip(row, widths))))
-  pictures = [os.path.join(workdir, name) for name in report_lib.FIGURES
-              if os.path.exists(os.path.join(workdir, name))]
+  pictures = [os.path.join(workdir, name) for name in report_lib.figures_in(workdir).values()]
   lines += ['', f'  report       {os.path.join(workdir, "report.md")} (numbers: '
                 f'{os.path.join(workdir, REPORT_JSON)})',
             f'  pictures     {", ".join(pictures) if pictures else "none (install matplotlib)"}']
@@ -152,7 +146,6 @@ def closing_summary(workdir: str, report: dict) -> str:
 
 
 def print_summary(workdir: str, report: dict) -> None:
-  """The closing summary on stdout, the command's result (progress goes to stderr); process 0
-  only, as the others would repeat it."""
+  """The closing summary on stdout (progress goes to stderr), from process 0 only."""
   if jax.process_index() == 0:
     print(closing_summary(workdir, report))
