@@ -1,6 +1,7 @@
 """What a run tells the person watching it: one progress display, one line per epoch; on stderr,
 so that stdout carries only a command's result (`... > result.txt` keeps the closing summary).
 """
+
 import sys
 import time
 from typing import IO, Optional

@@ -82,8 +82,7 @@ def finished_report(workdir: str, config: ml_collections.ConfigDict,
   except input_pipeline.DataSettingsChangedError as e:
     if allow_changed_data:
       return None
-    raise FinishedRunError(f'{e} (--allow_changed_data evaluates its weights on these data.)',
-                           'data') from None
+    raise FinishedRunError(f'{e} Going on evaluates its weights on these data.', 'data') from None
   step = report['weights']['step']
   if not os.path.isdir(os.path.join(workdir, 'checkpoints', str(step))):
     raise FinishedRunError(
