@@ -1,9 +1,5 @@
-"""What a run tells the person watching it: one progress display, one line per epoch.
-
-The lines go to stderr, like any progress display, so that stdout carries only a command's result
-(the closing summary) and `... > result.txt` keeps just that. Only process 0 of a multi-process run
-speaks; the others would repeat it. On a terminal the progress line is redrawn in place as a bar;
-anywhere else (a file, a pipe, a notebook) each update is a line of its own.
+"""What a run tells the person watching it: one progress display, one line per epoch; on stderr,
+so that stdout carries only a command's result (`... > result.txt` keeps the closing summary).
 """
 
 import sys
@@ -25,42 +21,33 @@ def format_duration(seconds: float) -> str:
 
 
 class Console:
-  """Lines for a person, on stderr of process 0; a live line is redrawn in place on a terminal."""
+  """Lines for a person, on stderr of process 0 (the others would repeat it). On a terminal a
+  progress line is redrawn in place; elsewhere (a file, a pipe, a notebook) it is a line of its own.
+  """
 
   def __init__(self, stream: Optional[IO[str]] = None, enabled: Optional[bool] = None):
     self.stream = stream if stream is not None else sys.stderr
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.live = self.enabled and _isatty(self.stream)
+    try:
+      self.live = self.enabled and self.stream.isatty()
+    except (AttributeError, ValueError):  # closed or not a real file
+      self.live = False
     self._pending = False  # a live line is on screen without its newline
 
   def say(self, text: str) -> None:
     """A line that stays."""
-    if not self.enabled:
-      return
-    self._end_live_line()
-    self.stream.write(text + '\n')
-    self.stream.flush()
+    if self.enabled:
+      self.stream.write(('\n' if self._pending else '') + text + '\n')  # ends a live line
+      self.stream.flush()
+      self._pending = False
 
   def update(self, text: str) -> None:
     """A progress line: redrawn in place on a terminal, else written as a line of its own."""
     if not self.live:
-      self.say(text)
-      return
+      return self.say(text)
     self.stream.write('\r\033[K' + text)
     self.stream.flush()
     self._pending = True
-
-  def _end_live_line(self) -> None:
-    if self._pending:
-      self.stream.write('\n')
-      self._pending = False
-
-
-def _isatty(stream: IO[str]) -> bool:
-  try:
-    return stream.isatty()
-  except (AttributeError, ValueError):  # closed or not a real file
-    return False
 
 
 class TrainingProgress:
@@ -81,9 +68,6 @@ class TrainingProgress:
     self._start: Optional[tuple] = None  # (time, step) of the first progress line
     self._last = (time.perf_counter(), start_step)
 
-  def _epochs(self, epoch: int) -> str:
-    return f'epoch {epoch}/{self.num_epochs}'
-
   def step(self, step: int, scalars: dict) -> None:
     """The progress line after `step`, with the running train loss and accuracy of the epoch."""
     now = time.perf_counter()
@@ -101,13 +85,13 @@ class TrainingProgress:
       bar = f'[{"#" * filled}{"." * (_BAR_WIDTH - filled)}] {100 * done:3.0f}%  '
     epoch = (step - 1) // self.steps_per_epoch + 1
     self.console.update(
-        f'{bar}step {step}/{self.total_steps}  {self._epochs(epoch)}  '
+        f'{bar}step {step}/{self.total_steps}  epoch {epoch}/{self.num_epochs}  '
         f'loss {scalars["loss"]:.4f}  acc {scalars["accuracy"]:.4f}  {images_per_s:,.0f} img/s  '
         f'ETA {format_duration((self.total_steps - step) / rate)}')
 
   def epoch(self, row: dict, best: bool) -> None:
     """The line of a finished epoch: train, validation (when run) and time."""
-    text = (f'{self._epochs(row["epoch"])}  train loss {row["train_loss"]:.4f} '
+    text = (f'epoch {row["epoch"]}/{self.num_epochs}  train loss {row["train_loss"]:.4f} '
             f'acc {row["train_accuracy"]:.4f}')
     if 'val_loss' in row:
       text += (f'  |  val loss {row["val_loss"]:.4f} acc {row["val_accuracy"]:.4f}'

@@ -4,15 +4,12 @@
 
 The run's config is read from `workdir/config.json` (written when training starts) unless --config
 is given; it names where the training read its data (absolute paths, $TFDS_DATA_DIR filled in), so
-no environment needs repeating. --data_dir or --npz_path point at the data where it has moved.
-The report goes to `workdir/evaluation/<checkpoint>-<step>/` so the training report stays.
-Writing into the workdir takes its lock (while a run trains there, this is refused, with the advice
-to pass --output_dir outside it); with --output_dir elsewhere the workdir is only read. An
---output_dir that already holds a report is refused unless --overwrite.
+no environment needs repeating. The report goes to `workdir/evaluation/<checkpoint>-<step>/`, so
+the training report stays; while a run trains in the workdir, only an --output_dir outside it can
+be written (the workdir is then only read).
 """
 
 import contextlib
-import errno
 import os
 import tempfile
 from typing import Optional
@@ -35,16 +32,12 @@ FLAGS = flags.FLAGS
 
 
 def _check_writable(directory: str) -> None:
-  """Fails before any work when the report could not be written (a read-only run, say).
-
-  Creates nothing: it writes (and removes) a temporary file in the nearest existing directory.
-  """
+  """Fails before any work when the report could not be written (a read-only run, say), by
+  writing a temporary file in the nearest existing directory: a permission check is no proof."""
   existing = os.path.abspath(directory)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   try:
-    if not os.path.isdir(existing):
-      raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
     with tempfile.TemporaryFile(dir=existing):
       pass
   except OSError as e:
@@ -72,21 +65,16 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'bo
                         tta_flip: Optional[bool] = None,
                         allow_changed_data: bool = False, data_dir: Optional[str] = None,
                         npz_path: Optional[str] = None, overwrite: bool = False) -> dict:
-  """Writes report.json/.md and the pictures for one checkpoint; returns the report (and where).
-
-  `config` defaults to the run's own (workdir/config.json); `tta_flip` overrides its setting, and
-  `data_dir` or `npz_path` say where its data is now. An npz_path is part of the run's data
-  settings, so another one than the run recorded also needs `allow_changed_data`. Before any work:
-  the report's directory must be writable, and the checkpoint is restored (and checked against the
-  config, data settings included) before any data is read.
-  """
+  """Writes the report of one checkpoint and returns it, with 'output_dir' saying where. Before
+  any data is read, the report's directory must be writable and the checkpoint is restored and
+  checked against the config, data settings included (an npz_path other than the run's too)."""
   if not os.path.isdir(workdir):
     raise WorkdirError(f'Workdir {workdir!r} does not exist.')
   destination = output_dir or os.path.join(workdir, 'evaluation')
   if output_dir is not None:
     files.check_output(output_dir, '--output_dir', directory=True)
     if os.path.isdir(output_dir):  # else it is made for this report
-      files.check_output(os.path.join(output_dir, summary.REPORT_JSON), '--output_dir', overwrite)
+      files.check_output(os.path.join(output_dir, report.REPORT_JSON), '--output_dir', overwrite)
   _check_writable(destination)
   if data_dir is not None or npz_path is not None:
     config = config or load_run_config(workdir)
@@ -109,11 +97,10 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'bo
     eval_step = make_eval_step(config, run.model, run.record.mean, run.record.std)
     result = final_report(config, data, run.model, run.variables, run.step, run.progress,
                           eval_step, data_mesh(), None, splits)
-    result['checkpoint'] = {'which': checkpoint, 'step': run.step, 'epoch': epoch,
-                            'run_id': run.run_id}
     result['weights'] = {'epoch': epoch, 'step': run.step, 'run_id': run.run_id,
                          'chosen_by': f'checkpoint {checkpoint!r} of {workdir}'}
     result['run_id'] = run.run_id
+    result['data'] = input_pipeline.data_identity(config)  # the data it was evaluated on
     output_dir = output_dir or os.path.join(destination, f'{checkpoint}-{run.step}')
     if jax.process_index() == 0:
       report.write_report(output_dir, result, run.progress.history)
@@ -145,8 +132,7 @@ def main(argv):
     result = evaluate_checkpoint(FLAGS.workdir, FLAGS.checkpoint, FLAGS.split, FLAGS.output_dir,
                                  FLAGS.config, FLAGS.tta_flip, FLAGS.allow_changed_data,
                                  FLAGS.data_dir, FLAGS.npz_path, FLAGS.overwrite)
-    if jax.process_index() == 0:
-      print(summary.closing_summary(result['output_dir'], result))
+    summary.print_summary(result['output_dir'], result)
 
   cli.run(argv, command)
 

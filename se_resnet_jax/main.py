@@ -36,10 +36,8 @@ def main(argv):
     # Every process says which it is; only process 0 speaks after this.
     Console(enabled=True).say(f'JAX process {jax.process_index()}/{jax.process_count()}: '
                               f'{jax.device_count()} x {device.device_kind} ({device.platform}).')
-    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                                      allow_changed_data=FLAGS.allow_changed_data)
-    if jax.process_index() == 0:
-      print(summary.closing_summary(FLAGS.workdir, result))
+    summary.print_summary(FLAGS.workdir, train.train_and_evaluate(
+        FLAGS.config, FLAGS.workdir, allow_changed_data=FLAGS.allow_changed_data))
 
   cli.run(argv, command)
 

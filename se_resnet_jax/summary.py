@@ -1,10 +1,7 @@
-"""How a command ends: the result table and where the files are, and a finished run read back.
-
-The closing summary is built from the report alone (report.json's content and the files beside
-it), so a fresh run and a rerun of a finished one end with the same text. A run is finished when
-its workdir holds report.json, which training writes last, and that report's config asks for the
-same run as the command's; the run is then answered from its report instead of being loaded,
-compiled and evaluated again.
+"""What a command prints when it ends: the result table and where the report's files are; for a
+rerun of a finished run (its workdir holds report.json, which training writes last), that run read
+back from its report instead of being loaded, compiled and evaluated again. The summary is built
+from the report alone, so a fresh run and a rerun of a finished one end with the same text.
 """
 
 import glob
@@ -13,14 +10,14 @@ import os
 import shlex
 from typing import Optional
 
+import jax
 import ml_collections
 from absl import logging
 from flax import traverse_util
 
+from se_resnet_jax import report as report_lib
 from se_resnet_jax.errors import UserError
-
-REPORT_JSON = 'report.json'
-PICTURES = ('curves.png', 'confusion_matrix.png', 'per_class_accuracy.png')
+from se_resnet_jax.report import REPORT_JSON
 
 # Fields that say where the data is or how often to print, not what the run computes: a finished
 # run moved to another machine, or rerun with another TFDS_DATA_DIR, is still the same run.
@@ -53,11 +50,8 @@ class FinishedRunError(UserError):
 
 
 def read_report(workdir: str) -> Optional[dict]:
-  """The workdir's report.json; None when there is none, or it is damaged (with a warning).
-
-  A report truncated or emptied (a full disk, a kill during a copy) is no answer: the run is then
-  evaluated again from its checkpoints, which rewrites it.
-  """
+  """The workdir's report.json; None when there is none, or it is damaged (with a warning), as
+  after a full disk or a kill during a copy: the run is then evaluated again, which rewrites it."""
   path = os.path.join(workdir, REPORT_JSON)
   if not os.path.exists(path):
     return None
@@ -71,100 +65,67 @@ def read_report(workdir: str) -> Optional[dict]:
   return report if isinstance(report, dict) else None
 
 
-def _report_weights_present(workdir: str, report: dict) -> bool:
-  """Whether the checkpoint step the report's numbers are of is still in the workdir."""
-  return os.path.isdir(os.path.join(workdir, 'checkpoints', str(report['weights']['step'])))
-
-
 def finished_report(workdir: str, config: ml_collections.ConfigDict,
                     allow_changed_data: bool = False) -> Optional[dict]:
-  """The report of the finished run in `workdir` if `config` asks for that very run, else None.
-
-  The very run means the same config (but for RERUN_NEUTRAL_FIELDS), the same data settings
-  (`input_pipeline.data_identity`: an npz_path moved elsewhere may hold other arrays), and the
-  report's weights still on disk. Other data settings are refused (FinishedRunError) unless
-  `allow_changed_data`, which evaluates the run's checkpoints again on the data given.
-  """
+  """The report of the finished run in `workdir` if `config` asks for that very run (the same
+  config but for RERUN_NEUTRAL_FIELDS), else None. Other data settings (an npz_path moved elsewhere
+  may hold other arrays) or lost weights raise FinishedRunError, unless `allow_changed_data` asks
+  to evaluate the run's checkpoints again on the data given."""
   from se_resnet_jax import input_pipeline
 
   report = read_report(workdir)
   if report is None or 'config' not in report or config_differences(report['config'], config):
     return None
-  recorded, current = report.get('data'), input_pipeline.data_identity(config)
-  if recorded != current:
+  try:
+    input_pipeline.check_same_data(report['data'], input_pipeline.data_identity(config),
+                                   f'The finished run in {workdir}')
+  except input_pipeline.DataSettingsChangedError as e:
     if allow_changed_data:
       return None
-    differ = sorted(k for k in recorded.keys() | current.keys()
-                    if recorded.get(k) != current.get(k))
-    shown = ', '.join(f'{k}: {recorded.get(k)!r} there, {current.get(k)!r} now' for k in differ)
+    raise FinishedRunError(f'{e} Going on evaluates its weights on these data.', 'data') from None
+  step = report['weights']['step']
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints', str(step))):
     raise FinishedRunError(
-        f'{workdir} holds a finished run made with other data settings ({shown}); its report '
-        'does not answer for these data. Use the settings it was made with, pass '
-        '--allow_changed_data to evaluate its weights on these data, or use a new --workdir.',
-        'data')
-  if not _report_weights_present(workdir, report):
-    raise FinishedRunError(
-        f'{workdir} holds a finished run whose {REPORT_JSON} reports on step '
-        f'{report["weights"]["step"]}, but that checkpoint is no longer in '
-        f'{os.path.join(workdir, "checkpoints")}: its numbers cannot be tied to weights. Put the '
-        f'checkpoints back, or move {REPORT_JSON} aside to evaluate what is left, or use a new '
-        '--workdir.', 'checkpoints')
+        f'{workdir} holds a finished run whose {REPORT_JSON} reports on step {step}, but that '
+        f'checkpoint is no longer in {os.path.join(workdir, "checkpoints")}: its numbers cannot be '
+        f'tied to weights. Put the checkpoints back, or move {REPORT_JSON} aside to evaluate what '
+        'is left, or use a new --workdir.', 'checkpoints')
   return report
 
 
 def ensure_markdown(workdir: str, report: dict) -> None:
-  """Rewrites report.md from report.json when it is missing (a kill between the two writes):
-  the summary points at it."""
-  from se_resnet_jax import report as report_lib
-
+  """Rewrites a missing report.md (a kill between the two writes), which the summary points at."""
   path = os.path.join(workdir, 'report.md')
-  if os.path.exists(path):
-    return
-  captions = {'curves.png': 'Learning curves', 'confusion_matrix.png': 'Confusion matrix',
-              'per_class_accuracy.png': 'Per-class accuracy'}
-  report_lib.write_markdown(report, path, figures={
-      caption: name for name, caption in captions.items()
-      if os.path.exists(os.path.join(workdir, name))})
-  logging.warning('%s was missing: rewrote it from %s.', path, REPORT_JSON)
+  if not os.path.exists(path):
+    report_lib.write_markdown(report, path, figures=report_lib.figures_in(workdir))
+    logging.warning('%s was missing: rewrote it from %s.', path, REPORT_JSON)
 
 
 def finished_message(workdir: str, report: dict) -> str:
   """What a rerun of a finished run says instead of training: and how to train it further."""
-  config = report['config']
-  epochs = report.get('epochs_completed')
-  stopped = (report.get('early_stopping') or {}).get('stopped_epoch')
+  epochs = report['epochs_completed']
   text = (f'{workdir} holds a finished run ({epochs} epoch{"s" if epochs != 1 else ""}, '
           f'{REPORT_JSON}): nothing to train; its results are below. ')
+  stopped = report.get('early_stopping', {}).get('stopped_epoch')
   if stopped:
-    text += (f'Early stopping ended it at epoch {stopped}, so more epochs would not train; ')
-  elif _stopped_by_max_steps(report):
+    text += f'Early stopping ended it at epoch {stopped}, so more epochs would not train; '
+  elif report_lib.stopped_by_max_steps(report):
     text += ('It stopped at max_steps; to train further rerun with a larger --config.max_steps '
              '(or -1): it continues from its last checkpoint. ')
   else:
     text += (f'To train it longer, rerun with a larger --config.num_epochs (e.g. '
-             f'--config.num_epochs={2 * config["num_epochs"]}): it continues from its last '
-             'checkpoint, with the learning-rate schedule recomputed for the new length. ')
+             f'--config.num_epochs={2 * report["config"]["num_epochs"]}): it continues from its '
+             'last checkpoint, with the learning-rate schedule recomputed for the new length. ')
   return text + 'To start over, use a new --workdir.'
-
-
-def _stopped_by_max_steps(report: dict) -> bool:
-  training, max_steps = report.get('training'), report['config'].get('max_steps', -1)
-  return bool(training) and max_steps > 0 and training['steps'] < training['planned_steps']
-
-
-def weights_line(report: dict) -> str:
-  """Which weights the report's numbers are of, e.g. 'epoch 5 of 6 (best validation accuracy)'."""
-  weights = report['weights']
-  return (f'epoch {weights["epoch"]} of {report["epochs_completed"]}, step {weights["step"]} of '
-          f'run {weights["run_id"]} ({weights["chosen_by"]})')
 
 
 def closing_summary(workdir: str, report: dict) -> str:
   """The result table (split, accuracy, loss, best epoch) and the paths of the report's files."""
-  config = report.get('config', {})
-  model = config.get('model', {}).get('name', 'model')
-  lines = [f'Results of {workdir}: {model} on {report.get("dataset", "?")}, weights of '
-           f'{weights_line(report)}', '']
+  weights = report['weights']
+  model = report.get('config', {}).get('model', {}).get('name', 'model')
+  lines = [f'Results of {workdir}: {model} on {report.get("dataset", "?")}, '
+           f'weights of epoch {weights["epoch"]} of {report["epochs_completed"]}, step '
+           f'{weights["step"]} of run {weights["run_id"]} ({weights["chosen_by"]})', '']
   best = report.get('best_epoch')
   rows = [('split', 'accuracy', 'loss', 'best epoch')]
   rows += [(split, f'{100 * report[split]["accuracy"]:.2f}%', f'{report[split]["loss"]:.4f}',
@@ -174,12 +135,16 @@ def closing_summary(workdir: str, report: dict) -> str:
   for row in rows:
     lines.append('  ' + '  '.join(cell.ljust(w) if i == 0 else cell.rjust(w)
                                   for i, (cell, w) in enumerate(zip(row, widths))))
-  lines.append('')
-  pictures = [os.path.join(workdir, name) for name in PICTURES
-              if os.path.exists(os.path.join(workdir, name))]
-  lines.append(f'  report       {os.path.join(workdir, "report.md")} (numbers: '
-               f'{os.path.join(workdir, REPORT_JSON)})')
-  lines.append(f'  pictures     {", ".join(pictures) if pictures else "none (install matplotlib)"}')
+  pictures = [os.path.join(workdir, name) for name in report_lib.figures_in(workdir).values()]
+  lines += ['', f'  report       {os.path.join(workdir, "report.md")} (numbers: '
+                f'{os.path.join(workdir, REPORT_JSON)})',
+            f'  pictures     {", ".join(pictures) if pictures else "none (install matplotlib)"}']
   if glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
     lines.append(f'  TensorBoard  tensorboard --logdir {shlex.quote(workdir)}')
   return '\n'.join(lines)
+
+
+def print_summary(workdir: str, report: dict) -> None:
+  """The closing summary on stdout (progress goes to stderr), from process 0 only."""
+  if jax.process_index() == 0:
+    print(closing_summary(workdir, report))

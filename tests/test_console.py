@@ -227,8 +227,12 @@ def test_a_field_means_its_comment_first_sentence():
 
 
 def test_finished_run_is_recognised_by_its_config_only(tmp_path):
+  from se_resnet_jax.input_pipeline import data_identity
+
   config = base_config()
-  (tmp_path / 'report.json').write_text(json.dumps({'config': config.to_dict()}))
+  (tmp_path / 'checkpoints' / '8').mkdir(parents=True)
+  (tmp_path / 'report.json').write_text(json.dumps({
+      'config': config.to_dict(), 'data': data_identity(config), 'weights': {'step': 8}}))
   assert summary.finished_report(str(tmp_path), config) is not None
   moved = config.copy_and_resolve_references()
   moved.data_dir, moved.log_every_steps = '/elsewhere', 7  # where the data is, how often to print

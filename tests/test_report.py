@@ -10,6 +10,9 @@ from se_resnet_jax import files, report
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 PICTURES = ('curves.png', 'confusion_matrix.png', 'per_class_accuracy.png')
+# What train.py and evaluate.py write into every report.
+RUN = {'weights': {'epoch': 1, 'step': 30, 'run_id': 'run0', 'chosen_by': 'the last epoch'},
+       'run_id': 'run0', 'epochs_completed': 1}
 
 
 def _split_arrays(num_classes: int, num_examples: int, seed: int = 0):
@@ -118,7 +121,7 @@ def test_write_report_writes_complete_report(tmp_path):
                  'compile_s': 30.2, 'device_kind': 'NVIDIA H200'},
       'early_stopping': {'stopped_epoch': 4, 'best_epoch': 2, 'monitor': 'val_accuracy',
                          'best_value': 0.75},
-      'epochs_completed': 4,
+      **RUN, 'epochs_completed': 4,
   }
   history = [
       {'epoch': 1, 'train_loss': 2.0, 'train_accuracy': 0.3, 'val_loss': 1.8,
@@ -154,7 +157,7 @@ def test_write_report_for_100_class_checkpoint_without_history(tmp_path):
   # What `evaluate` of a bare checkpoint passes: validation only, no history, no extras.
   names = [f'class_{i:03d}' for i in range(100)]
   minimal_report = {
-      'dataset': 'cifar100',
+      **RUN, 'dataset': 'cifar100',
       'class_names': names,
       'validation': report.split_report(*_split_arrays(100, 300), names),
   }
@@ -182,7 +185,7 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
 
   monkeypatch.setattr(os, 'replace', fail)
   with pytest.raises(OSError):
-    report.write_markdown({'dataset': 'cifar10'}, str(path))
+    report.write_markdown({**RUN, 'dataset': 'cifar10'}, str(path))
   assert path.read_text() == 'previous report\n'
   assert os.listdir(tmp_path) == ['report.md']
 
@@ -190,14 +193,13 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
 def test_markdown_says_which_weights_how_far_the_run_got_and_names_every_timing(tmp_path):
   path = tmp_path / 'report.md'
   report.write_markdown({
-      'dataset': 'cifar10', 'epochs_completed': 1, 'config': {'max_steps': 30},
-      'weights': {'epoch': 1, 'step': 30, 'chosen_by': 'the last epoch'},
+      **RUN, 'dataset': 'cifar10', 'config': {'max_steps': 30},
       'training': {'steps': 30, 'steps_per_epoch': 351, 'planned_steps': 351},
       'timing': {'inference_images_per_s': 2000.0, 'inference_batch_size': 1000}}, str(path))
   markdown = path.read_text()
   assert ('- Epochs completed: 0 of 1, plus 30 of the 351 steps of epoch 1 (30 steps, stopped by '
           'max_steps=30)') in markdown
-  assert '- Weights reported: epoch 1 (step 30), the last epoch' in markdown
+  assert '- Weights reported: epoch 1 (step 30, run run0), the last epoch' in markdown
   assert '| Inference throughput, batch 1,000 (images/s) | 2,000.00 |' in markdown
   assert 'inference_batch_size' not in markdown.split('## Config')[0]
 
