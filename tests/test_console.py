@@ -9,13 +9,14 @@ cache, so the later runs load the programs the first one compiled.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-from conftest import subprocess_env
+from conftest import TINY_RUN, subprocess_env
 
 from se_resnet_jax import summary, usage
 from se_resnet_jax.config import base_config
@@ -24,11 +25,7 @@ from se_resnet_jax.console import Console, TrainingProgress, format_duration
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 2
 STEPS_PER_EPOCH = 8  # (384 - 128 validation) / 32
-SMALL = {
-    'synthetic.num_train': 384, 'synthetic.num_test': 64, 'validation_size': 128,
-    'model.num_filters': 4, 'model.se_reduction': 2, 'batch_size': 32, 'eval_batch_size': 64,
-    'measure_inference': False, 'log_every_steps': 3, 'num_epochs': EPOCHS,
-}
+SMALL = {k: v for k, v in TINY_RUN.items() if k != 'dataset'}  # on generated images
 TIMEOUT_S = 900  # a guard against hangs only
 # What the data extra adds to the core install; hidden from the "core install" runs.
 NOT_IN_CORE = ('matplotlib', 'PIL', 'tensorflow', 'tensorboard', 'tensorflow_datasets')
@@ -68,10 +65,10 @@ def _files(workdir):
           for root, _, names in os.walk(workdir) for name in names}
 
 
-@pytest.fixture(scope='module')
-def smoke_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('smoke') / 'run')
-  return workdir, _main(workdir)
+@pytest.fixture
+def smoke_run(tiny_run_result):
+  """The session's tiny run: the training command's console and the workdir it left."""
+  return tiny_run_result.workdir, tiny_run_result.command
 
 
 @pytest.mark.slow
@@ -107,20 +104,23 @@ def test_smoke_run_console_is_one_display_and_ends_with_the_summary(smoke_run):
 
 
 @pytest.mark.slow
-def test_rerun_of_a_finished_run_answers_from_its_report(smoke_run):
-  workdir, first = smoke_run
+def test_rerun_of_a_finished_run_answers_from_its_report(tiny_run_result, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(tiny_run_result.workdir, workdir)
+  data = {k: tiny_run_result.config[k] for k in ('dataset', 'npz_path')}
   before = _files(workdir)
   start = time.perf_counter()
-  rerun = _main(workdir, cwd=os.path.dirname(workdir))  # from another folder, too
+  rerun = _main(workdir, data, cwd=str(tmp_path))  # from another folder, too
   seconds = time.perf_counter() - start
   print(f'\nrerun of a finished run: {seconds:.1f} s')
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert rerun.stdout == first.stdout  # the same summary
+  # the same summary
+  assert rerun.stdout == tiny_run_result.command.stdout.replace(tiny_run_result.workdir, workdir)
   assert _files(workdir) == before  # nothing trained, evaluated or written
   assert '--config.num_epochs' in rerun.stderr  # how to train it further
 
   # A larger num_epochs trains it further: it resumes from the last checkpoint.
-  longer = _main(workdir, {'num_epochs': EPOCHS + 1})
+  longer = _main(workdir, {**data, 'num_epochs': EPOCHS + 1})
   assert longer.returncode == 0, longer.stderr[-3000:]
   assert f'at step {EPOCHS * STEPS_PER_EPOCH} ' in longer.stderr
   assert _report(workdir)['epochs_completed'] == EPOCHS + 1

@@ -20,7 +20,6 @@ import optax
 import pytest
 from conftest import abstract_state, random_variables
 from flax import traverse_util
-from trained_run import tiny_run  # noqa: F401
 
 from se_resnet_jax import config as config_lib
 from se_resnet_jax import evaluation, files, input_pipeline, sharding, steps, summary, train
@@ -315,20 +314,21 @@ def test_ctrl_c_during_the_final_evaluation_ends_at_once(make_tiny_config, tmp_p
 # Rerunning a finished run (issue 20): answered from its report only for the very same run.
 
 
-def _tiny_run_config(make_tiny_config, **changes):
-  """The config `tiny_run` was trained with (trained_run.py), with `changes`."""
-  return make_tiny_config(**{'model.num_filters': 4, 'num_epochs': 1, 'max_steps': 4, **changes})
+@pytest.fixture
+def tiny_config(tiny_run_result):
+  """A copy of the config the session's tiny run was trained with."""
+  return tiny_run_result.config.copy_and_resolve_references()
 
 
 @pytest.fixture
-def finished_copy(tiny_run, tmp_path):  # noqa: F811
+def finished_copy(tiny_run, tmp_path):
   workdir = tmp_path / 'finished'
   shutil.copytree(tiny_run, workdir)
   return str(workdir)
 
 
 def test_a_damaged_report_is_evaluated_again_without_compiling_the_train_step(
-    finished_copy, make_tiny_config):
+    finished_copy, tiny_config):
   """Issue 20 (6): a truncated report.json ended in a JSONDecodeError traceback. A run at its
   last step has nothing to train: its train step is not compiled (it took 12-15 s)."""
   expected = _read_report(finished_copy)
@@ -336,27 +336,27 @@ def test_a_damaged_report_is_evaluated_again_without_compiling_the_train_step(
   with open(path, 'r+') as f:
     f.truncate(os.path.getsize(path) // 2)
   stream = io.StringIO()
-  result = train.train_and_evaluate(_tiny_run_config(make_tiny_config), finished_copy,
+  result = train.train_and_evaluate(tiny_config, finished_copy,
                                     console=Console(stream, enabled=True))
   assert 'Compiled the train step' not in stream.getvalue(), stream.getvalue()
   assert result['test']['accuracy'] == expected['test']['accuracy']
   assert _read_report(finished_copy)['run_id'] == expected['run_id']
 
 
-def test_a_lost_report_md_is_written_again(finished_copy, make_tiny_config):
+def test_a_lost_report_md_is_written_again(finished_copy, tiny_config):
   os.remove(os.path.join(finished_copy, 'report.md'))
-  result = train.train_and_evaluate(_tiny_run_config(make_tiny_config), finished_copy,
+  result = train.train_and_evaluate(tiny_config, finished_copy,
                                     console=Console(io.StringIO()))
   with open(os.path.join(finished_copy, 'report.md')) as f:
     assert f'run {result["run_id"]}' in f.read()
 
 
-def test_a_finished_run_is_not_shortened_silently(finished_copy, make_tiny_config):
+def test_a_finished_run_is_not_shortened_silently(finished_copy, tiny_config):
   """It reported 'Epochs completed: 2 of 1' without a word."""
-  with pytest.raises(config_lib.ConfigError, match='cannot be shortened'):
-    train.train_and_evaluate(_tiny_run_config(make_tiny_config, max_steps=2), finished_copy,
-                             console=Console(io.StringIO()))
-  assert _read_report(finished_copy)['training']['steps'] == 4
+  tiny_config.max_steps = 2
+  with pytest.raises(config_lib.ConfigError):
+    train.train_and_evaluate(tiny_config, finished_copy, console=Console(io.StringIO()))
+  assert _read_report(finished_copy)['training']['steps'] == 16
 
 
 def test_a_finished_run_answers_only_for_its_data_and_its_checkpoints(tmp_path,
