@@ -50,9 +50,9 @@ def from_linen(module: nn.Module, variables: Optional[dict] = None, *,
     if tuple(flat_given[key].shape) != tuple(want.shape):
       raise ValueError(f'Variable {"/".join(key)} has shape {tuple(flat_given[key].shape)}; '
                        f'{type(module).__name__} needs {tuple(want.shape)}.')
-  state = {k: jnp.asarray(v) for c in expected  # the module's attributes hold both collections
-           for k, v in traverse_util.flatten_dict(given[c]).items()}
-  nnx.update(model, traverse_util.unflatten_dict(state))
+  # The module's attributes hold both collections, without the collection's name.
+  nnx.update(model, traverse_util.unflatten_dict({k[1:]: jnp.asarray(v)
+                                                   for k, v in flat_given.items()}))
   return model
 
 
