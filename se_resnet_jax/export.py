@@ -10,7 +10,7 @@ own; outside the tolerance nothing is written. The check needs no dataset, so a 
 moved still exports.
 """
 
-import contextlib
+import importlib.util
 import json
 import logging as std_logging
 import os
@@ -101,53 +101,61 @@ def export_jax(infer: Callable, platforms: tuple) -> tuple:
   """(serialized bytes, runner of those bytes) of a jax.export of `infer`."""
   exported = jax.export.export(compilation.jit(infer), platforms=platforms)(input_spec())
   data = bytes(exported.serialize())
-  run = compilation.jit(jax.export.deserialize(bytearray(data)).call)
-  return data, lambda images: jax.device_get(run(images))
+  return data, load_exported(data)[0]
 
 
-@contextlib.contextmanager
-def _quiet_jax2onnx():
-  """jax2onnx logs a warning per optional plugin whose package (equinox, dm-pix) is absent."""
-  logger = std_logging.getLogger('jax2onnx')
-  level = logger.level
-  logger.setLevel(std_logging.ERROR)
+def load_exported(data: bytes) -> tuple:
+  """(runner images -> (logits, probabilities), inputs as (dtype, shape), output shapes, metadata,
+  description) of an exported file: what the export's check and predict run.
+
+  ImportError for a file that is no jax.export without onnxruntime; ValueError for neither format.
+  """
   try:
-    yield
-  finally:
-    logger.setLevel(level)
-
-
-def require_onnx() -> None:
-  """Refuses the ONNX format, before any compute, where its packages are not installed."""
-  missing = []
-  for name in ('jax2onnx', 'onnx', 'onnxruntime'):
-    try:
-      with _quiet_jax2onnx():
-        __import__(name)
-    except ImportError:
-      missing.append(name)
-  if missing:
-    raise ExportError(f'--format=onnx needs {", ".join(missing)}: pip install '
-                      '"se_resnet_jax[export]".')
-
-
-def onnx_session(data: bytes):
+    exported = jax.export.deserialize(bytearray(data))
+  except Exception:  # noqa: BLE001 - not a jax.export artifact: perhaps ONNX
+    exported = None
+  if exported is not None:
+    run = compilation.jit(exported.call)
+    return (lambda images: jax.device_get(run(images)),
+            [(str(a.dtype), a.shape) for a in exported.in_avals],
+            [a.shape for a in exported.out_avals], {},
+            f'jax.export ({", ".join(exported.platforms)})')
   import onnxruntime as ort
 
   options = ort.SessionOptions()
   options.log_severity_level = 4  # a file that is no model ends in one line, not ORT's log
-  return ort.InferenceSession(data, options, providers=['CPUExecutionProvider'])
+  try:
+    session = ort.InferenceSession(data, options, providers=['CPUExecutionProvider'])
+  except Exception as e:  # noqa: BLE001 - whatever ORT says, the file is no model to use
+    raise ValueError(f'neither a jax.export artifact nor an ONNX model ({e})') from None
+  return (lambda images: session.run(None, {'images': images}),
+          [({'tensor(uint8)': 'uint8'}.get(i.type, i.type), i.shape) for i in session.get_inputs()],
+          [o.shape for o in session.get_outputs()], session.get_modelmeta().custom_metadata_map,
+          'ONNX Runtime')
+
+
+def require_onnx() -> None:
+  """Refuses the ONNX format, before any compute, where its packages are not installed."""
+  missing = [n for n in ('jax2onnx', 'onnx', 'onnxruntime') if importlib.util.find_spec(n) is None]
+  if missing:
+    raise ExportError(f'--format=onnx needs {", ".join(missing)}: pip install '
+                      '"se_resnet_jax[export]".')
 
 
 def export_onnx(infer: Callable, metadata: dict) -> tuple:
   """(serialized ONNX model, runner of it in ONNX Runtime) of `infer`, via jax2onnx."""
   import onnx
 
-  with _quiet_jax2onnx():
+  logger = std_logging.getLogger('jax2onnx')
+  level = logger.level
+  logger.setLevel(std_logging.ERROR)  # not a warning per absent optional plugin (equinox, dm-pix)
+  try:
     from jax2onnx import to_onnx
 
     proto = to_onnx(infer, inputs=[input_spec()], model_name='se_resnet_jax', opset=ONNX_OPSET,
                     input_names=['images'], output_names=['logits', 'probabilities'])
+  finally:
+    logger.setLevel(level)
   # jax2onnx annotates some intermediate values with NCHW shapes that are NHWC; the annotations
   # are optional and ONNX Runtime warns about each, so the runtime infers them instead.
   del proto.graph.value_info[:]
@@ -156,8 +164,7 @@ def export_onnx(infer: Callable, metadata: dict) -> tuple:
     proto.metadata_props.add(key=key, value=json.dumps(value))
   onnx.checker.check_model(proto)
   data = proto.SerializeToString()
-  session = onnx_session(data)
-  return data, lambda images: session.run(None, {'images': images})
+  return data, load_exported(data)[0]
 
 
 def model_card(run: rundir.Run, workdir: str, fmt: str, out: str, check: dict) -> dict:

@@ -113,14 +113,6 @@ def _model_card(path: str) -> dict:
     return {}
 
 
-def _probabilities(infer: Callable) -> Callable:
-  """uint8 images -> probabilities, compiled as the library compiles inference."""
-  from se_resnet_jax import compilation
-
-  run = compilation.jit(infer)
-  return lambda images: np.asarray(run(images)[1])
-
-
 def load_exported(path: str) -> tuple:
   """(predict function uint8 images -> probabilities, class names, a description, {'run_id',
   'step'} of its weights from its model card) of an exported file."""
@@ -128,34 +120,16 @@ def load_exported(path: str) -> tuple:
     raise PredictError(f'--model {path} does not exist.')
   with open(path, 'rb') as f:
     data = f.read()
-  import jax
+  from se_resnet_jax import export
 
   try:
-    exported = jax.export.deserialize(bytearray(data))
-  except Exception:  # noqa: BLE001 - not a jax.export artifact: perhaps ONNX
-    exported = None
-  if exported is not None:
-    inputs = [(str(a.dtype), a.shape) for a in exported.in_avals]
-    outputs, metadata = [a.shape for a in exported.out_avals], {}
-    predict = _probabilities(exported.call)
-    source = f'jax.export ({", ".join(exported.platforms)})'
-  else:
-    from se_resnet_jax import export
-
-    try:
-      session = export.onnx_session(data)
-    except ImportError:
-      raise PredictError(f'--model {path} is not a jax.export artifact; if it is an ONNX model, '
-                         'install onnxruntime (pip install "se_resnet_jax[export]").') from None
-    except Exception:  # noqa: BLE001 - whatever ORT says, the file is not a model we can use
-      raise PredictError(f'--model {path} is neither a jax.export artifact nor an ONNX model: '
-                         'give a file written by `python -m se_resnet_jax.export`.') from None
-    inputs = [({'tensor(uint8)': 'uint8'}.get(i.type, i.type), i.shape)
-              for i in session.get_inputs()]
-    outputs = [o.shape for o in session.get_outputs()]
-    metadata = session.get_modelmeta().custom_metadata_map
-    predict = lambda images: session.run(None, {'images': images})[1]  # noqa: E731
-    source = 'ONNX Runtime'
+    run, inputs, outputs, metadata, source = export.load_exported(data)
+  except ImportError:
+    raise PredictError(f'--model {path} is not a jax.export artifact; if it is an ONNX model, '
+                       'install onnxruntime (pip install "se_resnet_jax[export]").') from None
+  except ValueError:
+    raise PredictError(f'--model {path} is neither a jax.export artifact nor an ONNX model: '
+                       'give a file written by `python -m se_resnet_jax.export`.') from None
   inputs = [(dtype, tuple(d if isinstance(d, int) else None for d in shape))
             for dtype, shape in inputs]
   if inputs != [('uint8', (None, 32, 32, 3))] or len(outputs) != 2:
@@ -166,18 +140,19 @@ def load_exported(path: str) -> tuple:
   names = (card.get('class_names') or json.loads(metadata.get('class_names', 'null'))
            or [f'class_{i}' for i in range(outputs[1][-1])])
   checkpoint = card.get('checkpoint') if isinstance(card.get('checkpoint'), dict) else {}
-  return (predict, list(names), source,
+  return (lambda images: np.asarray(run(images)[1]), list(names), source,
           {'run_id': checkpoint.get('run_id'), 'step': checkpoint.get('step')})
 
 
 def load_run(workdir: str, checkpoint: str, config) -> tuple:
   """(predict function, class names, description, {'run_id', 'step'}) of a run's checkpoint."""
-  from se_resnet_jax import inference, rundir
+  from se_resnet_jax import compilation, inference, rundir
 
   run = rundir.restore_run(workdir, checkpoint, config)
   infer = inference.inference_function(run.model, run.variables, run.record.mean,
                                        run.record.std, tta_flip=bool(run.config.tta_flip))
-  return (_probabilities(infer), list(run.record.class_names),
+  run_infer = compilation.jit(infer)
+  return (lambda images: np.asarray(run_infer(images)[1]), list(run.record.class_names),
           f'{workdir} ({checkpoint} checkpoint, step {run.step}, run {run.run_id})',
           {'run_id': run.run_id, 'step': run.step})
 
