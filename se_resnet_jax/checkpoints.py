@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from se_resnet_jax import files
 from se_resnet_jax.errors import UserError
 
 CHECKSUMS = 'checksums.json'
@@ -199,16 +200,14 @@ class RunCheckpoints:
     self.workdir = workdir
     self._manager = _manager(os.path.join(workdir, 'checkpoints'), None if read_only else keep)
     self._read_only = read_only
-    self._verified = {}  # (directory, step) -> None (intact), reason (damaged) or 'unverified'
-    self.run_id = run_id  # the run (rundir.RunRecord) whose steps these are
+    self._verified = {}  # step -> None (intact), reason (damaged) or 'unverified'
+    self.run_id = run_id
 
   def steps(self) -> list:
     return list(self._manager.all_steps())
 
   def latest_step(self, which: str = 'latest') -> Optional[int]:
     """The newest step ('latest') or the best one ('best'), whether or not it was verified."""
-    if which not in ('latest', 'best'):
-      raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
     if which == 'latest':
       return self._manager.latest_step()
     has_metrics = any(self._manager.metrics(s) for s in self._manager.all_steps())
@@ -252,7 +251,9 @@ class RunCheckpoints:
       os.makedirs(self._manager.directory, exist_ok=True)
       self._manager.save(step, args=args, metrics=metrics, force=True)
       if jax.process_index() == 0:
-        self._write_checksums(step)
+        sums = file_checksums(self._step_dir(step))
+        files.write_json_atomic(os.path.join(self._step_dir(step), CHECKSUMS),
+                                {'algorithm': 'sha256', 'files': sums})
     except Exception as e:  # noqa: BLE001 - only a full disk is turned into a user error
       if not _disk_full(e):
         absl_logger.removeFilter(held)
@@ -263,14 +264,6 @@ class RunCheckpoints:
     finally:
       absl_logger.removeFilter(held)
     self._verified[step] = None
-
-  def _write_checksums(self, step: int) -> None:
-    directory = self._step_dir(step)
-    sums = {'algorithm': 'sha256', 'files': file_checksums(directory)}
-    temporary = os.path.join(directory, CHECKSUMS + '.tmp')
-    with open(temporary, 'w') as f:
-      json.dump(sums, f, indent=1)
-    os.replace(temporary, os.path.join(directory, CHECKSUMS))
 
   def _disk_full_error(self, step: int, state: Any) -> CheckpointError:
     directory = str(self._manager.directory)

@@ -58,12 +58,8 @@ def from_linen(module: nn.Module, variables: Optional[dict] = None, *,
 
 def linen_variables(model: bridge.ToNNX) -> dict:
   """The NNX module's variables as linen's {'params': ..., 'batch_stats': ...} (for `apply`)."""
-  out = {}
-  for collection, kind in COLLECTIONS.items():
-    pure = nnx.to_pure_dict(nnx.state(model, kind))
-    if pure:
-      out[collection] = pure
-  return out
+  pure = {c: nnx.to_pure_dict(nnx.state(model, kind)) for c, kind in COLLECTIONS.items()}
+  return {c: tree for c, tree in pure.items() if tree}
 
 
 def create_model(name: str, *, rngs: nnx.Rngs, image_shape: tuple = IMAGE_SHAPE,

@@ -160,12 +160,9 @@ def load_run(workdir: str, checkpoint: str, config) -> tuple:
 def predict_probabilities(predict: Callable, images: np.ndarray) -> np.ndarray:
   """Probabilities in chunks of one size (the last padded), so a compiled model compiles once."""
   size = min(len(images), BATCH)
-  out = []
-  for start in range(0, len(images), size):
-    chunk = images[start:start + size]
-    padded = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:], np.uint8)])
-    out.append(np.asarray(predict(padded))[:len(chunk)])
-  return np.concatenate(out)
+  padded = np.concatenate([images, np.zeros((-len(images) % size, *images.shape[1:]), np.uint8)])
+  return np.concatenate([np.asarray(predict(padded[start:start + size]))
+                         for start in range(0, len(padded), size)])[:len(images)]
 
 
 def top_k(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list:

@@ -85,11 +85,9 @@ def workdir_lock(workdir: str, process_index: int = 0) -> Iterator[None]:
     return
 
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-  locked = False
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      locked = True
     except BlockingIOError:
       holder = _holder(path)
       raise WorkdirLockedError(
@@ -100,7 +98,7 @@ def workdir_lock(workdir: str, process_index: int = 0) -> Iterator[None]:
         raise
       logging.warning('The filesystem of %s does not support locks (%s): nothing stops a second '
                       'run from using this workdir at the same time.', workdir, e.strerror)
-    if locked:
+    else:
       since = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
       os.ftruncate(fd, 0)
       os.write(fd, f'PID {os.getpid()} on host {socket.gethostname()} since {since}\n'.encode())
