@@ -74,11 +74,8 @@ STATE_SETTINGS = {'ema_params': 'ema_decay (an EMA of the weights kept or not)',
 
 
 def _manager(directory: str, keep: Optional[int]):
-  """Latest `keep` steps plus the best by validation accuracy; `keep=None` only reads.
-
-  The first save creates the directory, so reading a run leaves nothing behind (orbax's own
-  read_only mode logs three warnings each time it opens).
-  """
+  """Latest `keep` steps plus the best; `keep=None` only reads, and creates nothing (orbax's own
+  read_only mode logs three warnings each time it opens)."""
   policies = ocp.checkpoint_managers
   preserve = None if keep is None else policies.AnyPreservationPolicy([
       policies.LatestN(keep),
@@ -113,10 +110,8 @@ def file_checksums(directory: str) -> dict:
 
 
 def verify_checksums(directory: str) -> Optional[str]:
-  """None when every file matches its recorded checksum, else what is wrong.
-
-  FileNotFoundError without a checksum file (a process killed just after the save).
-  """
+  """None when every file matches its recorded checksum, else what is wrong; FileNotFoundError
+  without a checksum file (a process killed just after the save)."""
   with open(os.path.join(directory, CHECKSUMS)) as f:
     try:
       recorded = json.load(f)['files']
@@ -359,12 +354,8 @@ class RunCheckpoints:
     return meta
 
   def resume(self, target: Any, architecture: Optional[dict] = None):
-    """(state, meta) to resume from, or (None, None) for a fresh run; call before compiling.
-
-    Restores the newest intact step. A damaged best step must be recomputed, so the run then
-    resumes from a step before it. Steps after the resume point are set aside, each named in a
-    warning; with no usable step a CheckpointError.
-    """
+    """(state, meta) of the newest intact step, or (None, None) for a fresh run. A damaged best
+    step must be recomputed, so the run resumes before it; later steps are set aside."""
     steps = self.steps()
     if not steps:
       return None, None

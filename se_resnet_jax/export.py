@@ -103,10 +103,7 @@ def export_jax(infer: Callable, platforms: tuple) -> tuple:
 
 def load_exported(data: bytes) -> tuple:
   """(runner images -> (logits, probabilities), inputs as (dtype, shape), output shapes, metadata,
-  description) of an exported file: what the export's check and predict run.
-
-  ImportError for a file that is no jax.export without onnxruntime; ValueError for neither format.
-  """
+  description) of an exported file, for the check and predict; ValueError for neither format."""
   try:
     exported = jax.export.deserialize(bytearray(data))
   except Exception:  # noqa: BLE001 - not a jax.export artifact: perhaps ONNX

@@ -56,9 +56,8 @@ def fold_batch_norm(model: nn.Module, variables: dict,
                     image_shape: tuple = IMAGE_SHAPE) -> dict:
   """Eval-mode variables with each BatchNorm folded into its convolution's kernel.
 
-  BatchNorm(conv(x, k)) = conv(x, k * s) + (bias - mean * s), s = scale / sqrt(var + eps); one
-  with no convolution keeps s as its scale. Only `apply_folded` uses them: applied as ordinary
-  variables they fail instead of computing nonsense.
+  BatchNorm(conv(x, k)) = conv(x, k * s) + (bias - mean * s), s = scale / sqrt(var + eps). Only
+  `apply_folded` uses them: as ordinary variables they fail instead of computing nonsense.
   """
   params = traverse_util.flatten_dict(jax.device_get(variables['params']))
   stats = traverse_util.flatten_dict(jax.device_get(variables['batch_stats']))
@@ -108,10 +107,8 @@ def eval_logits(apply: Callable[[jax.Array], jax.Array], x: jax.Array,
 def inference_function(model: SEResNet, variables: dict, mean: Sequence[float],
                        std: Sequence[float], *, tta_flip: bool = False, fold: bool = True,
                        image_shape: tuple = IMAGE_SHAPE) -> Callable[[jax.Array], tuple]:
-  """`uint8 (N, H, W, 3) -> (float32 logits (N, C), probabilities (N, C))`, everything baked in.
-
-  Always float32: ONNX Runtime's CPU kernels and most servers have no bf16 convolutions.
-  """
+  """`uint8 (N, H, W, 3) -> (float32 logits (N, C), probabilities (N, C))`, everything baked in
+  (float32: ONNX Runtime's CPU kernels and most servers have no bf16 convolutions)."""
   model = model.clone(dtype=jnp.float32)
   mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
   if fold:

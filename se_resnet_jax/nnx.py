@@ -26,11 +26,8 @@ COLLECTIONS = {'params': nnx.Param, 'batch_stats': nnx.BatchStat}
 def from_linen(module: nn.Module, variables: Optional[dict] = None, *,
                rngs: Optional[nnx.Rngs] = None,
                image_shape: tuple = IMAGE_SHAPE) -> bridge.ToNNX:
-  """`module` as an NNX module: with `variables` (linen's {'params', 'batch_stats'}) if given,
-  else freshly initialised from `rngs`, which also feeds dropout (its 'dropout' stream if any).
-
-  Loading builds the module abstractly (nothing initialised or compiled), then sets every variable.
-  """
+  """`module` as an NNX module holding `variables` (linen's {'params', 'batch_stats'}), built
+  abstractly; else freshly initialised from `rngs`, which also feeds dropout."""
   rngs = rngs if rngs is not None else nnx.Rngs(0)
   sample = jnp.zeros((1,) + tuple(image_shape), getattr(module, 'dtype', jnp.float32))
   if variables is None:

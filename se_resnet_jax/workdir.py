@@ -65,11 +65,8 @@ def _holder(path: str) -> str:
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str, process_index: int = 0) -> Iterator[None]:
-  """Holds the workdir's lock (created with the workdir if need be) until the block ends.
-
-  Re-entrant within a process (`evaluate` inside a locked run). A filesystem without locks (some
-  FUSE mounts) gets a warning and no lock rather than a run that cannot start.
-  """
+  """Holds the workdir's lock until the block ends; re-entrant within a process. A filesystem
+  without locks (some FUSE mounts) gets a warning rather than a run that cannot start."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.realpath(lock_path(workdir, process_index))
   with _held_guard:
