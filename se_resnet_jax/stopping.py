@@ -4,6 +4,7 @@ Both stop the loop between steps. A signal lets the loop save a checkpoint first
 before any save, so no checkpoint a resume would trust ever holds NaN.
 """
 
+import contextlib
 import os
 import signal
 from typing import Any, Optional
@@ -37,13 +38,10 @@ class Interruption:
   def __enter__(self):
     handlers = {signal.SIGINT: self._on_sigint}
     if not self._multiprocess:
-      handlers[signal.SIGTERM] = self._on_sigterm
-      handlers[signal.SIGHUP] = self._on_sigterm
+      handlers.update({signal.SIGTERM: self._on_sigterm, signal.SIGHUP: self._on_sigterm})
     for signum, handler in handlers.items():
-      try:
+      with contextlib.suppress(ValueError):  # not the main thread: no handler, as in a library
         self._previous[signum] = signal.signal(signum, handler)
-      except ValueError:  # not the main thread: no handler, as for any library call
-        pass
     return self
 
   def _on_sigterm(self, signum, frame):
