@@ -1,19 +1,10 @@
-"""Orbax checkpoints of a run: the last K states and the best one, each verified when read back.
+"""Orbax checkpoints of a run (`workdir/checkpoints/<step>`), each verified when read back.
 
-One orbax `CheckpointManager` keeps `workdir/checkpoints/<step>`: its preservation policy keeps the
-latest K steps plus the step with the best validation accuracy (the `metrics` a new best is saved
-with). Orbax writes each step into a temporary directory and renames it when complete, so a process
-killed mid-write leaves the previous steps intact and the partial one is ignored on resume.
-
-Orbax does not detect damaged bytes: a flipped bit in an array file restores silently as a wrong
-weight, and zeroed blocks can restore as Inf/NaN. So each saved step also gets `checksums.json`
-(SHA-256 of every file), and every restore checks the checksums and then that the restored arrays
-are finite. A damaged step is reported by name; on resume the run falls back to the newest intact
-step, moving the unusable ones to `workdir/set_aside/` (nothing is deleted).
-
-Each step carries a JSON `meta` item (the run's `progress.Progress` and its run id) so a resumed
-run continues its curves, refuses weights from a different network, and sets aside a step copied
-in from another run (whose checksums are its own).
+Orbax does not detect damaged bytes: a flipped bit restores silently as a wrong weight, zeroed
+blocks as Inf/NaN. So each step also gets `checksums.json` (SHA-256 of every file), and a restore
+checks those and then that the arrays are finite. Resume falls back to the newest intact step and
+moves the unusable ones to `workdir/set_aside/` (nothing is deleted). Each step's JSON `meta` item
+holds the run's progress and run id, so a step of another network or another run is refused.
 """
 
 import errno
@@ -31,6 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from se_resnet_jax import files
 from se_resnet_jax.errors import UserError
 
 CHECKSUMS = 'checksums.json'
@@ -51,10 +43,7 @@ class DamagedCheckpointError(CheckpointError):
 
 
 class ForeignCheckpointError(DamagedCheckpointError):
-  """A step recorded by another run (copied in, its checksums its own): never used as this run's.
-
-  `run_id` is the id the step records, `expected` the workdir's.
-  """
+  """A step of another run (copied in, its checksums its own): `run_id` it records, `expected`."""
 
   def __init__(self, where: str, step: int, run_id: str, expected: str):
     super().__init__(where, step, f'it belongs to another run (run id {run_id}; this run is '
@@ -79,29 +68,14 @@ class CheckpointSettingsError(CheckpointError):
     self.fields, self.settings = fields, settings
 
 
-# The parts of a TrainState whose presence or shape a config setting decides (beyond the network,
-# which `architecture` checks): named in the message instead of a tree-structure mismatch.
+# The parts of a TrainState whose presence or shape a config setting (not the network) decides.
 STATE_SETTINGS = {'ema_params': 'ema_decay (an EMA of the weights kept or not)',
                   'opt_state': 'the optimizer settings (momentum, nesterov, weight decay)'}
 
 
-def _count_leaves(node: Any) -> int:
-  if node is None:
-    return 0
-  if hasattr(node, 'keys'):
-    return sum(_count_leaves(node[k]) for k in node.keys())
-  if isinstance(node, (list, tuple)):
-    return sum(_count_leaves(v) for v in node)
-  return 1
-
-
 def _manager(directory: str, keep: Optional[int]):
-  """Latest `keep` steps plus the best by validation accuracy, in one directory.
-
-  With `keep=None` the manager only reads (it never saves, so it never deletes). Directories are
-  created by the first save, not here: reading a run (evaluate) leaves no empty directories behind.
-  orbax's own read_only mode is not used: it logs three warnings each time it opens.
-  """
+  """Latest `keep` steps plus the best; `keep=None` only reads, and creates nothing (orbax's own
+  read_only mode logs three warnings each time it opens)."""
   policies = ocp.checkpoint_managers
   preserve = None if keep is None else policies.AnyPreservationPolicy([
       policies.LatestN(keep),
@@ -136,11 +110,8 @@ def file_checksums(directory: str) -> dict:
 
 
 def verify_checksums(directory: str) -> Optional[str]:
-  """None when every file matches its recorded checksum, else what is wrong.
-
-  A step without a checksum file (made by an older version, or a process killed between the save
-  and the checksums) raises FileNotFoundError: it can be restored, but not called verified.
-  """
+  """None when every file matches its recorded checksum, else what is wrong; FileNotFoundError
+  without a checksum file (a process killed just after the save)."""
   with open(os.path.join(directory, CHECKSUMS)) as f:
     try:
       recorded = json.load(f)['files']
@@ -199,12 +170,9 @@ def _directory_bytes(directory: str) -> int:
 
 
 class _OrbaxSaveLogs(std_logging.Filter):
-  """Holds orbax's error logs during a save, to replay them unless the save failed on a full disk.
-
-  Orbax logs each failed background write with a traceback (about 120 lines for a full disk)
-  before the save raises; the run then says the one thing that matters in one line. Its warning
-  for each save without metrics is dropped: only a new best carries metrics, by design.
-  """
+  """Holds orbax's error logs during a save, replayed unless it failed on a full disk (then one
+  line says it all, not a traceback per failed write). Drops the warning for a save without
+  metrics: only a new best carries them."""
 
   def __init__(self):
     super().__init__()
@@ -220,32 +188,21 @@ class _OrbaxSaveLogs(std_logging.Filter):
 
 
 class RunCheckpoints:
-  """`workdir/checkpoints`: the latest K states and the best one, checked when read back.
-
-  `read_only` is for reading a run (evaluate): it never saves, so nothing is deleted or created.
-  """
+  """`workdir/checkpoints`: the latest K states and the best one; `read_only` never saves."""
 
   def __init__(self, workdir: str, keep: int = 3, read_only: bool = False,
                run_id: Optional[str] = None):
     self.workdir = workdir
     self._manager = _manager(os.path.join(workdir, 'checkpoints'), None if read_only else keep)
     self._read_only = read_only
-    self._verified = {}  # (directory, step) -> None (intact), reason (damaged) or 'unverified'
-    self.run_id = run_id  # the run (rundir.RunRecord) whose steps these are
-
-  def _foreign(self, meta: dict) -> bool:
-    recorded = meta.get('run_id')
-    return bool(self.run_id and recorded and recorded != self.run_id)
-
-  # Where the steps are.
+    self._verified = {}  # step -> None (intact), reason (damaged) or 'unverified'
+    self.run_id = run_id
 
   def steps(self) -> list:
     return list(self._manager.all_steps())
 
   def latest_step(self, which: str = 'latest') -> Optional[int]:
     """The newest step ('latest') or the best one ('best'), whether or not it was verified."""
-    if which not in ('latest', 'best'):
-      raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
     if which == 'latest':
       return self._manager.latest_step()
     has_metrics = any(self._manager.metrics(s) for s in self._manager.all_steps())
@@ -253,8 +210,6 @@ class RunCheckpoints:
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(str(self._manager.directory), str(step))
-
-  # Integrity.
 
   def _status(self, step: int) -> Optional[str]:
     """None when intact, 'unverified' without checksums, else what is damaged (cached)."""
@@ -265,13 +220,6 @@ class RunCheckpoints:
         self._verified[step] = 'unverified'
     return self._verified[step]
 
-  def verify(self, which: str = 'latest', step: Optional[int] = None) -> Optional[str]:
-    """None when the step's files match their checksums; else why not ('unverified': no sums)."""
-    step = self.latest_step(which) if step is None else step
-    if step is None:
-      raise CheckpointError(f'No {which} checkpoint in {self._manager.directory}.')
-    return self._status(step)
-
   def latest_intact_step(self) -> Optional[int]:
     """The newest step whose files match their checksums: the only kind a message calls intact."""
     for step in reversed(self.steps()):
@@ -279,14 +227,10 @@ class RunCheckpoints:
         return step
     return None
 
-  # Saving.
-
   def save(self, step: int, state: Any, meta: dict, best: bool = False) -> None:
     """Saves `state` and `meta` at `step`, with checksums; `best` marks a new best validation
-    accuracy (meta['best_val_accuracy']), which the manager keeps past the latest K. A best
-    without a value (imported weights) is no best: 'best' then means the latest step.
-
-    A full disk ends in one CheckpointError saying how much space the checkpoint needs.
+    accuracy (meta['best_val_accuracy']; without a value it is no best). A full disk ends in one
+    CheckpointError saying how much space the checkpoint needs.
     """
     if self._read_only:
       raise ValueError('RunCheckpoints(read_only=True) cannot save.')
@@ -302,7 +246,9 @@ class RunCheckpoints:
       os.makedirs(self._manager.directory, exist_ok=True)
       self._manager.save(step, args=args, metrics=metrics, force=True)
       if jax.process_index() == 0:
-        self._write_checksums(step)
+        sums = file_checksums(self._step_dir(step))
+        files.write_json_atomic(os.path.join(self._step_dir(step), CHECKSUMS),
+                                {'algorithm': 'sha256', 'files': sums})
     except Exception as e:  # noqa: BLE001 - only a full disk is turned into a user error
       if not _disk_full(e):
         absl_logger.removeFilter(held)
@@ -313,14 +259,6 @@ class RunCheckpoints:
     finally:
       absl_logger.removeFilter(held)
     self._verified[step] = None
-
-  def _write_checksums(self, step: int) -> None:
-    directory = self._step_dir(step)
-    sums = {'algorithm': 'sha256', 'files': file_checksums(directory)}
-    temporary = os.path.join(directory, CHECKSUMS + '.tmp')
-    with open(temporary, 'w') as f:
-      json.dump(sums, f, indent=1)
-    os.replace(temporary, os.path.join(directory, CHECKSUMS))
 
   def _disk_full_error(self, step: int, state: Any) -> CheckpointError:
     directory = str(self._manager.directory)
@@ -340,20 +278,12 @@ class RunCheckpoints:
               f'{_size(arrays)}; orbax adds metadata)')
     resume = (f'rerun the same command to resume from step {previous[-1]}' if previous else
               'rerun the same command')
-    return CheckpointError(
-        f'Disk full: the checkpoint of step {step} {need}. Free some space (or move the workdir), '
-        f'then {resume}. '
-        'No checkpoint was deleted.')
-
-  # Restoring.
+    return CheckpointError(f'Disk full: the checkpoint of step {step} {need}. Free some space (or '
+                           f'move the workdir), then {resume}. No checkpoint was deleted.')
 
   def restore(self, target: Any, which: str = 'latest', step: Optional[int] = None,
               architecture: Optional[dict] = None):
-    """(state, meta) of one step, restored onto `target`'s structure and shardings and checked.
-
-    Raises DamagedCheckpointError when the files fail their checksums, cannot be read, or the
-    state holds NaN/Inf; CheckpointError for a missing step or another network.
-    """
+    """(state, meta) of one step, restored onto `target`'s structure and shardings and checked."""
     found = self.latest_step(which) if step is None else step
     available = self.steps()
     if found is None or found not in available:
@@ -380,11 +310,8 @@ class RunCheckpoints:
     return state, meta
 
   def _check_state_settings(self, step: int, target: Any) -> None:
-    """Raises CheckpointSettingsError when the saved state's parts differ from `target`'s.
-
-    An intact step of this run restored under a changed setting (ema_decay turned on or off)
-    fails as a tree mismatch; that must name the setting, not call the checkpoint unusable.
-    """
+    """Names the changed setting (ema_decay turned on or off) behind a tree mismatch, instead of
+    calling an intact step unusable."""
     if target is None:
       return
     try:
@@ -394,7 +321,7 @@ class RunCheckpoints:
     except Exception:  # noqa: BLE001 - no readable metadata: the damage is reported instead
       return
     differ = [k for k in fields
-              if _count_leaves(saved[k]) != len(jax.tree.leaves(wanted[k]))]
+              if len(jax.tree.leaves(saved[k])) != len(jax.tree.leaves(wanted[k]))]
     if not differ:
       return
     settings = [STATE_SETTINGS.get(k, k) for k in differ]
@@ -418,7 +345,7 @@ class RunCheckpoints:
           step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     except Exception as e:  # noqa: BLE001
       raise DamagedCheckpointError(where, step, f'its meta is unreadable ({_reason(e)})') from None
-    if self._foreign(meta):
+    if self.run_id and meta.get('run_id') and meta['run_id'] != self.run_id:
       raise ForeignCheckpointError(where, step, meta['run_id'], self.run_id)
     if architecture is not None and meta.get('architecture') != architecture:
       raise CheckpointError(
@@ -427,14 +354,8 @@ class RunCheckpoints:
     return meta
 
   def resume(self, target: Any, architecture: Optional[dict] = None):
-    """(state, meta) to resume from, or (None, None) for a fresh run; call before compiling.
-
-    Restores the newest intact step (checksums, readable, finite). The best step is checked too
-    (its state as well when it has no checksums): if it is damaged, the run must recompute it, so
-    it resumes from a step before it. Steps after the resume point (damaged, or made unreachable
-    that way) are moved to `workdir/set_aside/`, each named in a warning; a run with no usable
-    step stops with a CheckpointError.
-    """
+    """(state, meta) of the newest intact step, or (None, None) for a fresh run. A damaged best
+    step must be recomputed, so the run resumes before it; later steps are set aside."""
     steps = self.steps()
     if not steps:
       return None, None

@@ -3,17 +3,14 @@
   python -m se_resnet_jax.export --workdir=runs/cifar10 --format=jax --out=cifar10.jax
   python -m se_resnet_jax.export --workdir=runs/cifar10 --format=onnx --out=cifar10.onnx
 
-Either file maps uint8 RGB images (N, 32, 32, 3), any N, to float32 (logits, probabilities): the
-/255 scaling and the run's normalisation constants are inside, BatchNorm is folded into the
-convolutions. `FILE.json` beside it holds the class names, the input spec and the run's test
-accuracy. Before anything is written the exported file itself is loaded back (jax.export's
-deserializer, or ONNX Runtime) and its outputs on a batch of generated images are compared with the
-library's own eval-mode outputs; outside the tolerance the command fails and writes nothing. The
-check is of the function, not of the data: it needs no dataset, so a run exports after its data
-has moved.
+Either file is `inference.inference_function`: uint8 RGB images (N, 32, 32, 3), any N, to float32
+(logits, probabilities). `FILE.json` beside it is its model card. Before anything is written the
+exported file is loaded back and its outputs on generated images are compared with the library's
+own; outside the tolerance nothing is written. The check needs no dataset, so a run whose data has
+moved still exports.
 """
 
-import contextlib
+import importlib.util
 import json
 import logging as std_logging
 import os
@@ -67,9 +64,6 @@ def compare(outputs: tuple, reference: tuple) -> dict:
   """The differences between an export's outputs and the library's, and whether they pass."""
   logits, probabilities = (np.asarray(o, np.float64) for o in outputs)
   ref_logits, ref_probabilities = (np.asarray(r, np.float64) for r in reference)
-  if logits.shape != ref_logits.shape or probabilities.shape != ref_probabilities.shape:
-    raise ExportError(f'The exported function returned shapes {logits.shape}, '
-                      f'{probabilities.shape}, expected {ref_logits.shape} twice.')
   logits_bound = LOGITS_RTOL * max(1.0, float(np.abs(ref_logits).max()))
   result = {'max_abs_diff_logits': float(np.abs(logits - ref_logits).max()),
             'max_abs_diff_probabilities': float(np.abs(probabilities - ref_probabilities).max()),
@@ -104,53 +98,58 @@ def export_jax(infer: Callable, platforms: tuple) -> tuple:
   """(serialized bytes, runner of those bytes) of a jax.export of `infer`."""
   exported = jax.export.export(compilation.jit(infer), platforms=platforms)(input_spec())
   data = bytes(exported.serialize())
-  run = compilation.jit(jax.export.deserialize(bytearray(data)).call)
-  return data, lambda images: jax.device_get(run(images))
+  return data, load_exported(data)[0]
 
 
-@contextlib.contextmanager
-def _quiet_jax2onnx():
-  """jax2onnx logs a warning per optional plugin whose package (equinox, dm-pix) is absent."""
-  logger = std_logging.getLogger('jax2onnx')
-  level = logger.level
-  logger.setLevel(std_logging.ERROR)
+def load_exported(data: bytes) -> tuple:
+  """(runner images -> (logits, probabilities), inputs as (dtype, shape), output shapes, metadata,
+  description) of an exported file, for the check and predict; ValueError for neither format."""
   try:
-    yield
-  finally:
-    logger.setLevel(level)
+    exported = jax.export.deserialize(bytearray(data))
+  except Exception:  # noqa: BLE001 - not a jax.export artifact: perhaps ONNX
+    exported = None
+  if exported is not None:
+    run = compilation.jit(exported.call)
+    return (lambda images: jax.device_get(run(images)),
+            [(str(a.dtype), a.shape) for a in exported.in_avals],
+            [a.shape for a in exported.out_avals], {},
+            f'jax.export ({", ".join(exported.platforms)})')
+  import onnxruntime as ort
+
+  options = ort.SessionOptions()
+  options.log_severity_level = 4  # a file that is no model ends in one line, not ORT's log
+  try:
+    session = ort.InferenceSession(data, options, providers=['CPUExecutionProvider'])
+  except Exception as e:  # noqa: BLE001 - whatever ORT says, the file is no model to use
+    raise ValueError(f'neither a jax.export artifact nor an ONNX model ({e})') from None
+  return (lambda images: session.run(None, {'images': images}),
+          [({'tensor(uint8)': 'uint8'}.get(i.type, i.type), i.shape) for i in session.get_inputs()],
+          [o.shape for o in session.get_outputs()], session.get_modelmeta().custom_metadata_map,
+          'ONNX Runtime')
 
 
 def require_onnx() -> None:
   """Refuses the ONNX format, before any compute, where its packages are not installed."""
-  missing = []
-  for name in ('jax2onnx', 'onnx', 'onnxruntime'):
-    try:
-      with _quiet_jax2onnx():
-        __import__(name)
-    except ImportError:
-      missing.append(name)
+  missing = [n for n in ('jax2onnx', 'onnx', 'onnxruntime') if importlib.util.find_spec(n) is None]
   if missing:
     raise ExportError(f'--format=onnx needs {", ".join(missing)}: pip install '
                       '"se_resnet_jax[export]".')
-
-
-def onnx_session(data: bytes):
-  import onnxruntime as ort
-
-  options = ort.SessionOptions()
-  options.log_severity_level = 3  # errors only
-  return ort.InferenceSession(data, options, providers=['CPUExecutionProvider'])
 
 
 def export_onnx(infer: Callable, metadata: dict) -> tuple:
   """(serialized ONNX model, runner of it in ONNX Runtime) of `infer`, via jax2onnx."""
   import onnx
 
-  with _quiet_jax2onnx():
+  logger = std_logging.getLogger('jax2onnx')
+  level = logger.level
+  logger.setLevel(std_logging.ERROR)  # not a warning per absent optional plugin (equinox, dm-pix)
+  try:
     from jax2onnx import to_onnx
 
     proto = to_onnx(infer, inputs=[input_spec()], model_name='se_resnet_jax', opset=ONNX_OPSET,
                     input_names=['images'], output_names=['logits', 'probabilities'])
+  finally:
+    logger.setLevel(level)
   # jax2onnx annotates some intermediate values with NCHW shapes that are NHWC; the annotations
   # are optional and ONNX Runtime warns about each, so the runtime infers them instead.
   del proto.graph.value_info[:]
@@ -159,8 +158,7 @@ def export_onnx(infer: Callable, metadata: dict) -> tuple:
     proto.metadata_props.add(key=key, value=json.dumps(value))
   onnx.checker.check_model(proto)
   data = proto.SerializeToString()
-  session = onnx_session(data)
-  return data, lambda images: session.run(None, {'images': images})
+  return data, load_exported(data)[0]
 
 
 def model_card(run: rundir.Run, workdir: str, fmt: str, out: str, check: dict) -> dict:
@@ -207,28 +205,27 @@ def export_run(workdir: str, fmt: str, out: str, checkpoint: str = 'best',
   tta_flip = bool(run.config.tta_flip)
   mean, std = run.record.mean, run.record.std
   infer = inference.inference_function(run.model, run.variables, mean, std, tta_flip=tta_flip)
-  images, source = check_images(), 'generated'
+  images = check_images()
   card = model_card(run, workdir, fmt, out, {})
   if fmt == 'jax':
     platforms = lowering_platforms()
     data, execute = export_jax(infer, platforms)
-    extra = {'platforms': list(platforms)}
+    card['platforms'] = list(platforms)
   else:
-    extra = {'onnx_opset': ONNX_OPSET}
-    metadata = {'class_names': card['class_names'], 'test_accuracy': card['test_accuracy'],
-                'library_version': se_resnet_jax.__version__, 'input_layout': 'NHWC uint8 RGB'}
-    data, execute = export_onnx(infer, metadata)
+    card['onnx_opset'] = ONNX_OPSET
+    data, execute = export_onnx(infer, {
+        'class_names': card['class_names'], 'test_accuracy': card['test_accuracy'],
+        'library_version': se_resnet_jax.__version__, 'input_layout': 'NHWC uint8 RGB'})
   result = compare(execute(images), inference.reference_outputs(
       run.model, run.variables, mean, std, images, tta_flip))
-  check = {'images': len(images), 'source': source, **result}
+  card['check'] = {'images': len(images), 'source': 'generated', **result}
   if not result['passed']:
     raise ExportError(
-        f'The {fmt} export does not compute what the library does: on {len(images)} {source} '
+        f'The {fmt} export does not compute what the library does: on {len(images)} generated '
         f'images max |logits diff| {result["max_abs_diff_logits"]:.3g} (allowed '
         f'{result["tolerance_logits"]:.3g}), max |probabilities diff| '
         f'{result["max_abs_diff_probabilities"]:.3g} (allowed {PROBABILITIES_ATOL:g}). Nothing '
         'was written.')
-  card = {**card, 'check': check, **extra}
   check_destination(out, overwrite)  # again: the file may have appeared while this computed
   files.write_output(out, data, '--out', overwrite)
   files.write_json_atomic(sidecar_path(out), card)
@@ -238,7 +235,7 @@ def export_run(workdir: str, fmt: str, out: str, checkpoint: str = 'best',
 
 def define_flags() -> None:
   """The command's flags; defined only when it runs, so importing this module defines none."""
-  flags.DEFINE_string('workdir', None, 'The training run directory (holds checkpoints/, best/).')
+  flags.DEFINE_string('workdir', None, 'The training run directory.')
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest', or a step number.")
   flags.DEFINE_enum('format', None, list(FORMATS), 'jax: a jax.export serialized function '
                     '(loads with jax alone); onnx: an ONNX model (needs the export extra).')

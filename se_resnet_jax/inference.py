@@ -1,12 +1,9 @@
 """A trained network as one function of uint8 images: what export, predict and the benchmark share.
 
-`inference_function` bakes the /255 scaling, the run's normalisation constants and the weights into
-a function `uint8 (N, H, W, 3) -> (logits, probabilities)`, so whoever calls it (the exported
-artifact, ONNX Runtime, the predict command) needs nothing but images. BatchNorm is folded into the
-preceding convolution: in eval mode it is an affine map per channel, so the convolution's kernel is
-scaled and only a bias remains (a pre-activation unit's BatchNorm, which follows no convolution of
-its own, stays that affine map). That is the same function up to float rounding, which the export's
-equality check measures, and it removes per-channel arithmetic from every layer.
+The /255 scaling, the normalisation constants and the weights are baked in, so a caller needs
+nothing but images. Eval-mode BatchNorm is a per-channel affine map, so it is folded into the
+preceding convolution's kernel and a bias: the same function up to float rounding (which the
+export's check measures), with less arithmetic per layer.
 """
 
 from typing import Callable, Sequence
@@ -24,11 +21,9 @@ from se_resnet_jax.models import IMAGE_SHAPE, SEResNet
 def _batch_norm_inputs(model: nn.Module, variables: dict, image_shape: tuple) -> dict:
   """{BatchNorm path: (path of the convolution it folds into, or None; epsilon)}.
 
-  Found by tracing the network once and watching which array each BatchNorm receives, so it holds
-  for every model in the registry. A BatchNorm folds into a convolution only when it receives that
-  convolution's output and nothing else was handed that output first: in a pre-activation network
-  the stem's output also feeds the first unit's shortcut, and the BatchNorms at the start of each
-  unit and before pooling normalise sums, so those get None (they stay a per-channel affine map).
+  Found by tracing which array each BatchNorm receives, so it holds for every model. It folds only
+  into a convolution whose output nothing else received first (a pre-activation stem's output also
+  feeds a shortcut; BatchNorms of sums follow no convolution): otherwise None.
   """
   pairs, last_conv = {}, {}
 
@@ -61,11 +56,8 @@ def fold_batch_norm(model: nn.Module, variables: dict,
                     image_shape: tuple = IMAGE_SHAPE) -> dict:
   """Eval-mode variables with each BatchNorm folded into its convolution's kernel.
 
-  BatchNorm(conv(x, k)) = conv(x, k * s) + (bias - mean * s), s = scale / sqrt(var + eps). The
-  result keeps each folded BatchNorm's bias only (no scale, no statistics); a BatchNorm with no
-  convolution to fold into (pre-activation units) keeps s as its scale and the same bias, x * s +
-  bias. Either way it is usable solely through `apply_folded`: applied as ordinary variables it
-  fails instead of computing nonsense.
+  BatchNorm(conv(x, k)) = conv(x, k * s) + (bias - mean * s), s = scale / sqrt(var + eps). Only
+  `apply_folded` uses them: as ordinary variables they fail instead of computing nonsense.
   """
   params = traverse_util.flatten_dict(jax.device_get(variables['params']))
   stats = traverse_util.flatten_dict(jax.device_get(variables['batch_stats']))
@@ -115,11 +107,8 @@ def eval_logits(apply: Callable[[jax.Array], jax.Array], x: jax.Array,
 def inference_function(model: SEResNet, variables: dict, mean: Sequence[float],
                        std: Sequence[float], *, tta_flip: bool = False, fold: bool = True,
                        image_shape: tuple = IMAGE_SHAPE) -> Callable[[jax.Array], tuple]:
-  """`uint8 (N, H, W, 3) -> (float32 logits (N, C), probabilities (N, C))`, everything baked in.
-
-  It always computes in float32 (a bf16-trained run's weights are float32): ONNX Runtime's CPU
-  kernels and most servers have no bf16 convolutions.
-  """
+  """`uint8 (N, H, W, 3) -> (float32 logits (N, C), probabilities (N, C))`, everything baked in
+  (float32: ONNX Runtime's CPU kernels and most servers have no bf16 convolutions)."""
   model = model.clone(dtype=jnp.float32)
   mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
   if fold:

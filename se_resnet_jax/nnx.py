@@ -1,21 +1,16 @@
-"""The library's networks as Flax NNX modules, through `flax.nnx.bridge.ToNNX`.
-
-New Flax code is increasingly written with NNX; the networks here are linen modules. `ToNNX` wraps
-a linen module so that it owns its variables as an NNX module does (`nnx.Param` for 'params',
-`nnx.BatchStat` for 'batch_stats') and works with `nnx.Optimizer`, `nnx.jit`, `nnx.split`:
+"""The library's linen networks as Flax NNX modules, through `flax.nnx.bridge.ToNNX`, which owns
+the variables as NNX does and works with `nnx.Optimizer`, `nnx.jit`, `nnx.split`:
 
   model = se_resnet_jax.nnx.create_model('SEResNet18', rngs=nnx.Rngs(0), num_classes=10)
   logits = model(images, train=False)
   logits = model(images, train=True, mutable=['batch_stats'])  # updates the running statistics
 
-`from_linen` puts existing linen variables (a checkpoint's) into one, `load_run` does it for a
-training run's checkpoint, and `linen_variables` goes back. The wrapped module computes exactly what
-the linen module computes: it calls `module.apply` on the same variables.
+The wrapped module computes exactly what the linen module does: it calls `module.apply` on the
+same variables.
 """
 
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
@@ -28,22 +23,13 @@ from se_resnet_jax.models import IMAGE_SHAPE
 COLLECTIONS = {'params': nnx.Param, 'batch_stats': nnx.BatchStat}
 
 
-def _sample(module: nn.Module, image_shape: tuple) -> jax.Array:
-  return jnp.zeros((1,) + tuple(image_shape), getattr(module, 'dtype', jnp.float32))
-
-
 def from_linen(module: nn.Module, variables: Optional[dict] = None, *,
                rngs: Optional[nnx.Rngs] = None,
                image_shape: tuple = IMAGE_SHAPE) -> bridge.ToNNX:
-  """`module` as an NNX module: with `variables` (linen's {'params', 'batch_stats'}) if given,
-  else freshly initialised from `rngs`.
-
-  Loading builds the module abstractly (`nnx.eval_shape`, nothing initialised or compiled) and then
-  sets every variable, refusing variables of another shape. `rngs` also feeds dropout in training;
-  give it a 'dropout' stream (nnx.Rngs(params=0, dropout=1)) or its default stream is used.
-  """
+  """`module` as an NNX module holding `variables` (linen's {'params', 'batch_stats'}), built
+  abstractly; else freshly initialised from `rngs`, which also feeds dropout."""
   rngs = rngs if rngs is not None else nnx.Rngs(0)
-  sample = _sample(module, image_shape)
+  sample = jnp.zeros((1,) + tuple(image_shape), getattr(module, 'dtype', jnp.float32))
   if variables is None:
     return bridge.ToNNX(module, rngs=rngs).lazy_init(sample, train=False)
   model = nnx.eval_shape(
@@ -61,22 +47,16 @@ def from_linen(module: nn.Module, variables: Optional[dict] = None, *,
     if tuple(flat_given[key].shape) != tuple(want.shape):
       raise ValueError(f'Variable {"/".join(key)} has shape {tuple(flat_given[key].shape)}; '
                        f'{type(module).__name__} needs {tuple(want.shape)}.')
-  state = {}
-  for collection in expected:  # each collection's leaves into the module's nested attributes
-    for key, value in traverse_util.flatten_dict(given[collection]).items():
-      state[key] = jnp.asarray(value)
-  nnx.update(model, traverse_util.unflatten_dict(state))
+  # The module's attributes hold both collections, without the collection's name.
+  nnx.update(model, traverse_util.unflatten_dict({k[1:]: jnp.asarray(v)
+                                                   for k, v in flat_given.items()}))
   return model
 
 
 def linen_variables(model: bridge.ToNNX) -> dict:
   """The NNX module's variables as linen's {'params': ..., 'batch_stats': ...} (for `apply`)."""
-  out = {}
-  for collection, kind in COLLECTIONS.items():
-    pure = nnx.to_pure_dict(nnx.state(model, kind))
-    if pure:
-      out[collection] = pure
-  return out
+  pure = {c: nnx.to_pure_dict(nnx.state(model, kind)) for c, kind in COLLECTIONS.items()}
+  return {c: tree for c, tree in pure.items() if tree}
 
 
 def create_model(name: str, *, rngs: nnx.Rngs, image_shape: tuple = IMAGE_SHAPE,
@@ -89,11 +69,8 @@ def create_model(name: str, *, rngs: nnx.Rngs, image_shape: tuple = IMAGE_SHAPE,
 def load_run(workdir: str, checkpoint: str = 'best',
              config: Optional[ml_collections.ConfigDict] = None,
              rngs: Optional[nnx.Rngs] = None) -> tuple:
-  """(NNX module holding a run's eval weights, the run's `rundir.Run`).
-
-  The module takes normalised float images, as the linen network does; the run's mean and std are
-  in the returned run's record (`inference.inference_function` bakes them in for uint8 images).
-  """
+  """(NNX module holding a run's eval weights, the run's `rundir.Run`): the module takes
+  normalised float images, as the linen network does (mean and std are in `run.record`)."""
   from se_resnet_jax import rundir
 
   run = rundir.restore_run(workdir, checkpoint, config)

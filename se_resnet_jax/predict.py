@@ -4,10 +4,8 @@
   python -m se_resnet_jax.predict --model=cifar10.onnx photos/ --csv=predictions.csv
   python -m se_resnet_jax.predict --workdir=runs/cifar10 cat.jpg --top_k=5
 
-Images of any size are made 32x32 the same way every time: RGB (alpha dropped, greyscale
-repeated), the largest centred square cropped out, then resized with PIL's bicubic filter. Named
-files get their top-k classes printed; a folder's PNG/JPEG files (not its subfolders) go to a
-CSV, --csv or ./predictions.csv.
+Named files get their top-k classes printed; a folder's PNG/JPEG files (not its subfolders) go to
+a CSV, --csv or ./predictions.csv.
 """
 
 import csv
@@ -35,11 +33,8 @@ class PredictError(UserError):
 
 def to_rgb8(image: Any) -> Any:
   """`image` as the 8-bit RGB picture it shows (alpha dropped), or PredictError for a mode without
-  an agreed 8-bit scale.
-
-  PIL's convert('RGB') clips wide integer modes to 255 (a 16-bit grey picture becomes white), so
-  16-bit values are scaled by 255/65535 instead. 'I' (32-bit integers, what PIL makes of some
-  16-bit files) is read as 16-bit when every value fits; float pixels ('F') have no agreed range.
+  an agreed 8-bit scale (float pixels). 16-bit values ('I' too, when they fit) are scaled by
+  255/65535: PIL's convert('RGB') clips them to 255, a white picture.
   """
   from PIL import Image
 
@@ -108,104 +103,56 @@ def expand_inputs(paths: Sequence[str]) -> tuple:
   return images, from_folder
 
 
-def _numbered(num_classes: int) -> list:
-  return [f'class_{i}' for i in range(num_classes)]
-
-
-def _sidecar_class_names(path: str):
+def _model_card(path: str) -> dict:
+  """The export's FILE.json, or {} where it is absent or unreadable."""
   try:
     with open(path + '.json') as f:
-      return list(json.load(f)['class_names'])
-  except (OSError, ValueError, KeyError, TypeError):
-    return None
-
-
-def exported_weights(path: str) -> dict:
-  """{'run_id', 'step'} of the weights an export holds, from its model card (empty without one)."""
-  try:
-    with open(path + '.json') as f:
-      checkpoint = json.load(f)['checkpoint']
-    return {'run_id': checkpoint.get('run_id'), 'step': checkpoint.get('step')}
-  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+      card = json.load(f)
+    return card if isinstance(card, dict) else {}
+  except (OSError, ValueError):
     return {}
 
 
-def _check_signature(path: str, inputs: Sequence[tuple], num_outputs: int) -> None:
-  """Refuses a model that is not an image classifier of this library's export."""
-  expected = ('uint8', (None, 32, 32, 3))
-  if len(inputs) != 1 or inputs[0] != expected or num_outputs != 2:
-    raise PredictError(f'{path} is a model, but not one made by `python -m se_resnet_jax.export` '
-                       f'(inputs {inputs}, {num_outputs} outputs; expected one uint8 '
-                       '(batch, 32, 32, 3) input and logits, probabilities).')
-
-
-def compiled_per_batch(infer: Callable) -> Callable:
-  """Probabilities from `infer`, compiled once per batch size as the library compiles inference."""
-  from se_resnet_jax import inference
-
-  compiled = {}
-
-  def predict(images: np.ndarray) -> np.ndarray:
-    if len(images) not in compiled:
-      compiled[len(images)] = inference.compile_inference(infer, len(images), images.shape[1:])
-    return np.asarray(compiled[len(images)](images)[1])
-
-  return predict
-
-
 def load_exported(path: str) -> tuple:
-  """(predict function uint8 images -> probabilities, class names, a description) of a file."""
+  """(predict function uint8 images -> probabilities, class names, a description, {'run_id',
+  'step'} of its weights from its model card) of an exported file."""
   if not os.path.isfile(path):
     raise PredictError(f'--model {path} does not exist.')
   with open(path, 'rb') as f:
     data = f.read()
-  import jax
+  from se_resnet_jax import export
 
   try:
-    exported = jax.export.deserialize(bytearray(data))
-  except Exception:  # noqa: BLE001 - not a jax.export artifact: perhaps ONNX
-    exported = None
-  if exported is not None:
-    shapes = [(str(a.dtype), tuple(d if isinstance(d, int) else None for d in a.shape))
-              for a in exported.in_avals]
-    _check_signature(path, shapes, len(exported.out_avals))
-    num_classes = exported.out_avals[1].shape[-1]
-    names = _sidecar_class_names(path) or _numbered(num_classes)
-    return (compiled_per_batch(exported.call), names,
-            f'jax.export ({", ".join(exported.platforms)})')
-  try:
-    import onnxruntime as ort
+    run, inputs, outputs, metadata, source = export.load_exported(data)
   except ImportError:
     raise PredictError(f'--model {path} is not a jax.export artifact; if it is an ONNX model, '
                        'install onnxruntime (pip install "se_resnet_jax[export]").') from None
-  options = ort.SessionOptions()
-  options.log_severity_level = 4  # a wrong file must end in our one line, not ORT's log
-  try:
-    session = ort.InferenceSession(data, options, providers=['CPUExecutionProvider'])
-  except Exception:  # noqa: BLE001 - whatever ORT says, the file is not a model we can use
+  except ValueError:
     raise PredictError(f'--model {path} is neither a jax.export artifact nor an ONNX model: '
                        'give a file written by `python -m se_resnet_jax.export`.') from None
-  ort_types = {'tensor(uint8)': 'uint8'}
-  shapes = [(ort_types.get(i.type, i.type), tuple(d if isinstance(d, int) else None
-                                                  for d in i.shape))
-            for i in session.get_inputs()]
-  _check_signature(path, shapes, len(session.get_outputs()))
-  num_classes = session.get_outputs()[1].shape[-1]
-  meta = session.get_modelmeta().custom_metadata_map
-  names = (_sidecar_class_names(path)
-           or (json.loads(meta['class_names']) if 'class_names' in meta else None)
-           or _numbered(num_classes))
-  return lambda images: session.run(None, {'images': images})[1], names, 'ONNX Runtime'
+  inputs = [(dtype, tuple(d if isinstance(d, int) else None for d in shape))
+            for dtype, shape in inputs]
+  if inputs != [('uint8', (None, 32, 32, 3))] or len(outputs) != 2:
+    raise PredictError(f'{path} is a model, but not one made by `python -m se_resnet_jax.export` '
+                       f'(inputs {inputs}, {len(outputs)} outputs; expected one uint8 '
+                       '(batch, 32, 32, 3) input and logits, probabilities).')
+  card = _model_card(path)
+  names = (card.get('class_names') or json.loads(metadata.get('class_names', 'null'))
+           or [f'class_{i}' for i in range(outputs[1][-1])])
+  checkpoint = card.get('checkpoint') if isinstance(card.get('checkpoint'), dict) else {}
+  return (lambda images: np.asarray(run(images)[1]), list(names), source,
+          {'run_id': checkpoint.get('run_id'), 'step': checkpoint.get('step')})
 
 
 def load_run(workdir: str, checkpoint: str, config) -> tuple:
   """(predict function, class names, description, {'run_id', 'step'}) of a run's checkpoint."""
-  from se_resnet_jax import inference, rundir
+  from se_resnet_jax import compilation, inference, rundir
 
   run = rundir.restore_run(workdir, checkpoint, config)
   infer = inference.inference_function(run.model, run.variables, run.record.mean,
                                        run.record.std, tta_flip=bool(run.config.tta_flip))
-  return (compiled_per_batch(infer), list(run.record.class_names),
+  run_infer = compilation.jit(infer)
+  return (lambda images: np.asarray(run_infer(images)[1]), list(run.record.class_names),
           f'{workdir} ({checkpoint} checkpoint, step {run.step}, run {run.run_id})',
           {'run_id': run.run_id, 'step': run.step})
 
@@ -213,12 +160,9 @@ def load_run(workdir: str, checkpoint: str, config) -> tuple:
 def predict_probabilities(predict: Callable, images: np.ndarray) -> np.ndarray:
   """Probabilities in chunks of one size (the last padded), so a compiled model compiles once."""
   size = min(len(images), BATCH)
-  out = []
-  for start in range(0, len(images), size):
-    chunk = images[start:start + size]
-    padded = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:], np.uint8)])
-    out.append(np.asarray(predict(padded))[:len(chunk)])
-  return np.concatenate(out)
+  padded = np.concatenate([images, np.zeros((-len(images) % size, *images.shape[1:]), np.uint8)])
+  return np.concatenate([np.asarray(predict(padded[start:start + size]))
+                         for start in range(0, len(padded), size)])[:len(images)]
 
 
 def top_k(probabilities: np.ndarray, class_names: Sequence[str], k: int) -> list:
@@ -231,16 +175,13 @@ def write_csv(path: str, image_paths: Sequence[str], ranked: list, weights: Opti
               overwrite: bool = False) -> None:
   """The ranked classes per image; the last two columns name the weights (run id, step)."""
   weights = weights or {}
-  k = len(ranked[0])
-  ranks = [f'{what}_{r}' for r in range(1, k + 1) for what in ('class', 'probability')]
-  header = ['image'] + ranks + ['run_id', 'step']
+  ranks = [f'{what}_{r}' for r in range(1, len(ranked[0]) + 1) for what in ('class', 'probability')]
   out = io.StringIO()
-  writer = csv.writer(out)
-  writer.writerow(header)
+  writer = csv.writer(out)  # it writes None as an empty field
+  writer.writerow(['image'] + ranks + ['run_id', 'step'])
   for image, row in zip(image_paths, ranked):
     writer.writerow([image] + [v for name, p in row for v in (name, f'{p:.6f}')]
-                    + [weights.get('run_id') or '', '' if weights.get('step') is None
-                       else weights['step']])
+                    + [weights.get('run_id'), weights.get('step')])
   files.write_output(path, out.getvalue(), '--csv', overwrite)
 
 
@@ -273,11 +214,9 @@ def main(argv):
     if csv_path:
       files.check_output(csv_path, '--csv', FLAGS.overwrite)  # before any compute
     images = np.stack([load_image(p) for p in paths])  # every image is read before any compute
-    if FLAGS.model:
-      predict, names, source = load_exported(FLAGS.model)
-      weights = exported_weights(FLAGS.model)
-    else:
-      predict, names, source, weights = load_run(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config)
+    predict, names, source, weights = (
+        load_exported(FLAGS.model) if FLAGS.model else
+        load_run(FLAGS.workdir, FLAGS.checkpoint, FLAGS.config))
     ranked = top_k(predict_probabilities(predict, images), names, min(FLAGS.top_k, len(names)))
     print(f'Model: {source}. Images: {RESIZE}.')
     if csv_path:

@@ -4,6 +4,7 @@ Both stop the loop between steps. A signal lets the loop save a checkpoint first
 before any save, so no checkpoint a resume would trust ever holds NaN.
 """
 
+import contextlib
 import os
 import signal
 from typing import Any, Optional
@@ -21,18 +22,12 @@ from se_resnet_jax.steps import TrainState
 
 
 class Interruption:
-  """Remembers a SIGTERM (preemption), SIGHUP (a closed terminal or ssh session) or SIGINT (Ctrl-C):
-  the loop saves and exits between steps. Once training is over (`disarm`) the previous handlers
-  are back, so a Ctrl-C during the final evaluation ends the command at once (exit 130).
+  """Remembers a SIGTERM (preemption), SIGHUP (a closed ssh session) or SIGINT (Ctrl-C): the loop
+  saves and exits between steps. Installed before anything compiles, so a Ctrl-C never lands
+  inside XLA's compiler; a second Ctrl-C, or one after `disarm`, ends the process at once.
 
-  Installed before anything is compiled: a Ctrl-C then never lands inside XLA's compiler (which
-  used to crash the process), it stops the run at the next step instead. After the first Ctrl-C
-  the default action is back, so a second one ends the process at once.
-
-  With several processes the signals reach them at different steps, and a process that starts a
-  (collective) save while the others run another step deadlocks; there JAX's preemption service
-  (which jax.distributed installs on SIGTERM) agrees on one step for all of them instead, and a
-  Ctrl-C is passed on to it as a SIGTERM.
+  With several processes a save started at different steps deadlocks, so JAX's preemption service
+  agrees on one step for all of them, and a Ctrl-C is passed on to it as a SIGTERM.
   """
 
   def __init__(self):
@@ -43,13 +38,10 @@ class Interruption:
   def __enter__(self):
     handlers = {signal.SIGINT: self._on_sigint}
     if not self._multiprocess:
-      handlers[signal.SIGTERM] = self._on_sigterm
-      handlers[signal.SIGHUP] = self._on_sigterm
+      handlers.update({signal.SIGTERM: self._on_sigterm, signal.SIGHUP: self._on_sigterm})
     for signum, handler in handlers.items():
-      try:
+      with contextlib.suppress(ValueError):  # not the main thread: no handler, as in a library
         self._previous[signum] = signal.signal(signum, handler)
-      except ValueError:  # not the main thread: no handler, as for any library call
-        pass
     return self
 
   def _on_sigterm(self, signum, frame):
@@ -99,12 +91,8 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def check_finite(loss: float, step: int, ckpts: RunCheckpoints, workdir: str,
                   state: Optional[TrainState] = None) -> None:
-  """Raises before any save once the loss or the weights are NaN/Inf.
-
-  The loss of a step is computed before its update, so an update that overflows leaves a finite
-  loss and non-finite weights: with `state` the weights are checked too, so no checkpoint (which a
-  resume would trust) ever holds NaN.
-  """
+  """Raises before any save once the loss or (with `state`) the weights are NaN/Inf: an update
+  that overflows leaves the loss, computed before it, finite."""
   if np.isfinite(loss) and (state is None or bool(compilation.jit(_all_finite)(
       (state.params, state.batch_stats, state.opt_state, state.ema_params)))):
     return

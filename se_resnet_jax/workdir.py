@@ -1,11 +1,9 @@
 """The workdir: checked before anything is written, then held by one process for the whole run.
 
-Two runs writing into one workdir interleave their checkpoints, and each then reports numbers made
-partly by the other's weights, with exit 0. The lock is `fcntl.flock` on a file in the workdir: the
-operating system releases it when the holding process ends in any way (kill -9 included), so a lock
-is never stale, and the file records the holder's PID and host for the message a second process
-gets. With several JAX processes, each locks its own file, so every process of a second run stops
-(none is left waiting in a collective for a process 0 that quit).
+Two runs in one workdir would interleave their checkpoints and report each other's numbers. The
+lock is `fcntl.flock`, which the OS releases however the holder ends (never stale); the file names
+the holder for the message. Each JAX process locks its own file, so every process of a second run
+stops (none waits in a collective for a process 0 that quit).
 """
 
 import contextlib
@@ -29,12 +27,7 @@ _held_guard = threading.Lock()
 
 
 class WorkdirLockedError(WorkdirError):
-  """Another process is using the workdir; the message names it and says what to do.
-
-  `holder` is what the lock file says of the holding process ('PID 123 on host h since ...', or
-  that it has not written it yet) and `lock_path` the lock file, so callers that reword the
-  advice need not parse the message.
-  """
+  """Another process uses the workdir: `holder` ('PID 123 on host h since ...'), `lock_path`."""
 
   def __init__(self, message: str, holder: str, lock_path: str):
     super().__init__(message)
@@ -42,10 +35,8 @@ class WorkdirLockedError(WorkdirError):
 
 
 def prepare_workdir(workdir: str) -> None:
-  """Fails early, with advice, when the workdir cannot be written.
-
-  A URL is refused: os.makedirs would quietly make a local directory named 'gs:' on every host.
-  """
+  """Fails early, with advice, when the workdir cannot be written (a URL would quietly become a
+  local directory named 'gs:')."""
   if '://' in workdir:
     raise WorkdirError(f'--workdir {workdir!r} is a URL; the workdir must be a local or mounted '
                        'path (on a TPU pod slice: a shared filesystem, or the bucket mounted '
@@ -74,20 +65,14 @@ def _holder(path: str) -> str:
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str, process_index: int = 0) -> Iterator[None]:
-  """Holds the workdir's lock (created with the workdir if need be) until the block ends.
-
-  Re-entrant within a process: `evaluate` inside a locked run, or an experiment that locks a run
-  it then trains, do not lock themselves out. A filesystem without locks (some FUSE mounts) gets a
-  warning and no lock rather than a run that cannot start.
-  """
+  """Holds the workdir's lock until the block ends; re-entrant within a process. A filesystem
+  without locks (some FUSE mounts) gets a warning rather than a run that cannot start."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.realpath(lock_path(workdir, process_index))
   with _held_guard:
-    if _held.get(path):
+    nested = path in _held
+    if nested:
       _held[path] += 1
-      nested = True
-    else:
-      nested = False
   if nested:
     try:
       yield
@@ -97,11 +82,9 @@ def workdir_lock(workdir: str, process_index: int = 0) -> Iterator[None]:
     return
 
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-  locked = False
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      locked = True
     except BlockingIOError:
       holder = _holder(path)
       raise WorkdirLockedError(
@@ -112,7 +95,7 @@ def workdir_lock(workdir: str, process_index: int = 0) -> Iterator[None]:
         raise
       logging.warning('The filesystem of %s does not support locks (%s): nothing stops a second '
                       'run from using this workdir at the same time.', workdir, e.strerror)
-    if locked:
+    else:
       since = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
       os.ftruncate(fd, 0)
       os.write(fd, f'PID {os.getpid()} on host {socket.gethostname()} since {since}\n'.encode())

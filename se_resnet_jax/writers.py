@@ -15,10 +15,7 @@ Hook = Callable[[int, Any], Any]  # called by the loop after every step with (st
 
 
 class NullWriter:
-  """Writes nothing: where TensorBoard is not installed, and on processes other than 0.
-
-  The per-epoch numbers still reach the console and report.json.
-  """
+  """Writes nothing: without TensorBoard, and on processes other than 0."""
 
   def write_scalars(self, step, scalars):
     pass
@@ -34,11 +31,8 @@ class NullWriter:
 
 
 def create_writer(workdir: str) -> Any:
-  """TensorBoard summaries in `workdir` through clu, on process 0; nothing elsewhere.
-
-  Only clu's SummaryWriter: its default writer also logs every scalar, which would repeat the
-  console's epoch line.
-  """
+  """TensorBoard summaries in `workdir` on process 0: clu's SummaryWriter alone, since its default
+  writer also logs every scalar, repeating the console's epoch line."""
   if jax.process_index() > 0:
     return NullWriter()
   try:  # clu's summary writer imports TensorBoard and TensorFlow
@@ -55,5 +49,3 @@ def hparams(config: ml_collections.ConfigDict) -> dict:
   """The config as TensorBoard hparams: every scalar field under its dotted name."""
   flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
   return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
-
-

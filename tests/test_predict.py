@@ -105,7 +105,7 @@ def test_bad_input_is_one_line(files, tmp_path):
     assert 'neither a jax.export artifact nor an ONNX model' in error
   error = one_line_error(run_command('predict', f'--workdir={tmp_path}',
                                      str(files / 'images' / 'wide.png')))
-  assert 'holds no checkpoints' in error
+  assert 'holds no run.json' in error
 
 
 def _picture() -> np.ndarray:
