@@ -156,6 +156,9 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int = 1) ->
   _require(0.0 <= config.momentum < 1.0, f'momentum must be in [0, 1), got {config.momentum}.')
   _require(0.0 <= config.ema_decay < 1.0, f'ema_decay must be in [0, 1), got {config.ema_decay}.')
   _require(config.label_smoothing < 1.0, 'label_smoothing must be below 1.')
+  _require(config.weight_decay_mask in WEIGHT_DECAY_MASKS,
+           f'Unknown weight_decay_mask {config.weight_decay_mask!r}; choose one of '
+           f'{", ".join(WEIGHT_DECAY_MASKS)}.')
   _require(config.schedule in SCHEDULES,
            f'Unknown schedule {config.schedule!r}; choose one of {", ".join(SCHEDULES)}.')
   _require(config.num_epochs >= 1, f'num_epochs must be >= 1, got {config.num_epochs}.')
