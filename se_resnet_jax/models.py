@@ -1,9 +1,7 @@
 """Squeeze-and-Excitation ResNets for 32x32 images (CIFAR), as Flax linen modules.
 
-The residual units take `conv` and `norm` constructors, as in Flax's ImageNet example, so the
-network decides dtype, BatchNorm momentum and train/eval mode in one place. Every convolution pads
-like PyTorch's `padding=k//2`: Flax's 'SAME' pads a stride-2 3x3 by (0, 1) on an even input, which
-would shift every output pixel against the PyTorch twin (`torch_models`) of the same weights.
+Every convolution pads like PyTorch's `padding=k//2`: Flax's 'SAME' pads a stride-2 3x3 by (0, 1)
+on an even input, which would shift every output pixel against the PyTorch twin of the same weights.
 """
 
 from functools import partial
@@ -115,7 +113,8 @@ def gates_by_block(se_gates: Mapping) -> dict:
 
 
 class _Unit(nn.Module):
-  """What every residual unit takes: `conv` and `norm` constructors and its SE block's options."""
+  """What every residual unit takes: `conv` and `norm` constructors (as in Flax's ImageNet
+  example, so the network sets dtype and train/eval mode in one place) and its SE options."""
   filters: int
   conv: ModuleDef
   norm: ModuleDef
@@ -137,12 +136,9 @@ class _Unit(nn.Module):
 
 
 class ResidualBlock(_Unit):
-  """Basic unit (3x3, 3x3) with SE on the residual branch.
-
-  `relu_before_se` puts a ReLU between the branch's last BatchNorm and the SE block: not the
-  paper's layout, but that of public PyTorch CIFAR SE-ResNets, so their weights convert. Where the
-  shape changes, `shortcut='B'` projects (1x1 conv + BN) and `'A'` subsamples and zero-pads.
-  """
+  """Basic unit (3x3, 3x3). `relu_before_se` (a ReLU before SE) is the layout of public PyTorch
+  CIFAR SE-ResNets, so their weights convert. Where the shape changes, `shortcut='B'` projects
+  (1x1 conv + BN) and `'A'` subsamples and zero-pads."""
   relu_before_se: bool = False
   shortcut: str = 'B'
   zero_init_residual: bool = True  # the branch's last BatchNorm scale starts at 0 (else 1)
@@ -161,8 +157,7 @@ class ResidualBlock(_Unit):
                   else nn.initializers.ones)(y)
     y = self.se(self.act(y) if self.relu_before_se else y)
     if x.shape != y.shape and self.shortcut == 'A':
-      # He et al.'s option A, parameter-free: zeros after the input's channels, as in
-      # fb.resnet.torch (akamaster/pytorch_resnet_cifar10 pads half on each side).
+      # He et al.'s option A: zero channels after the input's, as in fb.resnet.torch.
       x = x[:, ::self.strides, ::self.strides, :]
       x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, channels - x.shape[-1])))
     elif x.shape != y.shape:
@@ -184,11 +179,8 @@ class BottleneckBlock(ResidualBlock):
 
 
 class PreActBlock(_Unit):
-  """Pre-activation basic unit (He et al. 2016; the wide unit of Zagoruyko & Komodakis).
-
-  Where the shape changes, the shortcut is a 1x1 convolution (no BN) of the pre-activated input,
-  as in both papers' code. The branch ends in a convolution: no BatchNorm scale to zero-init.
-  """
+  """Pre-activation basic unit (He et al. 2016; Zagoruyko & Komodakis). Where the shape changes,
+  the shortcut is a 1x1 conv (no BN) of the pre-activated input, as in both papers' code."""
 
   @nn.nowrap
   def branch(self, out):
@@ -231,12 +223,9 @@ def stage_reductions(se_reduction: Reduction, num_stages: int) -> list:
 
 
 class SEResNet(nn.Module):
-  """ResNet for 32x32 inputs (3x3 stride-1 stem, no max-pool) with SE in every residual unit.
-
-  Stage i has `num_filters * 2**i` filters (times the unit's expansion) and halves the resolution
-  from the second stage on. Every network is also a backbone: `features`, `num_classes=0` (the
-  output is the pre-logit vector), the 'se_gates' collection and `replace_head`.
-  """
+  """ResNet for 32x32 inputs (3x3 stride-1 stem, no max-pool) with SE in every residual unit;
+  stage i has `num_filters * 2**i` filters (times the expansion). Every network is a backbone:
+  `features`, `num_classes=0`, the 'se_gates' collection and `replace_head`."""
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
   num_classes: int = 10  # 0: no head, the output is the pre-logit vector
@@ -280,9 +269,8 @@ class SEResNet(nn.Module):
     return self.forward(x, train)[0]
 
   def features(self, x, train: bool = True, stages: bool = False):
-    """The pre-logit vector (N, C) in float32; with `stages=True`, also {'stem': ...,
-    'stage1': ..., ...}, each stage's output map in compute dtype.
-    Use as `model.apply(variables, x, train=False, method='features')`."""
+    """The pre-logit vector (N, C) in float32; with `stages=True`, also each stage's output map
+    ({'stem': ..., 'stage1': ...}). `model.apply(variables, x, train=False, method='features')`."""
     pooled, maps = self.forward(x, train, head=False)
     return (pooled, maps) if stages else pooled
 
@@ -319,9 +307,8 @@ class SEResNet(nn.Module):
 
 
 class PreActResNet(SEResNet):
-  """Pre-activation ResNet for 32x32 inputs: 3x3 stem conv, pre-activation units, a final
-  BN-ReLU, pooling, dropout, Dense. Stage i has `num_filters * widen_factor * 2**i` filters
-  (times the expansion). WRN's dropout between a unit's convolutions is not built."""
+  """Pre-activation ResNet: no BN after the stem, a final BN-ReLU; stage i has `num_filters *
+  widen_factor * 2**i` filters. WRN's dropout between a unit's convolutions is not built."""
   widen_factor: int = 1
   pre_activation = True
 

@@ -1,9 +1,6 @@
-"""Where the data lives: one 'data' mesh axis over every device of every host.
-
-The training set is split evenly over all devices and stays there as uint8; each step, every device
-draws its share of the global batch from its own shard through a per-epoch permutation, so no
-example moves between devices. Evaluation splits are cut into padded, masked chunks.
-"""
+"""One 'data' mesh axis over every device of every host. The training set stays on the devices
+as uint8, split evenly; each device draws its share of every batch from its own shard, so no
+example moves between devices."""
 
 import jax
 import numpy as np

@@ -1,8 +1,7 @@
 """The train state, loss, optimizer and schedule, and the compiled train and eval steps.
 
 Batch order, augmentation and dropout are pure functions of (seed, step), so a resumed run repeats
-an uninterrupted one exactly. BatchNorm statistics and gradients are over the global batch (XLA
-inserts the cross-device reductions), so the same code runs on one device or a pod slice.
+an uninterrupted one exactly; XLA inserts the cross-device reductions of the global batch.
 """
 
 import functools
@@ -61,9 +60,7 @@ def create_learning_rate_schedule(config: ml_collections.ConfigDict,
 def create_optimizer(config: ml_collections.ConfigDict,
                      schedule: optax.Schedule) -> optax.GradientTransformation:
   """SGD with momentum and L2 weight decay on 'kernels' (conv and dense) or 'all' parameters.
-
-  It takes the schedule so the loop logs the very rates it applies. Both masks are optax masks,
-  so the optimizer state has one structure (a resume may change the mask).
+  Both masks are optax masks, so the optimizer state has one structure (a resume may change it).
   """
   if not callable(schedule):  # a number would silently become a constant learning rate
     raise TypeError('create_optimizer takes a schedule: '
@@ -101,8 +98,7 @@ def init_train_state(config: ml_collections.ConfigDict, model: SEResNet,
   """create_train_state compiled, its output placed with `sharding`. On a CPU without backend
   optimisation: XLA takes longer to optimise the random draws than they take to run once."""
   init = compilation.jit(functools.partial(create_train_state, config, model, tx, image_shape),
-                         out_shardings=sharding,
-                         cpu_options={'xla_backend_optimization_level': 0})
+                         out_shardings=sharding, cpu_options={'xla_backend_optimization_level': 0})
   return init(jax.random.key(config.seed))
 
 
