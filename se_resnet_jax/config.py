@@ -11,7 +11,7 @@ import ml_collections
 
 from se_resnet_jax import augment
 from se_resnet_jax.errors import ConfigError
-from se_resnet_jax.models import IMAGE_SHAPE, SEResNet, create_model, has_se
+from se_resnet_jax.models import IMAGE_SHAPE, MODELS, SEResNet, create_model, has_se
 
 DATASETS = {'cifar10': 10, 'cifar100': 100, 'synthetic': None}
 SCHEDULES = ('cosine', 'multistep', 'onecycle', 'constant')
@@ -138,10 +138,12 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int = 1) ->
   _check_keys_and_types(config, base_config())
   _require(config.dataset in DATASETS, f'Unknown dataset {config.dataset!r}; choose one of '
            f'{", ".join(DATASETS)}.')
-  try:  # the network checks its own options when it is built (no weights are made)
+  _require(config.model.name in MODELS, f'Unknown model.name {config.model.name!r}; choose one of '
+           f'{", ".join(MODELS)}.')
+  try:  # the network checks its own options (no weights made); each message names the option
     build_model(config, classes=1)
   except ValueError as e:
-    raise ConfigError(f'model: {e}') from None
+    raise ConfigError(f'model.{e}') from None
   try:
     augment.validate_augment_config(config.augment)
   except ValueError as e:

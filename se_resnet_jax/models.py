@@ -31,7 +31,7 @@ KERNEL_INITS = tuple(_CONV_INITS)
 
 def _check_kernel_init(name: str) -> None:
   if name not in KERNEL_INITS:
-    raise ValueError(f'Unknown kernel_init {name!r}; choose one of {", ".join(KERNEL_INITS)}.')
+    raise ValueError(f'kernel_init {name!r} is unknown; choose one of {", ".join(KERNEL_INITS)}.')
 
 
 def dense_inits(name: str, fan_in: int) -> dict:
@@ -48,15 +48,15 @@ def dense_inits(name: str, fan_in: int) -> dict:
 def se_hidden_width(channels: int, reduction: int) -> int:
   """Width C/r of the excitation bottleneck; refuses ratios that would silently round."""
   if not isinstance(reduction, int) or isinstance(reduction, bool) or reduction < 1:
-    raise ValueError(f'SE reduction ratio must be a positive integer, got {reduction!r}.')
+    raise ValueError(f'se_reduction: the ratio must be a positive integer, got {reduction!r}.')
   if reduction > channels:
     raise ValueError(
-        f'SE reduction ratio r={reduction} exceeds the {channels} channels it squeezes (hidden '
-        f'width would be 0). Use r <= {channels}, a larger model.num_filters, or per-stage '
-        'ratios.')
+        f'se_reduction: SE reduction ratio r={reduction} exceeds the {channels} channels it '
+        f'squeezes (hidden width would be 0). Use r <= {channels}, a larger model.num_filters, '
+        'or per-stage ratios.')
   if channels % reduction:
     raise ValueError(
-        f'SE reduction ratio r={reduction} does not divide the {channels} channels it squeezes. '
+        f'se_reduction: SE reduction ratio r={reduction} does not divide the {channels} channels. '
         f'Use a divisor of {channels} (e.g. 8, 16 or 32 for the standard widths).')
   return channels // reduction
 
@@ -113,8 +113,7 @@ def gates_by_block(se_gates: Mapping) -> dict:
 
 
 class _Unit(nn.Module):
-  """What every residual unit takes: `conv` and `norm` constructors (as in Flax's ImageNet
-  example, so the network sets dtype and train/eval mode in one place) and its SE options."""
+  """`conv` and `norm` constructors, as in Flax's ImageNet example, and the SE block's options."""
   filters: int
   conv: ModuleDef
   norm: ModuleDef
@@ -199,8 +198,7 @@ class PreActBlock(_Unit):
 
 
 class PreActBottleneck(PreActBlock):
-  """Pre-activation bottleneck unit (ResNet-164). The stride sits on the 3x3 as in the PyTorch
-  ports; He et al.'s Torch code puts it on the first 1x1, with the same parameters."""
+  """Pre-activation bottleneck unit (ResNet-164), the stride on the 3x3 as in the PyTorch ports."""
   expansion = 4
 
   @nn.nowrap
@@ -217,8 +215,8 @@ def stage_reductions(se_reduction: Reduction, num_stages: int) -> list:
     return [se_reduction] * num_stages
   ratios = list(se_reduction)
   if len(ratios) != num_stages:
-    raise ValueError(f'se_reduction has {len(ratios)} entries but the network has {num_stages} '
-                     'stages: give one ratio (or None) per stage, or a single int.')
+    raise ValueError(f'se_reduction: {len(ratios)} entries but the network has {num_stages} '
+                     'stages; give one ratio (or None) per stage, or a single int.')
   return ratios
 
 
@@ -246,8 +244,8 @@ class SEResNet(nn.Module):
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f'dropout_rate must be in [0, 1), got {self.dropout_rate}.')
     if self.num_classes < 0 or self.num_filters < 1:
-      raise ValueError('num_classes must be >= 0 (0: no head) and num_filters positive, got '
-                       f'{self.num_classes} and {self.num_filters}.')
+      raise ValueError('num_filters must be positive and num_classes >= 0 (0: no head), got '
+                       f'{self.num_filters} and {self.num_classes}.')
     if self.shortcut not in ('A', 'B'):
       raise ValueError(f"shortcut must be 'A' (zero-padded identity) or 'B' (projection), got "
                        f'{self.shortcut!r}.')
