@@ -1,7 +1,4 @@
-"""se_resnet_jax: Squeeze-and-Excitation ResNets for CIFAR in JAX/Flax.
-
-Importing the package loads only the model code (jax and flax): no TensorFlow, tfds or plotting.
-"""
+"""Squeeze-and-Excitation ResNets for CIFAR in JAX/Flax; importing it loads only the models."""
 
 from se_resnet_jax.models import (
     SEWRN16_8,

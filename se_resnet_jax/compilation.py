@@ -1,15 +1,8 @@
 """The compile policy: which XLA options every program the library compiles gets, by backend.
 
-XLA:CPU hands convolutions to YNNPACK fusions by default. For these networks XLA's own (Eigen)
-convolutions are faster on the CPUs measured (BENCHMARKS.md, "The compile policy on a CPU"): on an
-AVX2-only CPU the training step runs about 3x faster and needs a third less memory, and inference is
-faster too. The options change how a program is compiled, not what it computes (the same numbers up
-to float rounding, which the PyTorch-parity and export tests bound).
-
-Every `jax.jit` in the library goes through `jit` (train, eval and init steps, the evaluation and
-inference functions, the export's check, the experiments through the training loop), so one table
-decides them all, and a program built elsewhere by a user keeps XLA's defaults. An option this XLA
-does not know is dropped with one warning: it costs speed, never correctness.
+On a CPU, XLA's own convolutions beat the default YNNPACK fusions for these networks (about 3x for
+the training step on an AVX2-only CPU: BENCHMARKS.md). The options change how a program is
+compiled, not what it computes. Every `jax.jit` of the library goes through `jit`.
 """
 
 import contextlib
@@ -20,9 +13,7 @@ import jax
 from absl import logging
 
 # Options per backend (`jax.default_backend()`); a backend not listed compiles with XLA's defaults.
-BACKEND_OPTIONS: dict = {
-    'cpu': {'xla_cpu_experimental_ynn_fusion_type': ''},
-}
+BACKEND_OPTIONS: dict = {'cpu': {'xla_cpu_experimental_ynn_fusion_type': ''}}
 
 
 def _option_probe(x):
@@ -44,11 +35,8 @@ def _known(backend: str, name: str, value: Any) -> bool:
 
 
 def compiler_options(backend: Optional[str] = None, **extra: Any) -> Optional[dict]:
-  """The policy's options for `backend` (default: JAX's default backend), plus `extra`.
-
-  None when there are none, which is what `jax.jit` takes as "XLA's defaults". Each option is
-  checked against this XLA once per process; the unknown ones are left out with one warning.
-  """
+  """The policy's options for `backend` (default: JAX's default backend) plus `extra`, those
+  this XLA knows; None (`jax.jit`'s "XLA's defaults") when there are none."""
   backend = backend or jax.default_backend()
   options = {**BACKEND_OPTIONS.get(backend, {}), **extra}
   known = {name: value for name, value in options.items() if _known(backend, name, value)}
@@ -56,19 +44,15 @@ def compiler_options(backend: Optional[str] = None, **extra: Any) -> Optional[di
 
 
 def jit(fun: Callable, *, cpu_options: Optional[dict] = None, **jit_kwargs: Any) -> Callable:
-  """`jax.jit(fun, **jit_kwargs)` compiled with the policy's options for the default backend.
-
-  `cpu_options` adds options on a CPU only (the initialiser's lower optimisation level). The
-  options are read here, when the program is built: build it after changing BACKEND_OPTIONS.
-  """
+  """`jax.jit(fun, **jit_kwargs)` with the policy's options (read now, when the program is
+  built), plus `cpu_options` on a CPU."""
   extra = cpu_options if jax.default_backend() == 'cpu' and cpu_options else {}
   return jax.jit(fun, compiler_options=compiler_options(**extra), **jit_kwargs)
 
 
 @contextlib.contextmanager
 def xla_defaults() -> Iterator[None]:
-  """Programs built by `jit` within compile with XLA's defaults: the baseline the benchmark times
-  the policy against."""
+  """Programs built by `jit` within compile with XLA's defaults (the benchmark's baseline)."""
   saved = dict(BACKEND_OPTIONS)
   BACKEND_OPTIONS.clear()
   try:

@@ -1,9 +1,5 @@
-"""The base training config and its validation.
-
-The files in `configs/` start from `base_config()` and change what their recipe needs. Every run
-goes through `validate_config` first, so a typo or an impossible value stops the run with one
-clear message before any data is loaded or anything is compiled.
-"""
+"""The base training config and its validation: every run goes through `validate_config` first,
+so a typo or an impossible value stops it with one clear message before anything is loaded."""
 
 import importlib.util
 import math
@@ -15,7 +11,7 @@ import ml_collections
 
 from se_resnet_jax import augment
 from se_resnet_jax.errors import ConfigError
-from se_resnet_jax.models import IMAGE_SHAPE, SEResNet, create_model, has_se
+from se_resnet_jax.models import IMAGE_SHAPE, MODELS, SEResNet, create_model, has_se
 
 DATASETS = {'cifar10': 10, 'cifar100': 100, 'synthetic': None}
 SCHEDULES = ('cosine', 'multistep', 'onecycle', 'constant')
@@ -34,13 +30,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.validation_size = 5000  # examples held out of the training split for validation; 0 = none
   c.validation_seed = 0  # seed of the validation (and k-fold) split, independent of `seed`
   c.stratified_validation = True  # keep class proportions in the validation split
-  # k-fold cross-validation: with num_folds > 0 the validation split is fold `fold` of the training
-  # split (stratified, seeded by validation_seed) instead of validation_size held-out examples.
   # num_folds: k-fold cross-validation's number of folds; 0 = off (validation_size holds out)
   # fold: the fold that validates, in [0, num_folds)
   c.kfold = ml_collections.ConfigDict(dict(num_folds=0, fold=0))
   c.synthetic = ml_collections.ConfigDict(dict(
-      # Generated images (dataset='synthetic'): a noisy copy of a random template per class.
       # num_classes: number of classes
       # num_train: training images
       # num_test: test images
@@ -63,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
       shortcut='',
       se_bias=True,  # biases in the SE Dense layers (senet.pytorch's CIFAR SE-ResNets: none)
       # How weights start: lecun_normal (Flax), he_normal_fan_out (torchvision) or torch_default
-      # (PyTorch's Conv2d/Linear default). See models.
+      # (PyTorch's Conv2d/Linear default).
       kernel_init='lecun_normal',
       # Each residual branch's last BatchNorm scale starts at 0 (False: at 1). Every unit then
       # starts as the identity; kuangliu's and weiaicunzai's PyTorch CIFAR networks start at 1.
@@ -120,6 +113,9 @@ def _check_keys_and_types(config: Any, reference: Any, path: str = '') -> None:
     elif isinstance(ref, bool) != isinstance(value, bool) or not _same_kind(value, ref):
       raise ConfigError(f'Config {name!r} should be a {type(ref).__name__} (like {ref!r}), '
                         f'got {value!r} ({type(value).__name__}).')
+    elif any(isinstance(v, float) and not math.isfinite(v)
+             for v in (value if isinstance(value, (tuple, list)) else (value,))):
+      raise ConfigError(f'{name} must be a finite number, got {value}.')
 
 
 def _same_kind(value: Any, ref: Any) -> bool:
@@ -137,32 +133,17 @@ def _require(ok: bool, message: str) -> None:
     raise ConfigError(message)
 
 
-def _first_nonfinite(config: Any, path: str = ''):
-  """(name, value) of the first float field (or tuple of them) that is NaN or Inf, else None."""
-  for key in config.keys():
-    value = config[key]
-    if isinstance(value, (dict, ml_collections.ConfigDict)):
-      found = _first_nonfinite(value, f'{path}{key}.')
-      if found:
-        return found
-    elif any(isinstance(v, float) and not math.isfinite(v)
-             for v in (value if isinstance(value, (tuple, list)) else (value,))):
-      return f'{path}{key}', value
-  return None
-
-
 def validate_config(config: ml_collections.ConfigDict, device_count: int = 1) -> None:
   """Raises ConfigError naming the first impossible value and how to fix it."""
   _check_keys_and_types(config, base_config())
-  nonfinite = _first_nonfinite(config)
-  if nonfinite:
-    raise ConfigError(f'{nonfinite[0]} must be a finite number, got {nonfinite[1]}.')
   _require(config.dataset in DATASETS, f'Unknown dataset {config.dataset!r}; choose one of '
            f'{", ".join(DATASETS)}.')
-  try:  # the network checks its own options when it is built (no weights are made)
+  _require(config.model.name in MODELS, f'Unknown model.name {config.model.name!r}; choose one of '
+           f'{", ".join(MODELS)}.')
+  try:  # the network checks its own options (no weights made); each message names the option
     build_model(config, classes=1)
   except ValueError as e:
-    raise ConfigError(f'model: {e}') from None
+    raise ConfigError(f'model.{e}') from None
   try:
     augment.validate_augment_config(config.augment)
   except ValueError as e:
@@ -177,6 +158,9 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int = 1) ->
   _require(0.0 <= config.momentum < 1.0, f'momentum must be in [0, 1), got {config.momentum}.')
   _require(0.0 <= config.ema_decay < 1.0, f'ema_decay must be in [0, 1), got {config.ema_decay}.')
   _require(config.label_smoothing < 1.0, 'label_smoothing must be below 1.')
+  _require(config.weight_decay_mask in WEIGHT_DECAY_MASKS,
+           f'Unknown weight_decay_mask {config.weight_decay_mask!r}; choose one of '
+           f'{", ".join(WEIGHT_DECAY_MASKS)}.')
   _require(config.schedule in SCHEDULES,
            f'Unknown schedule {config.schedule!r}; choose one of {", ".join(SCHEDULES)}.')
   _require(config.num_epochs >= 1, f'num_epochs must be >= 1, got {config.num_epochs}.')
@@ -232,13 +216,8 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-# How a config names its data's classes and its network: every module that builds, fingerprints
-# or sizes a network goes through these, so the answers cannot drift apart.
-
-
 def num_classes(config: ml_collections.ConfigDict) -> int:
-  """The classifier's width: the class count of the config's data (npz arrays stand for a
-  dataset, and a `classes` array in them must name as many)."""
+  """The classifier's width: the class count of the config's data."""
   if config.dataset == 'synthetic':
     return config.synthetic.num_classes
   if config.dataset == 'cifar100' and config.label_key == 'coarse_label':
@@ -252,8 +231,8 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
 
 
 def model_options(config: ml_collections.ConfigDict, classes: int) -> dict:
-  """The create_model keyword arguments `config.model` gives (the PyTorch twin takes the same);
-  options left at their defaults are left out, so every family accepts what it is given."""
+  """create_model's keyword arguments (the PyTorch twin's too); options at their defaults are
+  left out, so every family accepts what it is given."""
   m = config.model
   options = dict(num_classes=classes, num_filters=m.num_filters, dropout_rate=m.dropout_rate)
   if has_se(m.name):
@@ -272,16 +251,9 @@ def build_model(config: ml_collections.ConfigDict, classes: int) -> SEResNet:
 
 
 def architecture(config: ml_collections.ConfigDict, classes: int) -> dict:
-  """What a checkpoint's weights compute; a resume or an evaluation refuses a mismatch.
-
-  `relu_before_se` changes the function, not the weights' shapes, so only this tells the two
-  apart. `kernel_init` and `zero_init_residual` decide the first weights only, not the function of
-  a checkpoint's weights, so they are not part of it.
-  """
-  options = model_options(config, classes)
-  se = options.get('se_reduction')
+  """What a checkpoint's weights compute; a resume or an evaluation refuses a mismatch. (The
+  initialisers only decide the first weights, so they are not part of it.)"""
   m = config.model
   return dict(name=m.name, num_filters=m.num_filters, num_classes=classes,
-              se_reduction=list(se) if isinstance(se, list) else se,
-              relu_before_se=m.relu_before_se, shortcut=options.get('shortcut', ''),
-              se_bias=m.se_bias)
+              se_reduction=model_options(config, classes).get('se_reduction'),
+              relu_before_se=m.relu_before_se, shortcut=m.shortcut, se_bias=m.se_bias)

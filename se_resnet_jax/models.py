@@ -1,20 +1,7 @@
 """Squeeze-and-Excitation ResNets for 32x32 images (CIFAR), as Flax linen modules.
 
-Squeeze, Excitation and SEBlock are separate modules so they can be reused in other networks. The
-residual units take `conv` and `norm` constructors, as in Flax's ImageNet example, so the network
-decides dtype, BatchNorm momentum and train/eval mode in one place (`SEResNet.layers`, which the
-pre-activation networks inherit).
-
-Two families: SEResNet (post-activation units: the ResNet-18...152 layout with four stages, and
-He et al.'s CIFAR ResNet-20...110 with three) and PreActResNet (pre-activation units: ResNet-164
-and the wide ResNets). Each has a plain counterpart without SE (se_reduction=None) for the
-ablation, and each is a backbone (`features`, `num_classes=0`, the 'se_gates' collection,
-`replace_head`).
-
-Every convolution pads like PyTorch's `padding=k//2`: one pixel on each side for a 3x3, none for a
-1x1. Flax's default 'SAME' pads a stride-2 3x3 by (0, 1) on an even input, which shifts every
-output pixel of that layer by one against the PyTorch network of the same weights
-(`se_resnet_jax.torch_models`); symmetric padding makes the two the same function.
+Every convolution pads like PyTorch's `padding=k//2`: Flax's 'SAME' pads a stride-2 3x3 by (0, 1)
+on an even input, which would shift every output pixel against the PyTorch twin of the same weights.
 """
 
 from functools import partial
@@ -31,71 +18,51 @@ Reduction = Optional[Union[int, Sequence[Optional[int]]]]
 IMAGE_SHAPE = (32, 32, 3)  # CIFAR's: what these networks are built for
 PAD_3X3 = ((1, 1), (1, 1))  # PyTorch's padding=1
 PAD_1X1 = ((0, 0), (0, 0))
-GATES = 'se_gates'  # the collection SEBlock records its gates in
 
-# How convolution and dense weights start. 'lecun_normal' is Flax's default (truncated normal,
-# variance 1/fan_in, zero biases). 'he_normal_fan_out' is torchvision's ResNet: convolutions
-# kaiming_normal_(mode='fan_out', nonlinearity='relu'), i.e. N(0, 2/fan_out); torchvision leaves
-# its Linear layers at PyTorch's default, and so do these dense layers. 'torch_default' is
-# PyTorch's Conv2d/Linear default, kaiming_uniform_(a=sqrt(5)): weights and biases
-# U(-1/sqrt(fan_in), 1/sqrt(fan_in)), a third of LeCun's variance. The PyTorch twin
-# (`se_resnet_jax.torch_models`) draws from the same distributions for the same name.
-KERNEL_INITS = ('lecun_normal', 'he_normal_fan_out', 'torch_default')
+# How conv and dense weights start (the PyTorch twin draws alike): Flax's default; torchvision's
+# ResNet (convolutions N(0, 2/fan_out), dense layers at PyTorch's default); PyTorch's Conv2d/Linear
+# default, weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+_TORCH_DEFAULT = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+_CONV_INITS = {'lecun_normal': nn.initializers.lecun_normal(),
+               'he_normal_fan_out': nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+               'torch_default': _TORCH_DEFAULT}
+KERNEL_INITS = tuple(_CONV_INITS)
 
 
 def _check_kernel_init(name: str) -> None:
   if name not in KERNEL_INITS:
-    raise ValueError(f'Unknown kernel_init {name!r}; choose one of {", ".join(KERNEL_INITS)}.')
-
-
-def conv_kernel_init(name: str) -> Callable:
-  """The convolution kernel initialiser of `name` (one of KERNEL_INITS)."""
-  _check_kernel_init(name)
-  if name == 'lecun_normal':
-    return nn.initializers.lecun_normal()
-  if name == 'he_normal_fan_out':
-    return nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-  return nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+    raise ValueError(f'kernel_init {name!r} is unknown; choose one of {", ".join(KERNEL_INITS)}.')
 
 
 def dense_inits(name: str, fan_in: int) -> dict:
-  """kernel_init and bias_init of a dense layer with `fan_in` inputs under `name`."""
+  """kernel_init and bias_init of a dense layer with `fan_in` inputs."""
   _check_kernel_init(name)
   if name == 'lecun_normal':
     return dict(kernel_init=nn.initializers.lecun_normal(), bias_init=nn.initializers.zeros)
-  bound = fan_in ** -0.5  # PyTorch's Linear default, which torchvision's ResNet keeps as well
-
-  def bias_init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return dict(kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform'),
-              bias_init=bias_init)
-
-
-def residual_scale_init(zero_init_residual: bool) -> Callable:
-  """Scale initialiser of a residual branch's last BatchNorm: zeros start the unit as the
-  identity (Goyal et al.; the Flax ImageNet example), ones as kuangliu's CIFAR networks."""
-  return nn.initializers.zeros if zero_init_residual else nn.initializers.ones
+  bound = fan_in ** -0.5
+  return dict(kernel_init=_TORCH_DEFAULT,
+              bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+                  key, shape, dtype, -bound, bound))
 
 
 def se_hidden_width(channels: int, reduction: int) -> int:
   """Width C/r of the excitation bottleneck; refuses ratios that would silently round."""
   if not isinstance(reduction, int) or isinstance(reduction, bool) or reduction < 1:
-    raise ValueError(f'SE reduction ratio must be a positive integer, got {reduction!r}.')
+    raise ValueError(f'se_reduction: the ratio must be a positive integer, got {reduction!r}.')
   if reduction > channels:
     raise ValueError(
-        f'SE reduction ratio r={reduction} exceeds the {channels} channels it squeezes (hidden '
-        f'width would be 0). Use r <= {channels}, a larger model.num_filters, or per-stage '
-        'ratios.')
+        f'se_reduction: SE reduction ratio r={reduction} exceeds the {channels} channels it '
+        f'squeezes (hidden width would be 0). Use r <= {channels}, a larger model.num_filters, '
+        'or per-stage ratios.')
   if channels % reduction:
     raise ValueError(
-        f'SE reduction ratio r={reduction} does not divide the {channels} channels it squeezes. '
+        f'se_reduction: SE reduction ratio r={reduction} does not divide the {channels} channels. '
         f'Use a divisor of {channels} (e.g. 8, 16 or 32 for the standard widths).')
   return channels // reduction
 
 
 class Squeeze(nn.Module):
-  """Global average pooling: (N, H, W, C) -> (N, C), the per-channel descriptor."""
+  """Global average pooling: (N, H, W, C) -> (N, C)."""
 
   @nn.compact
   def __call__(self, x):
@@ -122,126 +89,124 @@ class Excitation(nn.Module):
 
 
 class SEBlock(nn.Module):
-  """Recalibrates channels: x * Excitation(Squeeze(x))[:, None, None, :].
-
-  The gates (N, C) are recorded with `sow` in the collection 'se_gates', so
-  `apply(..., mutable=['se_gates'])` returns every block's gates without them being parameters;
-  without that collection mutable, recording costs nothing.
-  """
+  """x * Excitation(Squeeze(x)). The gates are sown into the 'se_gates' collection, so
+  `apply(..., mutable=['se_gates'])` returns them without their being parameters."""
   reduction: int = 16
   use_bias: bool = True
   dtype: Any = jnp.float32
-  kernel_init: str = 'lecun_normal'  # of the excitation's dense layers; one of KERNEL_INITS
+  kernel_init: str = 'lecun_normal'  # of the excitation's dense layers
 
   @nn.compact
   def __call__(self, x):
     gates = Excitation(x.shape[-1], self.reduction, use_bias=self.use_bias, dtype=self.dtype,
                        kernel_init=self.kernel_init)(Squeeze()(x))
     if not self.is_initializing():  # init returns only params and batch statistics
-      self.sow(GATES, 'gates', gates)
+      self.sow('se_gates', 'gates', gates)
     return x * gates[:, None, None, :].astype(x.dtype)
 
 
 def gates_by_block(se_gates: Mapping) -> dict:
-  """{'ResidualBlock_3': gates (N, C), ...} from the 'se_gates' collection an apply returned.
-
-  The key is the path of the residual unit holding the SE block ('/'-joined when nested), in the
-  order the network runs them.
-  """
+  """{'ResidualBlock_3': gates (N, C), ...} from the 'se_gates' collection an apply returned,
+  keyed by the path of the unit holding the SE block, in the order the network runs them."""
   flat = traverse_util.flatten_dict(dict(se_gates))
   return {'/'.join(path[:-2]): values[-1] for path, values in flat.items()}
 
 
-def zero_pad_shortcut(x: jax.Array, strides: int, channels: int) -> jax.Array:
-  """He et al.'s option A shortcut: subsample by `strides`, append zero channels up to `channels`.
-
-  Parameter-free, so a network with it has the parameters of its plain (no-shortcut) counterpart.
-  The zeros go after the input's channels, as in the Torch code of He et al.'s CIFAR experiments
-  (fb.resnet.torch, shortcutType 'A'); akamaster/pytorch_resnet_cifar10 pads half on each side.
-  """
-  x = x[:, ::strides, ::strides, :]
-  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, channels - x.shape[-1])))
-
-
-class ResidualBlock(nn.Module):
-  """Basic unit (3x3, 3x3) with SE on the residual branch before the addition.
-
-  `relu_before_se` puts a ReLU between the branch's last BatchNorm and the SE block, the layout of
-  widely used public PyTorch CIFAR SE-ResNets (not the paper's), so their weights compute the
-  function they were trained as. Where the unit changes shape, `shortcut='B'` projects (1x1 conv +
-  BN), `'A'` subsamples and zero-pads (`zero_pad_shortcut`, He et al.'s CIFAR networks).
-  """
+class _Unit(nn.Module):
+  """`conv` and `norm` constructors, as in Flax's ImageNet example, and the SE block's options."""
   filters: int
   conv: ModuleDef
   norm: ModuleDef
   act: Callable = nn.relu
   strides: int = 1
   se_reduction: Optional[int] = 16
-  relu_before_se: bool = False
-  shortcut: str = 'B'
   se_bias: bool = True
   dtype: Any = jnp.float32
+  kernel_init: str = 'lecun_normal'  # of the SE block's dense layers (`conv` brings its own)
   expansion = 1  # output channels per `filters`
-  kernel_init: str = 'lecun_normal'  # of the SE block's dense layers (`conv` brings its own)
-  zero_init_residual: bool = True  # the branch's last BatchNorm scale starts at 0 (else 1)
 
-  @nn.compact
-  def __call__(self, x):
-    strides = (self.strides,) * 2
-    y = self.act(self.norm()(self.conv(self.filters, (3, 3), strides, padding=PAD_3X3)(x)))
-    y = self.norm(scale_init=residual_scale_init(self.zero_init_residual))(
-        self.conv(self.filters, (3, 3), padding=PAD_3X3)(y))
-    if self.relu_before_se:
-      y = self.act(y)
-    if self.se_reduction:
-      y = SEBlock(self.se_reduction, self.se_bias, dtype=self.dtype,
-                  kernel_init=self.kernel_init)(y)
-    if x.shape != y.shape and self.shortcut == 'A':
-      x = zero_pad_shortcut(x, self.strides, self.filters)
-    elif x.shape != y.shape:
-      x = self.conv(self.filters, (1, 1), strides, padding=PAD_1X1, name='conv_proj')(x)
-      x = self.norm(name='norm_proj')(x)
-    return self.act(x + y)
+  @nn.nowrap
+  def se(self, y: jax.Array) -> jax.Array:
+    """SE on the residual branch, before the addition (the SENet paper's standard placement)."""
+    if not self.se_reduction:
+      return y
+    return SEBlock(self.se_reduction, self.se_bias, dtype=self.dtype,
+                   kernel_init=self.kernel_init)(y)
 
 
-class BottleneckBlock(nn.Module):
-  """Bottleneck unit (1x1, 3x3, 1x1 x4) with SE on the residual branch before the addition.
-
-  The stride sits on the 3x3, as in the PyTorch CIFAR ResNets; `relu_before_se` and `shortcut` as
-  in ResidualBlock.
-  """
-  filters: int
-  conv: ModuleDef
-  norm: ModuleDef
-  act: Callable = nn.relu
-  strides: int = 1
-  se_reduction: Optional[int] = 16
+class ResidualBlock(_Unit):
+  """Basic unit (3x3, 3x3). `relu_before_se` (a ReLU before SE) is the layout of public PyTorch
+  CIFAR SE-ResNets, so their weights convert. Where the shape changes, `shortcut='B'` projects
+  (1x1 conv + BN) and `'A'` subsamples and zero-pads."""
   relu_before_se: bool = False
   shortcut: str = 'B'
-  se_bias: bool = True
-  dtype: Any = jnp.float32
-  expansion = 4  # output channels per `filters`
-  kernel_init: str = 'lecun_normal'  # of the SE block's dense layers (`conv` brings its own)
   zero_init_residual: bool = True  # the branch's last BatchNorm scale starts at 0 (else 1)
+
+  @nn.nowrap
+  def branch(self, x):
+    y = self.act(self.norm()(self.conv(self.filters, (3, 3), (self.strides,) * 2,
+                                       padding=PAD_3X3)(x)))
+    return self.conv(self.filters, (3, 3), padding=PAD_3X3)(y)
 
   @nn.compact
   def __call__(self, x):
-    strides = (self.strides,) * 2
-    y = self.act(self.norm()(self.conv(self.filters, (1, 1), padding=PAD_1X1)(x)))
-    y = self.act(self.norm()(self.conv(self.filters, (3, 3), strides, padding=PAD_3X3)(y)))
-    y = self.norm(scale_init=residual_scale_init(self.zero_init_residual))(
-        self.conv(self.filters * 4, (1, 1), padding=PAD_1X1)(y))
-    if self.relu_before_se:
-      y = self.act(y)
-    if self.se_reduction:
-      y = SEBlock(self.se_reduction, self.se_bias, dtype=self.dtype,
-                  kernel_init=self.kernel_init)(y)
+    channels = self.filters * self.expansion
+    y = self.branch(x)  # before the last norm is built, which takes the next BatchNorm name
+    y = self.norm(scale_init=nn.initializers.zeros if self.zero_init_residual
+                  else nn.initializers.ones)(y)
+    y = self.se(self.act(y) if self.relu_before_se else y)
     if x.shape != y.shape and self.shortcut == 'A':
-      x = zero_pad_shortcut(x, self.strides, self.filters * 4)
+      # He et al.'s option A: zero channels after the input's, as in fb.resnet.torch.
+      x = x[:, ::self.strides, ::self.strides, :]
+      x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, channels - x.shape[-1])))
     elif x.shape != y.shape:
-      x = self.conv(self.filters * 4, (1, 1), strides, padding=PAD_1X1, name='conv_proj')(x)
+      x = self.conv(channels, (1, 1), (self.strides,) * 2, padding=PAD_1X1, name='conv_proj')(x)
       x = self.norm(name='norm_proj')(x)
     return self.act(x + y)
+
+
+class BottleneckBlock(ResidualBlock):
+  """Bottleneck unit (1x1, 3x3, 1x1 x4), the stride on the 3x3 as in the PyTorch CIFAR ResNets."""
+  expansion = 4
+
+  @nn.nowrap
+  def branch(self, x):
+    y = self.act(self.norm()(self.conv(self.filters, (1, 1), padding=PAD_1X1)(x)))
+    y = self.act(self.norm()(self.conv(self.filters, (3, 3), (self.strides,) * 2,
+                                       padding=PAD_3X3)(y)))
+    return self.conv(self.filters * 4, (1, 1), padding=PAD_1X1)(y)
+
+
+class PreActBlock(_Unit):
+  """Pre-activation basic unit (He et al. 2016; Zagoruyko & Komodakis). Where the shape changes,
+  the shortcut is a 1x1 conv (no BN) of the pre-activated input, as in both papers' code."""
+
+  @nn.nowrap
+  def branch(self, out):
+    y = self.conv(self.filters, (3, 3), (self.strides,) * 2, padding=PAD_3X3)(out)
+    return self.conv(self.filters, (3, 3), padding=PAD_3X3)(self.act(self.norm()(y)))
+
+  @nn.compact
+  def __call__(self, x):
+    out = self.act(self.norm()(x))
+    channels = self.filters * self.expansion
+    shortcut = x
+    if self.strides != 1 or x.shape[-1] != channels:
+      shortcut = self.conv(channels, (1, 1), (self.strides,) * 2, padding=PAD_1X1,
+                           name='conv_proj')(out)
+    return shortcut + self.se(self.branch(out))
+
+
+class PreActBottleneck(PreActBlock):
+  """Pre-activation bottleneck unit (ResNet-164), the stride on the 3x3 as in the PyTorch ports."""
+  expansion = 4
+
+  @nn.nowrap
+  def branch(self, out):
+    y = self.conv(self.filters, (1, 1), padding=PAD_1X1)(out)
+    y = self.conv(self.filters, (3, 3), (self.strides,) * 2,
+                  padding=PAD_3X3)(self.act(self.norm()(y)))
+    return self.conv(self.filters * 4, (1, 1), padding=PAD_1X1)(self.act(self.norm()(y)))
 
 
 def stage_reductions(se_reduction: Reduction, num_stages: int) -> list:
@@ -250,23 +215,15 @@ def stage_reductions(se_reduction: Reduction, num_stages: int) -> list:
     return [se_reduction] * num_stages
   ratios = list(se_reduction)
   if len(ratios) != num_stages:
-    raise ValueError(f'se_reduction has {len(ratios)} entries but the network has {num_stages} '
-                     'stages: give one ratio (or None) per stage, or a single int.')
+    raise ValueError(f'se_reduction: {len(ratios)} entries but the network has {num_stages} '
+                     'stages; give one ratio (or None) per stage, or a single int.')
   return ratios
 
 
 class SEResNet(nn.Module):
-  """ResNet for 32x32 inputs (3x3 stride-1 stem, no max-pool) with SE in every residual unit.
-
-  Stage i has `num_filters * 2**i` filters (times the unit's expansion) and halves the resolution
-  from the second stage on. Four stages give the ResNet-18...152 family; three stages of basic units
-  at `num_filters=16` with `shortcut='A'` are He et al.'s CIFAR ResNets (ResNet20...110).
-
-  Besides logits, every network of the library is a backbone: `features` gives the pre-logit vector
-  and, with `stages=True`, each stage's output; `num_classes=0` makes the network headless (it
-  returns the pre-logit vector); the SE gates are in the 'se_gates' collection (see SEBlock); and
-  `replace_head` puts trained weights under a head for another class count.
-  """
+  """ResNet for 32x32 inputs (3x3 stride-1 stem, no max-pool) with SE in every residual unit;
+  stage i has `num_filters * 2**i` filters (times the expansion). Every network is a backbone:
+  `features`, `num_classes=0`, the 'se_gates' collection and `replace_head`."""
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
   num_classes: int = 10  # 0: no head, the output is the pre-logit vector
@@ -281,13 +238,14 @@ class SEResNet(nn.Module):
   conv: ModuleDef = nn.Conv
   kernel_init: str = 'lecun_normal'  # how conv and dense weights start: one of KERNEL_INITS
   zero_init_residual: bool = True  # each residual branch's last BatchNorm scale starts at 0
+  pre_activation = False  # PreActResNet: no BN after the stem, a BN-ReLU before pooling
 
   def __post_init__(self):
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f'dropout_rate must be in [0, 1), got {self.dropout_rate}.')
     if self.num_classes < 0 or self.num_filters < 1:
-      raise ValueError('num_classes must be >= 0 (0: no head) and num_filters positive, got '
-                       f'{self.num_classes} and {self.num_filters}.')
+      raise ValueError('num_filters must be positive and num_classes >= 0 (0: no head), got '
+                       f'{self.num_filters} and {self.num_classes}.')
     if self.shortcut not in ('A', 'B'):
       raise ValueError(f"shortcut must be 'A' (zero-padded identity) or 'B' (projection), got "
                        f'{self.shortcut!r}.')
@@ -304,130 +262,53 @@ class SEResNet(nn.Module):
     return [self.num_filters * 2**i * self.block_cls.expansion
             for i in range(len(self.stage_sizes))]
 
-  @nn.nowrap
-  def layers(self, train: bool) -> tuple:
-    """(conv, norm): the constructors every unit builds its layers with, so options set here
-    (dtype, BatchNorm momentum, train/eval mode) reach every layer of the network."""
-    conv = partial(self.conv, use_bias=False, dtype=self.dtype,
-                   kernel_init=conv_kernel_init(self.kernel_init))
-    norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                   dtype=self.dtype)
-    return conv, norm
-
   def __call__(self, x, train: bool = True):
     """Logits (N, num_classes) in float32; with num_classes=0 the pre-logit vector (N, C)."""
     return self.forward(x, train)[0]
 
   def features(self, x, train: bool = True, stages: bool = False):
-    """The pre-logit vector (N, C) in float32 (after global pooling, before dropout and head);
-    with `stages=True`, also {'stem': ..., 'stage1': ..., ...}: each stage's output map (N, H, W,
-    C) in compute dtype. Use as `model.apply(variables, x, train=False, method='features')`."""
+    """The pre-logit vector (N, C) in float32; with `stages=True`, also each stage's output map
+    ({'stem': ..., 'stage1': ...}). `model.apply(variables, x, train=False, method='features')`."""
     pooled, maps = self.forward(x, train, head=False)
     return (pooled, maps) if stages else pooled
 
   @nn.compact
   def forward(self, x, train: bool = True, head: bool = True) -> tuple:
     """(logits, or the pre-logit vector without a head; {name: stage output map})."""
-    conv, norm = self.layers(train)
-    x = self.act(norm(name='bn_init')(
-        conv(self.num_filters, (3, 3), padding=PAD_3X3, name='conv_init')(x)))
+    conv = partial(self.conv, use_bias=False, dtype=self.dtype,
+                   kernel_init=_CONV_INITS[self.kernel_init])
+    norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                   dtype=self.dtype)
+    x = conv(self.num_filters, (3, 3), padding=PAD_3X3, name='conv_init')(x)
+    if not self.pre_activation:
+      x = self.act(norm(name='bn_init')(x))
     maps = {'stem': x}
+    options = {} if self.pre_activation else dict(
+        relu_before_se=self.relu_before_se, shortcut=self.shortcut,
+        zero_init_residual=self.zero_init_residual)
     reductions = stage_reductions(self.se_reduction, len(self.stage_sizes))
-    for i, block_size in enumerate(self.stage_sizes):
+    for i, (block_size, width) in enumerate(zip(self.stage_sizes, self.stage_widths())):
       for j in range(block_size):
-        strides = 2 if i > 0 and j == 0 else 1
-        x = self.block_cls(self.num_filters * 2**i, conv=conv, norm=norm, act=self.act,
-                           strides=strides, se_reduction=reductions[i],
-                           relu_before_se=self.relu_before_se, shortcut=self.shortcut,
+        x = self.block_cls(width // self.block_cls.expansion, conv=conv, norm=norm, act=self.act,
+                           strides=2 if i > 0 and j == 0 else 1, se_reduction=reductions[i],
                            se_bias=self.se_bias, dtype=self.dtype, kernel_init=self.kernel_init,
-                           zero_init_residual=self.zero_init_residual)(x)
+                           **options)(x)
       maps[f'stage{i + 1}'] = x
-    return self.classify(Squeeze()(x), train, head), maps
-
-  @nn.nowrap
-  def classify(self, pooled: jax.Array, train: bool, head: bool) -> jax.Array:
-    """Dropout and Dense(num_classes) on the pooled vector (called inside `forward`); the pooled
-    vector itself in float32 without a head."""
+    if self.pre_activation:
+      x = self.act(norm(name='bn_final')(x))
+    pooled = Squeeze()(x)
     if not head or not self.num_classes:
-      return pooled.astype(jnp.float32)
+      return pooled.astype(jnp.float32), maps
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
     return nn.Dense(self.num_classes, dtype=self.dtype,
-                    **dense_inits(self.kernel_init, x.shape[-1]))(x).astype(jnp.float32)
-
-
-class PreActBlock(nn.Module):
-  """Pre-activation basic unit (He et al. 2016, "Identity Mappings"; the wide unit of Zagoruyko &
-  Komodakis): BN-ReLU, 3x3 (stride), BN-ReLU, 3x3, SE on the branch, plus the shortcut.
-
-  Where the unit changes shape the shortcut is a 1x1 convolution (no BN) of the pre-activated input,
-  as in both papers' code; elsewhere the identity. The branch ends in a convolution, so there is no
-  last BatchNorm scale to start at zero. SE recalibrates the branch before the addition (the SENet
-  paper's standard placement; it also tried others).
-  """
-  filters: int
-  conv: ModuleDef
-  norm: ModuleDef
-  act: Callable = nn.relu
-  strides: int = 1
-  se_reduction: Optional[int] = 16
-  se_bias: bool = True
-  dtype: Any = jnp.float32
-  expansion = 1
-  kernel_init: str = 'lecun_normal'  # of the SE block's dense layers (`conv` brings its own)
-
-  @nn.compact
-  def __call__(self, x):
-    out = self.act(self.norm()(x))
-    shortcut = self.projection(x, out)
-    y = self.conv(self.filters, (3, 3), (self.strides,) * 2, padding=PAD_3X3)(out)
-    y = self.conv(self.filters, (3, 3), padding=PAD_3X3)(self.act(self.norm()(y)))
-    if self.se_reduction:
-      y = SEBlock(self.se_reduction, self.se_bias, dtype=self.dtype,
-                  kernel_init=self.kernel_init)(y)
-    return shortcut + y
-
-  @nn.nowrap
-  def projection(self, x, out):
-    channels = self.filters * self.expansion
-    if self.strides == 1 and x.shape[-1] == channels:
-      return x
-    return self.conv(channels, (1, 1), (self.strides,) * 2, padding=PAD_1X1, name='conv_proj')(out)
-
-
-class PreActBottleneck(PreActBlock):
-  """Pre-activation bottleneck unit (He et al. 2016, ResNet-164): BN-ReLU, 1x1, BN-ReLU, 3x3
-  (stride), BN-ReLU, 1x1 (x4), SE, plus the shortcut as in PreActBlock.
-
-  The stride sits on the 3x3, as in the public PyTorch ports (kuangliu, pytorchcv); the Torch code
-  of He et al. puts it on the first 1x1, which has the same parameters.
-  """
-  expansion = 4
-
-  @nn.compact
-  def __call__(self, x):
-    out = self.act(self.norm()(x))
-    shortcut = self.projection(x, out)
-    y = self.conv(self.filters, (1, 1), padding=PAD_1X1)(out)
-    y = self.conv(self.filters, (3, 3), (self.strides,) * 2,
-                  padding=PAD_3X3)(self.act(self.norm()(y)))
-    y = self.conv(self.filters * 4, (1, 1), padding=PAD_1X1)(self.act(self.norm()(y)))
-    if self.se_reduction:
-      y = SEBlock(self.se_reduction, self.se_bias, dtype=self.dtype,
-                  kernel_init=self.kernel_init)(y)
-    return shortcut + y
+                    **dense_inits(self.kernel_init, x.shape[-1]))(x).astype(jnp.float32), maps
 
 
 class PreActResNet(SEResNet):
-  """Pre-activation ResNet for 32x32 inputs: 3x3 stem conv (no BN: each unit normalises its own
-  input), pre-activation units, a final BN-ReLU, global pooling, dropout, Dense.
-
-  Stage i has `num_filters * widen_factor * 2**i` filters (times the unit's expansion): ResNet-164
-  is 3 x 18 bottleneck units at 16-32-64 (outputs 64-128-256); WRN-d-k is 3 x (d-4)/6 basic units
-  at widths 16k-32k-64k. WRN's dropout between a unit's convolutions is not built; `dropout_rate`
-  is before the classifier, as for every network here. Options as SEResNet (`relu_before_se` and
-  `shortcut` do not apply: the shortcut is the papers' 1x1 projection where the shape changes).
-  """
+  """Pre-activation ResNet: no BN after the stem, a final BN-ReLU; stage i has `num_filters *
+  widen_factor * 2**i` filters. WRN's dropout between a unit's convolutions is not built."""
   widen_factor: int = 1
+  pre_activation = True
 
   def __post_init__(self):
     if self.relu_before_se or self.shortcut != 'B':
@@ -441,31 +322,11 @@ class PreActResNet(SEResNet):
   def stage_widths(self) -> list:
     return [w * self.widen_factor for w in super().stage_widths()]
 
-  @nn.compact
-  def forward(self, x, train: bool = True, head: bool = True) -> tuple:
-    conv, norm = self.layers(train)
-    x = conv(self.num_filters, (3, 3), padding=PAD_3X3, name='conv_init')(x)
-    maps = {'stem': x}
-    reductions = stage_reductions(self.se_reduction, len(self.stage_sizes))
-    for i, block_size in enumerate(self.stage_sizes):
-      for j in range(block_size):
-        x = self.block_cls(self.num_filters * self.widen_factor * 2**i, conv=conv, norm=norm,
-                           act=self.act, strides=2 if i > 0 and j == 0 else 1,
-                           se_reduction=reductions[i], se_bias=self.se_bias, dtype=self.dtype,
-                           kernel_init=self.kernel_init)(x)
-      maps[f'stage{i + 1}'] = x
-    x = self.act(norm(name='bn_final')(x))
-    return self.classify(Squeeze()(x), train, head), maps
-
 
 def replace_head(model: SEResNet, variables: Mapping, num_classes: int,
                  rng: jax.Array) -> tuple:
-  """(model for `num_classes`, its variables): the backbone's weights and BatchNorm statistics
-  kept, the head new (drawn from `rng` with the network's own initialiser), or none for 0.
-
-  For fine-tuning a trained run on another class count: `run = run_dir.restore_run(workdir)`,
-  then `replace_head(run.model, run.variables, 100, key)`.
-  """
+  """(model for `num_classes`, its variables): the backbone's weights and statistics kept, the
+  head new (the network's own initialiser, from `rng`), or none for 0. For fine-tuning."""
   new = model.clone(num_classes=num_classes)
   params = {k: v for k, v in variables['params'].items() if k != 'Dense_0'}
   if num_classes:
@@ -488,11 +349,9 @@ ResNet50 = partial(SEResNet50, se_reduction=None)
 ResNet101 = partial(SEResNet101, se_reduction=None)
 ResNet152 = partial(SEResNet152, se_reduction=None)
 
-# He et al. 2015 (Deep Residual Learning, Sec. 4.2), the networks of the SENet paper's CIFAR table:
-# 6n+2 layers, 3 stages of n basic units at 16-32-64 filters, option A shortcuts ("identity
-# shortcuts in all cases"), 0.27M (20) to 1.7M (110) parameters. senet.pytorch and pytorchcv
-# build them with projection shortcuts instead: shortcut='B' (and se_bias=False for senet.pytorch's
-# SE layers) computes their function.
+# He et al. 2015 (Sec. 4.2), the SENet paper's CIFAR table: 6n+2 layers at 16-32-64 filters, option
+# A shortcuts. senet.pytorch and pytorchcv project instead: shortcut='B' (and se_bias=False for
+# senet.pytorch) computes their function.
 _CIFAR = partial(SEResNet, block_cls=ResidualBlock, num_filters=16, shortcut='A')
 SEResNet20 = partial(_CIFAR, stage_sizes=[3, 3, 3])
 SEResNet32 = partial(_CIFAR, stage_sizes=[5, 5, 5])
@@ -517,13 +376,10 @@ ResNet164 = partial(SEResNet164, se_reduction=None)
 WRN16_8 = partial(SEWRN16_8, se_reduction=None)
 WRN28_10 = partial(SEWRN28_10, se_reduction=None)
 
-MODEL_NAMES = ('SEResNet18', 'SEResNet34', 'SEResNet50', 'SEResNet101', 'SEResNet152',
-               'ResNet18', 'ResNet34', 'ResNet50', 'ResNet101', 'ResNet152',
-               'SEResNet20', 'SEResNet32', 'SEResNet44', 'SEResNet56', 'SEResNet110',
-               'SEResNet164', 'SEWRN16_8', 'SEWRN28_10',
-               'ResNet20', 'ResNet32', 'ResNet44', 'ResNet56', 'ResNet110', 'ResNet164',
-               'WRN16_8', 'WRN28_10')
-MODELS = {name: globals()[name] for name in MODEL_NAMES}
+# Every public network constructor above, in the order defined.
+MODELS = {name: value for name, value in globals().items()
+          if isinstance(value, partial) and not name.startswith('_')}
+MODEL_NAMES = tuple(MODELS)
 
 
 def lookup(registry: dict, name: str) -> Any:

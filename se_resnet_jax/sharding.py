@@ -1,9 +1,6 @@
-"""Where the data lives: one 'data' mesh axis over every device of every host.
-
-The training set is split evenly over all devices and stays there as uint8; each step, every device
-draws its share of the global batch from its own shard through a per-epoch permutation, so no
-example moves between devices. Evaluation splits are cut into padded, masked chunks.
-"""
+"""One 'data' mesh axis over every device of every host. The training set stays on the devices
+as uint8, split evenly; each device draws its share of every batch from its own shard, so no
+example moves between devices."""
 
 import jax
 import numpy as np
@@ -15,11 +12,8 @@ from se_resnet_jax import input_pipeline
 
 
 def data_mesh() -> jax.sharding.Mesh:
-  """All devices of all processes on one 'data' axis.
-
-  Auto axes (GSPMD): recent JAX makes mesh axes Explicit by default, and then the augmentation's
-  vmap over a 'data'-sharded batch with replicated per-example keys fails on > 1 device.
-  """
+  """All devices of all processes on one 'data' axis. Auto (GSPMD), as the augmentation's vmap
+  with replicated per-example keys fails on an Explicit axis over > 1 device."""
   return jax.make_mesh((jax.device_count(),), ('data',), (jax.sharding.AxisType.Auto,))
 
 
@@ -53,8 +47,8 @@ def shard_eval_split(split: input_pipeline.Split, mesh: jax.sharding.Mesh, batch
   labels = np.concatenate([split.labels, np.zeros(pad, np.int32)])
   mask = np.arange(chunks * batch_size) < n
   sharding = NamedSharding(mesh, P(None, 'data'))
-  shape = lambda a: a.reshape((chunks, batch_size) + a.shape[1:])
-  return tuple(global_array(shape(a), sharding) for a in (images, labels, mask))
+  return tuple(global_array(a.reshape((chunks, batch_size) + a.shape[1:]), sharding)
+               for a in (images, labels, mask))
 
 
 def epoch_permutation(rng: jax.Array, epoch: jax.Array, num_shards: int, shard_size: int):

@@ -1,9 +1,7 @@
-"""What one compiled step computes: the train state, loss, metrics, optimizer and schedule, and
-the train and eval steps.
+"""The train state, loss, optimizer and schedule, and the compiled train and eval steps.
 
 Batch order, augmentation and dropout are pure functions of (seed, step), so a resumed run repeats
-an uninterrupted one exactly. BatchNorm statistics and gradients are over the global batch: XLA
-inserts the cross-device reductions, so the same code runs on one device or a pod slice.
+an uninterrupted one exactly; XLA inserts the cross-device reductions of the global batch.
 """
 
 import functools
@@ -26,14 +24,12 @@ from se_resnet_jax.sharding import sample_batch
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
-  # The EMA of the model's variables, {'params', 'batch_stats'} (see `ema_variables`); {} when
-  # the EMA is off.
-  ema_params: Any = None
+  ema_params: Any = None  # {'params', 'batch_stats'} averaged (see `ema_variables`), or {}
 
 
 @flax.struct.dataclass
 class Metrics(metrics.Collection):
-  """Mean loss and accuracy, accumulated on the device over a training epoch or an eval split."""
+  """Mean loss and accuracy, accumulated on the device."""
   loss: metrics.Average.from_output('loss')
   accuracy: metrics.Accuracy
 
@@ -63,11 +59,8 @@ def create_learning_rate_schedule(config: ml_collections.ConfigDict,
 
 def create_optimizer(config: ml_collections.ConfigDict,
                      schedule: optax.Schedule) -> optax.GradientTransformation:
-  """SGD with momentum and L2 weight decay on the parameters `config.weight_decay_mask` names:
-  'kernels' (conv and dense kernels, not BatchNorm, not biases) or 'all'.
-
-  It takes the schedule rather than building it, so the loop logs the very rates it applies.
-  Both masks are optax masks, so the optimizer state has one structure whichever is chosen.
+  """SGD with momentum and L2 weight decay on 'kernels' (conv and dense) or 'all' parameters.
+  Both masks are optax masks, so the optimizer state has one structure (a resume may change it).
   """
   if not callable(schedule):  # a number would silently become a constant learning rate
     raise TypeError('create_optimizer takes a schedule: '
@@ -80,11 +73,8 @@ def create_optimizer(config: ml_collections.ConfigDict,
 
 
 def ema_variables(config: ml_collections.ConfigDict, variables: dict) -> dict:
-  """Where the EMA starts: the parameters and the BatchNorm statistics ({} when it is off).
-
-  The statistics are averaged too, as timm's ModelEmaV2 averages buffers: averaged weights
-  normalised by live statistics would use numbers that lag behind them.
-  """
+  """Where the EMA starts ({} when it is off). The BatchNorm statistics are averaged too, as
+  timm's ModelEmaV2 averages buffers: live statistics would not match the averaged weights."""
   if not config.ema_decay:
     return {}
   return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
@@ -93,15 +83,11 @@ def ema_variables(config: ml_collections.ConfigDict, variables: dict) -> dict:
 def create_train_state(config: ml_collections.ConfigDict, model: SEResNet,
                        tx: optax.GradientTransformation, image_shape: tuple,
                        rng: Optional[jax.Array] = None) -> TrainState:
-  """Fresh weights from `rng` (default: key(config.seed)).
-
-  Passing the key as a jit argument, not a constant, lets runs that differ only in seed share one
-  compiled initialisation (the experiments' seeds reuse it from JAX's compilation cache).
-  """
+  """Fresh weights from `rng` (default: key(config.seed)). A key passed to jit, not a constant,
+  lets runs differing only in seed share one compiled initialisation."""
   rng = jax.random.key(config.seed) if rng is None else rng
   variables = model.init({'params': rng}, jnp.zeros((1,) + image_shape, model.dtype), train=False)
-  params = variables['params']
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                            batch_stats=variables['batch_stats'],
                            ema_params=ema_variables(config, variables))
 
@@ -109,16 +95,11 @@ def create_train_state(config: ml_collections.ConfigDict, model: SEResNet,
 def init_train_state(config: ml_collections.ConfigDict, model: SEResNet,
                      tx: optax.GradientTransformation, image_shape: tuple,
                      sharding: NamedSharding) -> TrainState:
-  """create_train_state compiled once, its output placed with `sharding`.
-
-  On CPU the initialiser is compiled without backend optimisation: its random draws take XLA
-  longer to optimise (about 2.5x at full width) than the unoptimised program takes to run once.
-  """
+  """create_train_state compiled, its output placed with `sharding`. On a CPU without backend
+  optimisation: XLA takes longer to optimise the random draws than they take to run once."""
   init = compilation.jit(functools.partial(create_train_state, config, model, tx, image_shape),
-                         out_shardings=sharding,
-                         cpu_options={'xla_backend_optimization_level': 0})
-  rng = jax.random.key(config.seed)
-  return init(rng)
+                         out_shardings=sharding, cpu_options={'xla_backend_optimization_level': 0})
+  return init(jax.random.key(config.seed))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:
@@ -156,12 +137,8 @@ def train_step(state: TrainState, train_metrics: Metrics, images: jax.Array,
 
 def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: int, per_device: int,
                     mean: tuple, std: tuple):
-  """The compiled step of the training loop: draw the batch on the device(s), augment, update.
-
-  Its arguments are (state, train_metrics, images, labels, perm, step_rng); the state is donated.
-  The seed's key is an argument, not a constant, so runs differing only in seed compile alike, and
-  the step number is read from `state.step`, already on the device, so nothing is copied per step.
-  """
+  """The compiled step of the loop: draw the batch on the device(s), augment, update; the state
+  is donated. The step number comes from `state.step`, so nothing is copied per step."""
 
   @functools.partial(compilation.jit, donate_argnums=(0,))
   def compiled_step(state, train_metrics, images, labels, perm, step_rng):

@@ -96,7 +96,7 @@ def test_another_config_with_another_batch_size_is_refused(run_dir, no_work, mak
     ('[1, 2]', r'config.json does not hold a config'),
     ('{"learning_rate": "fast"}', r"config.json: field 'learning_rate' = 'fast' does not fit"),
     ('{"no_such_field": 1}', r"config.json: Unknown config key 'no_such_field'"),
-    ('{"model": {"dropout_rate": 1.5}}', r'config.json: model: dropout_rate must be in \[0, 1\)'),
+    ('{"model": {"dropout_rate": 1.5}}', r'config.json: model.dropout_rate must be in \[0, 1\)'),
 ])
 def test_a_broken_config_json_is_named(run_dir, no_work, content, expected):
   with open(os.path.join(run_dir, 'config.json'), 'w') as f:

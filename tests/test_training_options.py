@@ -2,20 +2,18 @@
 
 `weight_decay_mask`, `model.kernel_init` and `model.zero_init_residual` change what the optimizer
 decays and how weights start; the EMA (`ema_decay`) averages the BatchNorm statistics with the
-weights, so `state.ema_params` holds both ({'params', 'batch_stats'}). Checkpoints of runs made
-before that held the averaged parameters alone; they are still read.
+weights, so `state.ema_params` holds both ({'params', 'batch_stats'}).
 """
 
 import jax
 import numpy as np
 import optax
-from conftest import random_variables
-from jax.sharding import SingleDeviceSharding
+from conftest import abstract_state, random_variables
 
 from se_resnet_jax import config as config_lib
 from se_resnet_jax import evaluation, steps, summary, train
 from se_resnet_jax.checkpoints import RunCheckpoints
-from se_resnet_jax.models import architecture, build_model
+from se_resnet_jax.config import architecture, build_model
 
 # Measured: 0.32 test accuracy after these 2 epochs with every option on (10 classes).
 MIN_TEST_ACCURACY = 0.2
@@ -30,10 +28,9 @@ def test_every_option_trains_and_evaluates_the_averaged_statistics(make_tiny_con
   assert result['test']['accuracy'] >= MIN_TEST_ACCURACY, result['test']['accuracy']
   assert all(np.isfinite(result[split]['loss']) for split in ('validation', 'test'))
 
-  target = evaluation.abstract_train_state(config, 10, SingleDeviceSharding(jax.devices()[0]))
   ckpts = RunCheckpoints(workdir)
   try:
-    state, meta = ckpts.restore(target)
+    state, meta = ckpts.restore(abstract_state(config))
   finally:
     ckpts.close()
   assert meta['architecture'] == architecture(make_tiny_config(), 10)  # init is not the network
@@ -69,28 +66,19 @@ def _save_and_restore(config, state, workdir):
   ckpts = RunCheckpoints(str(workdir))
   try:
     ckpts.save(1, state, {'epoch': 1, 'best_val_accuracy': None})
-    target = evaluation.abstract_train_state(config, 10, SingleDeviceSharding(jax.devices()[0]))
-    return ckpts.restore(target)[0]
+    return ckpts.restore(abstract_state(config))[0]
   finally:
     ckpts.close()
 
 
-def test_ema_of_statistics_is_checkpointed_and_older_ema_checkpoints_are_read(make_tiny_config,
-                                                                            tmp_path):
+def test_ema_of_statistics_is_checkpointed(make_tiny_config, tmp_path):
   config = make_tiny_config(ema_decay=0.99)
   state = _tiny_state(config)
   shifted = jax.tree.map(lambda v: v + 0.5, state.ema_params)
   state = state.replace(ema_params=shifted)
   restored = _save_and_restore(config, state, tmp_path / 'now')
   jax.tree.map(np.testing.assert_array_equal, restored.ema_params, shifted)
-
-  # The layout of runs made before: the averaged parameters alone.
-  older = state.replace(ema_params=shifted['params'])
-  restored = _save_and_restore(config, older, tmp_path / 'older')
-  jax.tree.map(np.testing.assert_array_equal, restored.ema_params,
-               {'params': shifted['params'], 'batch_stats': state.batch_stats})
-  jax.tree.map(np.testing.assert_array_equal, evaluation.eval_variables(older),
-               {'params': shifted['params'], 'batch_stats': state.batch_stats})
+  jax.tree.map(np.testing.assert_array_equal, evaluation.eval_variables(restored), shifted)
 
   # Either decay mask gives the optimizer state one layout: a resume may change it.
   structures = set()
