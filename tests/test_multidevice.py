@@ -26,7 +26,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from se_resnet_jax import config as config_lib, evaluation, steps, train
+from se_resnet_jax import config as config_lib, steps, train
+from se_resnet_jax.plan import plan_run
 from se_resnet_jax.checkpoints import RunCheckpoints
 
 assert jax.device_count() == 8, jax.devices()
@@ -55,10 +56,8 @@ summary = {'devices': result['device']['count'], 'step': result['step'],
            'test': report['test'], 'validation': report['validation']}
 
 # The state the loop checkpointed after 3 steps (momentum and BatchNorm statistics included).
-steps_per_epoch = 16  # 512 training images / 32
 mesh8 = Mesh(np.array(jax.devices()), ('data',))
-target = evaluation.abstract_train_state(config, 100, NamedSharding(mesh8, P()),
-                                         steps_per_epoch=steps_per_epoch)
+target = plan_run(config, 512, 8).abstract_state(NamedSharding(mesh8, P()))  # 512 train images
 ckpts = RunCheckpoints(workdir)
 state, _ = ckpts.restore(target)
 ckpts.close()
