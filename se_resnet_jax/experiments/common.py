@@ -83,28 +83,23 @@ _cache_events: collections.Counter = collections.Counter()
 jax.monitoring.register_event_listener(lambda event, **kwargs: _cache_events.update([event]))
 
 
-def _check_same_config(saved: dict, config: ml_collections.ConfigDict, run_dir: str) -> None:
-  differ = config_differences(saved, config)
-  if differ:
-    saved = traverse_util.flatten_dict(saved, sep='.')
-    current = traverse_util.flatten_dict(config.to_dict(), sep='.')
-    raise RunConflictError(run_dir, {k: (saved.get(k), current.get(k)) for k in differ})
-
-
 def run(config: ml_collections.ConfigDict, run_dir: str,
         trainer: Trainer = train.train_and_evaluate) -> dict:
   """The numbers the tables use of the run in `run_dir`, read back if finished, else trained or
   resumed there; runs trained now add how many of their compilations the cache answered."""
   result = read_report(run_dir)  # a damaged report is none: the run is evaluated again
-  config_path = os.path.join(run_dir, 'config.json')
+  saved, config_path = result and result['config'], os.path.join(run_dir, 'config.json')
+  if result is None and os.path.exists(config_path):  # an unfinished run, to resume
+    with open(config_path) as f:
+      saved = json.load(f)
+  differ = config_differences(saved, config) if saved else []
+  if differ:  # rather stop than mix two settings in one run
+    saved, current = (traverse_util.flatten_dict(c, sep='.') for c in (saved, config.to_dict()))
+    raise RunConflictError(run_dir, {k: (saved.get(k), current.get(k)) for k in differ})
   if result is not None:
-    _check_same_config(result['config'], config, run_dir)
     Console().say(f'{run_dir}: finished earlier, read from its {REPORT}.')
     extra = {'trained_now': False}
   else:
-    if os.path.exists(config_path):
-      with open(config_path) as f:
-        _check_same_config(json.load(f), config, run_dir)
     before = collections.Counter(_cache_events)
     Console().say(f'{run_dir}: training (resuming from its checkpoints if it has any).')
     result = trainer(config, run_dir)  # Preempted (SIGTERM) passes through: no further run starts
