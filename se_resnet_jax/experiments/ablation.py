@@ -1,16 +1,12 @@
-r"""Ablation: the full model against the same model without SE, without dropout and without
-augmentation (optionally with all three off), over several seeds.
+r"""Ablation: the full model against it without SE, dropout or augmentation, over several seeds.
 
   python -m se_resnet_jax.experiments.ablation --config=configs/cifar10.py --workdir=runs/ablation \
       --seeds=3 [--all_off]
 
-Every variant trains on the same data (the validation split depends on validation_seed, never on
-the seed) with the same seeds, so each seed gives a paired difference against the full model; the
-deltas are the mean and std of those differences, with a 95% Student's t interval on them (df =
-seeds - 1). With `no_se` among the variants the result also holds SE's gain, full minus no_se,
-with its interval: whether SE's gain is larger than seed noise, as the SENet paper's CIFAR table
-is read (configs/senet_*.py hold its recipes). Writes ablation.json, ablation.md and ablation.png
-into the workdir; run `<variant>/seed_<seed>` keeps its own checkpoints and report.
+Every variant trains on the same data with the same seeds, so each seed gives a paired difference
+against the full model, and a Student's t interval says whether a change (SE's gain above all)
+is larger than seed noise, as the SENet paper's CIFAR table is read. Writes ablation.json,
+ablation.md and ablation.png.
 """
 
 import os
@@ -34,21 +30,17 @@ DESCRIPTIONS = {
 }
 
 
-def _without_se(name: str) -> str:
-  if not has_se(name) or name[2:] not in MODELS:  # SEResNet18 -> ResNet18
-    raise common.SettingError(f'model.name={name!r} has no SE blocks to remove; the ablation '
-                              'needs an SE model such as SEResNet18.', 'model.name', name)
-  return name[2:]
-
-
 def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
-  """The config of one ablation variant: the given config with one (or every) part switched off."""
   if variant not in DESCRIPTIONS:
     raise common.SettingError(f'Unknown ablation variant {variant!r}; choose from '
                               f'{", ".join(DESCRIPTIONS)}.', 'variants', variant)
   values = {}
+  name = config.model.name
   if variant in ('no_se', ALL_OFF):
-    values['model.name'] = _without_se(config.model.name)
+    if not has_se(name) or name[2:] not in MODELS:  # SEResNet18 -> ResNet18
+      raise common.SettingError(f'model.name={name!r} has no SE blocks to remove; the ablation '
+                                'needs an SE model such as SEResNet18.', 'model.name', name)
+    values['model.name'] = name[2:]
   if variant in ('no_dropout', ALL_OFF):
     values['model.dropout_rate'] = 0.0
   if variant in ('no_augmentation', ALL_OFF):
@@ -59,10 +51,7 @@ def variant_config(config: ml_collections.ConfigDict, variant: str) -> ml_collec
 def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: int = 3,
                  variants: Sequence[str] = VARIANTS, cache_dir: Optional[str] = None,
                  trainer: common.Trainer = train.train_and_evaluate) -> dict:
-  """Trains (or reads back) every variant for seeds config.seed, +1, ...; writes the tables.
-
-  Returns the content of ablation.json. Every config is checked before anything trains.
-  """
+  """Trains (or reads back) every variant for seeds config.seed, +1, ...; returns ablation.json."""
   if seeds < 1:
     raise common.SettingError(f'seeds must be >= 1, got {seeds}.', 'seeds', seeds)
   variants = ['full'] + [v for v in dict.fromkeys(variants) if v != 'full']
@@ -95,26 +84,18 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str, seeds: int = 3
         **{f'{k}_delta_ci95': common.paired_interval(d) for k, d in differences.items()},
         'validation_accuracy': common.mean_std(r['validation']['accuracy'] for r in runs_v),
         'runs': runs_v})
-  if 'no_se' in variants:
-    result['se_gain'] = se_gain(result, configs)
+  if 'no_se' in variants:  # SE's gain: full minus no_se per seed
+    gain = {'model': configs['full'].model.name, 'baseline': configs['no_se'].model.name,
+            'split': split}
+    for k, sign in (('accuracy', 1.0), ('loss', -1.0)):  # a lower loss with SE is a gain
+      differences = [sign * (full[s][k] - summaries['no_se', s][split][k]) for s in seed_list]
+      gain[k] = dict(common.paired_interval(differences), per_seed=differences)
+    result['se_gain'] = gain
   write_outputs(workdir, result)
   return result
 
 
-def se_gain(result: dict, configs: dict) -> dict:
-  """SE's gain, full minus no_se per seed (accuracy in [0, 1], loss), with 95% t intervals."""
-  split = result['split']
-  runs = {v['name']: {r['seed']: r[split] for r in v['runs']} for v in result['variants']}
-  gain = {'model': configs['full'].model.name, 'baseline': configs['no_se'].model.name,
-          'split': split}
-  for k, sign in (('accuracy', 1.0), ('loss', -1.0)):  # a lower loss with SE is a gain
-    differences = [sign * (runs['full'][s][k] - runs['no_se'][s][k]) for s in result['seeds']]
-    gain[k] = dict(common.paired_interval(differences), per_seed=differences)
-  return gain
-
-
 def write_outputs(workdir: str, result: dict) -> None:
-  """ablation.json, ablation.md and ablation.png (bars with std error bars)."""
   split, seeds, variants = result['split'], result['seeds'], result['variants']
   label = split.capitalize()
   lines = ['# Ablation', '',
@@ -158,7 +139,6 @@ def write_outputs(workdir: str, result: dict) -> None:
 
 
 def define_flags() -> None:
-  """The command's flags; see common.define_flags for why they are not module-level."""
   common.define_flags()
   flags.adopt_module_key_flags(common)
   flags.DEFINE_integer('seeds', 3, 'Number of seeds: config.seed, config.seed + 1, ...')
@@ -168,7 +148,6 @@ def define_flags() -> None:
 
 
 def se_gain_line(gain: dict) -> str:
-  """'SE's gain ...: +0.42 points, 95% CI [-1.20, +2.04] ...' for the tables and the console."""
   accuracy = gain['accuracy']
   verdict = ('' if accuracy['low'] is None else
              ' (larger than seed noise)' if accuracy['low'] > 0 else
@@ -180,7 +159,6 @@ def se_gain_line(gain: dict) -> str:
 
 
 def closing_summary(workdir: str, result: dict) -> str:
-  """What the ablation command ends with: each variant against `full`, and the table."""
   split = result['split']
   lines = [f'Ablation, {split} accuracy over {len(result["seeds"])} seed(s) (mean ± std; Δ against '
            'full, in points):', '']

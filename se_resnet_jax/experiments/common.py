@@ -1,9 +1,7 @@
 """What the experiment commands share: runs in subdirectories, the compilation cache, tables.
 
-A run is "finished" when its report.json exists: the trainer (`train_and_evaluate`) writes it
-last, atomically, so a run killed at any earlier point has none and is resumed from its own
-checkpoints when the experiment is rerun, while finished runs are read back instead of being
-trained again.
+The trainer writes a run's report.json last, atomically, so a run without one is resumed from its
+checkpoints on a rerun while finished runs are read back.
 """
 
 import collections
@@ -33,17 +31,13 @@ CACHE_SUBDIR = 'jax_cache'
 _CACHE_OPTIONS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
                   'jax_persistent_cache_min_entry_size_bytes')
 
+# Trains or resumes a run as train.train_and_evaluate does; tests and benchmarks pass their own.
 Trainer = Callable[[ml_collections.ConfigDict, str], dict]
-"""Trains (or resumes) a config's run in a directory and returns its report, as
-`train.train_and_evaluate` does; the experiments take one so that tests and benchmarks can
-stand in for training."""
 
 
 class RunConflictError(UserError):
-  """A run directory holds a run made with other settings: rather stop than mix the two.
-
-  `differences` maps each dotted field that differs to (its value there, its value now).
-  """
+  """A run directory holds a run made with other settings; `differences` maps each dotted field
+  to (its value there, its value now)."""
 
   def __init__(self, run_dir: str, differences: dict):
     shown = ', '.join(f'{k}: {there!r} there, {now!r} now'
@@ -57,8 +51,7 @@ class RunConflictError(UserError):
 
 
 class SettingError(ConfigError):
-  """An experiment's setting that cannot work: `field` names it (a dotted config field, or an
-  argument such as 'seeds' or 'variants') and `value` is what it was given."""
+  """`field` is a dotted config field or an argument such as 'seeds'; `value` what it was given."""
 
   def __init__(self, message: str, field: str, value: Any):
     super().__init__(message)
@@ -68,14 +61,9 @@ class SettingError(ConfigError):
 
 @contextlib.contextmanager
 def compilation_cache(cache_dir: str) -> Iterator[None]:
-  """JAX's persistent compilation cache in `cache_dir`, for every program however small or quick.
-
-  Runs whose compiled programs agree then load them from disk instead of compiling again: the
-  seeds of one ablation variant (keys are arguments of the compiled step, not constants), the
-  evaluation step of grid cells that share r, and every rerun or resume. A setting compiled into
-  the step (dropout rate, schedule, augmentation switches, a fold's normalisation statistics)
-  still compiles once per value. The previous cache settings are restored on exit.
-  """
+  """JAX's persistent compilation cache in `cache_dir`, for every program however small or quick:
+  the seeds of one ablation variant, grid cells sharing r, reruns and resumes then load their
+  programs from disk (keys are arguments of the compiled step, not constants)."""
   previous = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
   os.makedirs(cache_dir, exist_ok=True)
   _set_cache_options(dict(zip(_CACHE_OPTIONS, (cache_dir, 0.0, 0))))
@@ -92,68 +80,34 @@ def _set_cache_options(values: dict) -> None:
 
 
 _cache_events: collections.Counter = collections.Counter()
-_listening = False
-
-
-def _count_cache_event(event: str, **kwargs: Any) -> None:
-  if event.startswith('/jax/compilation_cache/'):
-    _cache_events[event] += 1
-
-
-def _cache_counts() -> tuple[int, int]:
-  """(compile requests, persistent-cache hits) so far in this process."""
-  global _listening
-  if not _listening:
-    jax.monitoring.register_event_listener(_count_cache_event)
-    _listening = True
-  return (_cache_events['/jax/compilation_cache/compile_requests_use_cache'],
-          _cache_events['/jax/compilation_cache/cache_hits'])
-
-
-def _check_same_config(saved: Optional[dict], config: ml_collections.ConfigDict,
-                       run_dir: str) -> None:
-  """Refuses to reuse (or resume) a run made with other settings instead of mixing them."""
-  if saved is None:
-    return
-  differ = config_differences(saved, config)
-  if differ:
-    saved = traverse_util.flatten_dict(saved, sep='.')
-    current = traverse_util.flatten_dict(config.to_dict(), sep='.')
-    raise RunConflictError(run_dir, {k: (saved.get(k), current.get(k)) for k in differ})
-
-
-def _read_json(path: str) -> Optional[dict]:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+jax.monitoring.register_event_listener(lambda event, **kwargs: _cache_events.update([event]))
 
 
 def run(config: ml_collections.ConfigDict, run_dir: str,
         trainer: Trainer = train.train_and_evaluate) -> dict:
-  """Summary of the run in `run_dir`: read back if finished, else trained or resumed there.
-
-  Returns {'run_dir', 'epochs_completed', 'best_epoch', 'num_classes', 'validation' and (when the
-  run evaluated it) 'test' as {'accuracy', 'loss'}, 'stopped_epoch' with early stopping,
-  'trained_now', and for runs trained now 'compile_cache': {'requests', 'hits', 'misses'}}.
-  """
-  finished = read_report(run_dir)  # a damaged report is none: the run is evaluated again
-  if finished is not None:
-    _check_same_config(finished.get('config'), config, run_dir)
+  """The numbers the tables use of the run in `run_dir`, read back if finished, else trained or
+  resumed there; runs trained now add how many of their compilations the cache answered."""
+  result = read_report(run_dir)  # a damaged report is none: the run is evaluated again
+  saved, config_path = result and result['config'], os.path.join(run_dir, 'config.json')
+  if result is None and os.path.exists(config_path):  # an unfinished run, to resume
+    with open(config_path) as f:
+      saved = json.load(f)
+  differ = config_differences(saved, config) if saved else []
+  if differ:  # rather stop than mix two settings in one run
+    saved, current = (traverse_util.flatten_dict(c, sep='.') for c in (saved, config.to_dict()))
+    raise RunConflictError(run_dir, {k: (saved.get(k), current.get(k)) for k in differ})
+  if result is not None:
     Console().say(f'{run_dir}: finished earlier, read from its {REPORT}.')
-    return dict(summarize(finished, run_dir), trained_now=False)
-  _check_same_config(_read_json(os.path.join(run_dir, 'config.json')), config, run_dir)
-  requests, hits = _cache_counts()
-  Console().say(f'{run_dir}: training (resuming from its checkpoints if it has any).')
-  result = trainer(config, run_dir)  # Preempted (SIGTERM) passes through: no further run starts
-  now_requests, now_hits = _cache_counts()
-  cache = {'requests': now_requests - requests, 'hits': now_hits - hits}
-  cache['misses'] = cache['requests'] - cache['hits']
-  return dict(summarize(result, run_dir), trained_now=True, compile_cache=cache)
-
-
-def summarize(result: dict, run_dir: str) -> dict:
-  """The numbers the experiments' tables use, from a run's report."""
+    extra = {'trained_now': False}
+  else:
+    before = collections.Counter(_cache_events)
+    Console().say(f'{run_dir}: training (resuming from its checkpoints if it has any).')
+    result = trainer(config, run_dir)  # Preempted (SIGTERM) passes through: no further run starts
+    new = _cache_events - before
+    requests, hits = (new[f'/jax/compilation_cache/{k}']
+                      for k in ('compile_requests_use_cache', 'cache_hits'))
+    extra = {'trained_now': True,
+             'compile_cache': {'requests': requests, 'hits': hits, 'misses': requests - hits}}
   summary = {'run_dir': run_dir, 'epochs_completed': result.get('epochs_completed'),
              'best_epoch': result.get('best_epoch'), 'num_classes': len(result['class_names'])}
   for split in ('validation', 'test'):
@@ -161,15 +115,11 @@ def summarize(result: dict, run_dir: str) -> dict:
       summary[split] = {k: float(result[split][k]) for k in ('accuracy', 'loss')}
   if 'early_stopping' in result:
     summary['stopped_epoch'] = result['early_stopping']['stopped_epoch']
-  return summary
+  return dict(summary, **extra)
 
 
 def validate_all(configs: Sequence[ml_collections.ConfigDict]) -> None:
-  """Checks every run's config before any is trained, so a bad one fails in seconds.
-
-  Each run needs a validation split: best checkpoints and every choice are made on it, never on
-  the test set.
-  """
+  """Checks every run's config before any is trained, so a bad one fails in seconds."""
   for config in configs:
     validate_config(config, jax.device_count())
     if not config.validation_size and not config.kfold.num_folds:
@@ -179,7 +129,6 @@ def validate_all(configs: Sequence[ml_collections.ConfigDict]) -> None:
 
 
 def check_reduction_settable(config: ml_collections.ConfigDict) -> None:
-  """The model's SE reduction ratio must come from model.se_reduction for a search to set it."""
   if not has_se(config.model.name):
     raise SettingError(f'model.name={config.model.name!r} has no SE blocks, so the reduction '
                        'ratio does nothing; use an SE model such as SEResNet18.', 'model.name',
@@ -207,13 +156,8 @@ def mean_std(values: Iterable[float]) -> dict:
 
 
 def paired_interval(differences: Iterable[float], confidence: float = 0.95) -> dict:
-  """{'mean', 'std', 'n', 'df', 'low', 'high'}: Student's t confidence interval of the mean of
-  paired differences (one per seed), mean ± t(df = n - 1) * std / sqrt(n).
-
-  Pairing by seed removes what the seed does to both runs alike; with two seeds df = 1 and
-  t = 12.71, so the interval is wide unless the differences agree closely. One seed gives no
-  interval (low and high None).
-  """
+  """mean_std plus 'df' and Student's t interval 'low', 'high' (None for one seed) of the mean of
+  paired differences: pairing by seed removes what the seed does to both runs alike."""
   from scipy import stats  # not needed to import the experiments
 
   summary = mean_std(differences)
@@ -259,35 +203,28 @@ def bar_chart(path: str, labels: Sequence[str], panels: Sequence[tuple], title: 
 
 
 def setting_name(reduction: int, dropout: float) -> str:
-  """Directory name of a (reduction ratio, dropout) setting, e.g. r16_p0.5."""
   return f'r{reduction}_p{dropout:g}'
 
 
 def with_values(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
-  """A copy of `config` with fields set by dotted name, e.g. {'model.dropout_rate': 0.0}."""
   config = config.copy_and_resolve_references()
   config.update_from_flattened_dict(values)
   return config
 
 
 def write_tables(workdir: str, name: str, result: dict, markdown: Sequence[str]) -> None:
-  """<name>.json (every number, for programs) and <name>.md (the tables, for people)."""
   files.write_json_atomic(os.path.join(workdir, f'{name}.json'), result)
   files.write_text(os.path.join(workdir, f'{name}.md'), markdown)
 
 
 def tables_line(workdir: str, name: str) -> str:
-  """The closing summaries' pointer to what write_tables wrote."""
   return (f'  table        {os.path.join(workdir, f"{name}.md")} '
           f'(numbers: {os.path.join(workdir, f"{name}.json")})')
 
 
 def define_flags() -> None:
-  """--config, --workdir and --cache_dir of an experiment command.
-
-  Called only when a module runs as a command, so importing the experiments as a library (tests,
-  notebooks, beside se_resnet_jax.main) defines no flags and cannot clash with other commands'.
-  """
+  """Called only when a module runs as a command, so importing the experiments defines no flags
+  that could clash with other commands'."""
   config_flags.DEFINE_config_file('config', None, 'Training config file, as for '
                                   'se_resnet_jax.main; --config.field=value overrides.',
                                   lock_config=True)
@@ -300,10 +237,7 @@ def define_flags() -> None:
 
 def run_command(argv: Sequence[str], experiment: Callable[[], Any],
                 closing: Callable[[Any], str]) -> None:
-  """Runs an experiment command, turning user errors into one line and a non-zero exit.
-
-  It ends with `closing(result)` on stdout (process 0): what was chosen or found, and the table.
-  """
+  """Runs an experiment command (user errors: one line, non-zero exit), then prints `closing`."""
   def command():
     result = experiment()
     if jax.process_index() == 0:
@@ -313,5 +247,4 @@ def run_command(argv: Sequence[str], experiment: Callable[[], Any],
 
 
 def cache_dir_for(workdir: str, cache_dir: Optional[str]) -> str:
-  """The cache an experiment uses: --cache_dir if given, else one inside its workdir."""
   return cache_dir or os.path.join(workdir, CACHE_SUBDIR)

@@ -3,10 +3,8 @@ r"""k-fold cross-validation of a few (reduction ratio, dropout) settings over th
   python -m se_resnet_jax.experiments.kfold --config=configs/cifar10.py --workdir=runs/kfold \
       --folds=5 --settings=16:0.5,8:0.3
 
-The training split is cut into k stratified folds (config.validation_seed); each run trains on k-1
-of them and validates on the remaining one, so every setting is judged on the same k splits. The
-test set is not evaluated. r=0 means no SE blocks, for a baseline. Writes kfold.json, kfold.md and
-kfold.png (mean ± std of validation accuracy per setting).
+Every setting is judged on the same k stratified folds of the training split, never on the test
+set; r=0 means no SE blocks, for a baseline. Writes kfold.json, kfold.md and kfold.png.
 """
 
 import os
@@ -35,20 +33,16 @@ def parse_settings(text: str) -> list:
 
 def fold_config(config: ml_collections.ConfigDict, reduction: int, dropout: float, folds: int,
                 fold: int) -> ml_collections.ConfigDict:
-  """One (setting, fold) run: validates on fold `fold` and never evaluates the test set."""
   return common.with_values(config, {
       'model.se_reduction': reduction, 'model.dropout_rate': dropout, 'kfold.num_folds': folds,
       'kfold.fold': fold, 'evaluate_test': False})
 
 
 def run_kfold(config: ml_collections.ConfigDict, workdir: str, folds: int = 5,
-              settings: Optional[Sequence[tuple]] = None,
-              cache_dir: Optional[str] = None,
+              settings: Optional[Sequence[tuple]] = None, cache_dir: Optional[str] = None,
               trainer: common.Trainer = train.train_and_evaluate) -> dict:
-  """Trains (or reads back) every setting on every fold; writes and returns kfold.json.
-
-  `settings` are (reduction, dropout) pairs; default: the config's own.
-  """
+  """Trains (or reads back) every (reduction, dropout) setting, by default the config's own, on
+  every fold; returns kfold.json."""
   if folds < 2:
     raise common.SettingError(f'folds must be >= 2, got {folds}.', 'folds', folds)
   settings = list(dict.fromkeys(settings or [(config.model.se_reduction,
@@ -74,7 +68,6 @@ def run_kfold(config: ml_collections.ConfigDict, workdir: str, folds: int = 5,
 
 
 def write_outputs(workdir: str, result: dict) -> None:
-  """kfold.json, kfold.md and kfold.png."""
   folds, rows = result['folds'], result['settings']
   names = [common.setting_name(row['reduction'], row['dropout']) for row in rows]
   lines = ['# k-fold cross-validation', '',
@@ -97,7 +90,6 @@ def write_outputs(workdir: str, result: dict) -> None:
 
 
 def define_flags() -> None:
-  """The command's flags; see common.define_flags for why they are not module-level."""
   common.define_flags()
   flags.adopt_module_key_flags(common)
   flags.DEFINE_integer('folds', 5, 'Number of folds k.')
@@ -106,7 +98,6 @@ def define_flags() -> None:
 
 
 def closing_summary(workdir: str, result: dict) -> str:
-  """What the k-fold command ends with: the settings best first, and the table."""
   lines = [f'{result["folds"]}-fold cross-validation, validation accuracy (mean ± std over '
            'folds), best first:', '']
   for i, row in enumerate(result['settings']):

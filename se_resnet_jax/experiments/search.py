@@ -3,11 +3,9 @@ r"""Hyperparameter search over the SE reduction ratio r and the dropout rate, on
   python -m se_resnet_jax.experiments.search --config=configs/cifar10.py --workdir=runs/search \
       --mode=grid --reductions=8,16,32 --dropouts=0.0,0.3,0.5,0.7
 
-`--mode=grid` trains every (r, dropout) pair. `--mode=two_stage` is the study's search: dropout
-fixed at --stage1_dropout while r is chosen, then dropout tuned with that r. Every choice is the
-highest validation accuracy (ties: lowest validation loss). The runs do not even evaluate the test
-set unless --report_test asks for it, and then only to print it. Writes search.json, search.md, a
-heat map (search.png) and chosen_config.py, a config file that reruns the chosen settings.
+The runs do not even evaluate the test set unless --report_test asks, and then only to print it,
+so nothing can leak into a choice. Writes search.json, search.md, a heat map (search.png) and
+chosen_config.py, a config file that reruns the chosen settings.
 """
 
 import itertools
@@ -33,22 +31,13 @@ SELECTION = 'highest validation accuracy; ties: lowest validation loss'
 
 def cell_config(config: ml_collections.ConfigDict, reduction: int, dropout: float,
                 report_test: bool = False) -> ml_collections.ConfigDict:
-  """One grid cell's config; its run skips the test set unless asked, so nothing can leak."""
   return common.with_values(config, {'model.se_reduction': reduction,
                                      'model.dropout_rate': dropout, 'evaluate_test': report_test})
 
 
 def ranked(runs: Sequence[dict]) -> list:
-  """Runs best first: highest validation accuracy, then lowest validation loss, then given order.
-
-  Only run['validation'] is read: test metrics, when present, cannot change any choice.
-  """
+  """Runs best first by SELECTION, then in the given order; test metrics are never read."""
   return sorted(runs, key=lambda r: (-r['validation']['accuracy'], r['validation']['loss']))
-
-
-def choose(runs: Sequence[dict]) -> dict:
-  """The best run by `ranked`: validation only."""
-  return ranked(runs)[0]
 
 
 def run_search(config: ml_collections.ConfigDict, workdir: str, mode: str = 'grid',
@@ -56,11 +45,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, mode: str = 'gri
                stage1_dropout: float = STAGE1_DROPOUT, report_test: bool = False,
                config_file: Optional[str] = None, cache_dir: Optional[str] = None,
                trainer: common.Trainer = train.train_and_evaluate) -> dict:
-  """Runs the search (reading back finished runs) and writes its outputs; returns search.json.
-
-  `config_file` is the file `config` came from: chosen_config.py then starts from it (plus the
-  fields `config` changes), else from base_config().
-  """
+  """Runs the search (reading back finished runs); returns search.json. chosen_config.py starts
+  from `config_file`, the file `config` came from, if given, else from base_config()."""
   if mode not in MODES:
     raise common.SettingError(f'Unknown search mode {mode!r}; choose one of {", ".join(MODES)}.',
                               'mode', mode)
@@ -83,10 +69,10 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, mode: str = 'gri
 
   with common.compilation_cache(common.cache_dir_for(workdir, cache_dir)):
     if mode == 'grid':
-      chosen = choose([run_cell(r, p, 0) for r, p in itertools.product(reductions, dropouts)])
+      chosen = ranked([run_cell(r, p, 0) for r, p in itertools.product(reductions, dropouts)])[0]
     else:
-      best_r = choose([run_cell(r, stage1_dropout, 1) for r in reductions])['reduction']
-      chosen = choose([run_cell(best_r, p, 2) for p in axis_dropouts])
+      best_r = ranked([run_cell(r, stage1_dropout, 1) for r in reductions])[0]['reduction']
+      chosen = ranked([run_cell(best_r, p, 2) for p in axis_dropouts])[0]
   result = {'mode': mode, 'selection': SELECTION, 'reductions': reductions, 'dropouts': dropouts,
             'runs': list(runs.values()),
             'chosen': {'model.se_reduction': chosen['reduction'],
@@ -104,23 +90,21 @@ def run_search(config: ml_collections.ConfigDict, workdir: str, mode: str = 'gri
                          '--checkpoint=best --split=test',
       'kfold_top3': f'python -m se_resnet_jax.experiments.kfold --config={chosen_path} '
                     f'--workdir={workdir.rstrip("/")}_kfold --folds=5 --settings={top3}'}
-  write_config_file(chosen_path, config, {k: result['chosen'][k] for k in ('model.se_reduction',
-                                                                           'model.dropout_rate')},
-                    config_file, f'the {mode} search in {workdir} (its run: {chosen["run_dir"]})',
+  write_config_file(chosen_path, config, {'model.se_reduction': chosen['reduction'],
+                                         'model.dropout_rate': chosen['dropout']}, config_file,
+                    f'the {mode} search in {workdir} (its run: {chosen["run_dir"]})',
                     result['commands']['train_chosen'])
   write_outputs(workdir, result, axis_dropouts)
   return result
 
 
 def write_outputs(workdir: str, result: dict, axis_dropouts: Sequence[float]) -> None:
-  """search.json, search.md and the validation-accuracy heat map search.png."""
   chosen, reductions = result['chosen'], result['reductions']
   by_cell = {(r['reduction'], r['dropout']): r for r in result['runs']}
   key = (chosen['model.se_reduction'], chosen['model.dropout_rate'])
-  cell = lambda r, p: ('' if (r, p) not in by_cell else
-                       f'{"**" if (r, p) == key else ""}'
-                       f'{100 * by_cell[r, p]["validation"]["accuracy"]:.2f}'
-                       f'{"**" if (r, p) == key else ""}')
+  bold = lambda r, p: '**' if (r, p) == key else ''
+  cell = lambda r, p: ('' if (r, p) not in by_cell else f'{bold(r, p)}'
+                       f'{100 * by_cell[r, p]["validation"]["accuracy"]:.2f}{bold(r, p)}')
   two_stage = result['mode'] == 'two_stage'
   mode = ('two-stage (stage 1: dropout {:g}, choose r; stage 2: tune dropout with that r)'
           .format(result['stage1_dropout']) if two_stage else 'full grid')
@@ -159,7 +143,6 @@ def write_outputs(workdir: str, result: dict, axis_dropouts: Sequence[float]) ->
 
 def plot_heat_map(path: str, reductions: Sequence[int], dropouts: Sequence[float],
                   by_cell: dict, chosen: tuple, mode: str) -> None:
-  """r x dropout validation accuracy, cells not run left blank, the chosen one outlined."""
   if not files.drawing_available():
     return
   plt = files.pyplot()
@@ -187,20 +170,15 @@ def plot_heat_map(path: str, reductions: Sequence[int], dropouts: Sequence[float
 
 def write_config_file(path: str, config: ml_collections.ConfigDict, chosen: dict,
                       config_file: Optional[str], source: str, train_command: str) -> None:
-  """A config file with get_config(): the search's config file, its overrides, the chosen values.
-
-  The base file is referenced relative to the written file when the two share a directory below
-  the root (a repository's configs/ and runs/), so the pair can move together; else by its
-  absolute path.
-  """
+  """The base file is referenced relative to the written file when the two share a directory
+  below the root (a repository's configs/ and runs/), so the pair can move together."""
   base = load_config_file(config_file) if config_file else base_config()
   base_flat = traverse_util.flatten_dict(base.to_dict(), sep='.')
   flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
   overrides = {k: v for k, v in flat.items() if base_flat.get(k) != v}
   overrides.update(chosen)
   lines = [f'"""Settings chosen by {source}:', ', '.join(f'{k}={v}' for k, v in chosen.items()),
-           '', f'Train them: {train_command}',
-           '"""', '']
+           '', f'Train them: {train_command}', '"""', '']
   if config_file:
     base_path, here = os.path.abspath(config_file), os.path.dirname(os.path.abspath(path))
     shared = os.path.commonpath([base_path, here])
@@ -208,24 +186,20 @@ def write_config_file(path: str, config: ml_collections.ConfigDict, chosen: dict
       base_path = os.path.relpath(base_path, here)
     lines += ['import importlib.util', 'import os', '',
               f'BASE_CONFIG = {base_path!r}  # the search\'s --config (relative: to this file)']
+    load = ['  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), BASE_CONFIG)',
+            "  spec = importlib.util.spec_from_file_location('search_base_config', path)",
+            '  module = importlib.util.module_from_spec(spec)',
+            '  spec.loader.exec_module(module)', '  config = module.get_config()']
   else:
     lines += ['from se_resnet_jax.config import base_config', '']
-  lines += ['OVERRIDES = {'] + [f'    {k!r}: {v!r},' for k, v in overrides.items()] + ['}', '', '']
-  lines += ['def get_config():']
-  if config_file:
-    lines += ['  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), BASE_CONFIG)',
-              "  spec = importlib.util.spec_from_file_location('search_base_config', path)",
-              '  module = importlib.util.module_from_spec(spec)',
-              '  spec.loader.exec_module(module)',
-              '  config = module.get_config()']
-  else:
-    lines += ['  config = base_config()']
-  lines += ['  config.update_from_flattened_dict(OVERRIDES)', '  return config']
+    load = ['  config = base_config()']
+  lines += ['OVERRIDES = {', *[f'    {k!r}: {v!r},' for k, v in overrides.items()], '}', '', '',
+            'def get_config():', *load, '  config.update_from_flattened_dict(OVERRIDES)',
+            '  return config']
   files.write_text(path, lines)
 
 
 def define_flags() -> None:
-  """The command's flags; see common.define_flags for why they are not module-level."""
   common.define_flags()
   flags.adopt_module_key_flags(common)
   flags.DEFINE_enum('mode', 'grid', MODES, 'grid: every (r, dropout); two_stage: the study\'s '
@@ -247,7 +221,6 @@ def _numbers(flag: str, kind: type) -> list:
 
 
 def closing_summary(workdir: str, result: dict) -> str:
-  """What the search command ends with: the choice, the table and the next commands."""
   chosen = result['chosen']
   return '\n'.join([
       f'Chosen: r={chosen["model.se_reduction"]}, dropout={chosen["model.dropout_rate"]:g} '
