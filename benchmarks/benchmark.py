@@ -71,7 +71,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from benchmarks import machine  # noqa: E402
 from configs import cifar10  # noqa: E402
-from se_resnet_jax import compilation, evaluation, input_pipeline, sharding, steps  # noqa: E402
+from se_resnet_jax import compilation, input_pipeline, sharding, steps  # noqa: E402
 from se_resnet_jax.config import build_model  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -276,7 +276,7 @@ def jax_contenders(config, mean: tuple, std: tuple) -> tuple:
   params = jax.eval_shape(init).params
   figures['params'] = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
   eval_step = steps.make_eval_step(config, model, mean, std)
-  variables = evaluation.eval_variables(init())
+  variables = steps.eval_variables(init())
   chunk = [a[0] for a in sharding.shard_eval_split(random_split(batch, 3), mesh, batch)]
   start = time.perf_counter()
   jax.block_until_ready(eval_step(variables, *chunk))

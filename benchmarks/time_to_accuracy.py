@@ -35,7 +35,6 @@ from absl import app, flags  # noqa: E402
 
 from se_resnet_jax import (  # noqa: E402
     cli,
-    evaluation,
     files,
     input_pipeline,
     sharding,
@@ -83,7 +82,7 @@ class EpochWatcher:
               'val_accuracy': scalars.get('val_accuracy')}
     if self.eval_step is not None:
       side_start = time.perf_counter()
-      test, _ = evaluation.evaluate(self.eval_step, evaluation.eval_variables(self.state),
+      test, _ = steps.evaluate(self.eval_step, steps.eval_variables(self.state),
                                     self.test_chunks)
       record.update(test_accuracy=test['accuracy'], test_loss=test['loss'])
       self.side_s += time.perf_counter() - side_start

@@ -6,6 +6,8 @@ preceding convolution's kernel and a bias: the same function up to float roundin
 export's check measures), with less arithmetic per layer.
 """
 
+import functools
+import time
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -144,3 +146,22 @@ def reference_outputs(model: SEResNet, variables: dict, mean: Sequence[float],
   logits = np.concatenate([np.asarray(run(variables, images[i:i + batch_size]))
                            for i in range(0, len(images), batch_size)])
   return logits, np.asarray(jax.nn.softmax(logits))
+
+
+def measure_inference(model: SEResNet, variables: dict, image_shape: tuple, batch_size: int,
+                      repeats: int = 10) -> dict:
+  """Images/s at `batch_size` and latency at batch 1, both after compilation."""
+  apply = compilation.jit(functools.partial(model.apply, train=False))
+  figures = {}
+  for batch in (batch_size, 1):
+    x = jnp.zeros((batch,) + image_shape, model.dtype)
+    apply(variables, x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      apply(variables, x).block_until_ready()
+      times.append(time.perf_counter() - start)
+    figures[batch] = float(np.median(times))
+  return {'inference_images_per_s': batch_size / figures[batch_size],
+          'inference_batch_size': batch_size,
+          'inference_latency_ms_batch1': 1000 * figures[1]}

@@ -26,11 +26,11 @@ from se_resnet_jax import files, input_pipeline
 from se_resnet_jax.checkpoints import CheckpointError, CheckpointNotFoundError, RunCheckpoints
 from se_resnet_jax.config import base_config, validate_config
 from se_resnet_jax.errors import ConfigError
-from se_resnet_jax.evaluation import eval_variables
 from se_resnet_jax.models import SEResNet
 from se_resnet_jax.plan import plan_run
 from se_resnet_jax.progress import Progress
 from se_resnet_jax.sharding import data_mesh
+from se_resnet_jax.steps import eval_variables
 
 RUN_FILE = 'run.json'
 CONFIG_FILE = 'config.json'
@@ -123,7 +123,7 @@ class Run:
   """A run's weights at one checkpoint, with everything needed to use them on images."""
   config: ml_collections.ConfigDict
   model: SEResNet
-  variables: dict  # eval-mode {'params', 'batch_stats'}: see evaluation.eval_variables
+  variables: dict  # eval-mode {'params', 'batch_stats'}: see steps.eval_variables
   step: int
   checkpoint: str  # what was asked for: 'best', 'latest' or a step number
   progress: Progress  # the run's record at that step: epoch, best_epoch, history, ...

@@ -11,6 +11,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from clu import metrics
 from flax.training import train_state
@@ -18,8 +19,9 @@ from jax.sharding import NamedSharding
 
 from se_resnet_jax import augment, compilation
 from se_resnet_jax.config import compute_dtype
+from se_resnet_jax.inference import eval_logits
 from se_resnet_jax.models import SEResNet
-from se_resnet_jax.sharding import sample_batch
+from se_resnet_jax.sharding import sample_batch, to_host
 
 
 class TrainState(train_state.TrainState):
@@ -155,10 +157,7 @@ def make_eval_step(config: ml_collections.ConfigDict, model: SEResNet, mean: tup
   @compilation.jit
   def eval_step(variables, images, labels, mask):
     x = augment.preprocess_for_eval(images, mean, std, compute_dtype(config))
-    logits = model.apply(variables, x, train=False)
-    if config.tta_flip:  # average the two views' probabilities
-      flipped = model.apply(variables, x[:, :, ::-1], train=False)
-      logits = jnp.logaddexp(jax.nn.log_softmax(logits), jax.nn.log_softmax(flipped)) - jnp.log(2)
+    logits = eval_logits(lambda v: model.apply(variables, v, train=False), x, config.tta_flip)
     loss = cross_entropy(logits, labels)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     in_top5 = jnp.any(top5 == labels[:, None], axis=-1)
@@ -166,3 +165,22 @@ def make_eval_step(config: ml_collections.ConfigDict, model: SEResNet, mean: tup
     return m, jnp.argmax(logits, -1), in_top5, loss
 
   return eval_step
+
+
+def evaluate(eval_step, variables: dict, chunks: tuple) -> tuple:
+  """({'loss', 'accuracy'}, per-example (predictions, in_top5, losses)) over a padded split."""
+  images, labels, mask = chunks
+  total, outputs = None, []
+  for i in range(images.shape[0]):
+    m, *per_example = eval_step(variables, images[i], labels[i], mask[i])
+    total = m if total is None else total.merge(m)
+    outputs.append(per_example)
+  keep = to_host(mask).reshape(-1)
+  per_example = [np.concatenate([to_host(o[k]) for o in outputs])[keep] for k in range(3)]
+  return total.scalars(), per_example
+
+
+def eval_variables(state: TrainState) -> dict:
+  """The weights to evaluate: the EMA of the parameters and BatchNorm statistics when it is
+  kept, else the parameters and live statistics."""
+  return dict(state.ema_params or {'params': state.params, 'batch_stats': state.batch_stats})

@@ -22,7 +22,7 @@ from conftest import abstract_state, random_variables
 from flax import traverse_util
 
 from se_resnet_jax import config as config_lib
-from se_resnet_jax import evaluation, files, input_pipeline, sharding, steps, summary, train
+from se_resnet_jax import files, input_pipeline, sharding, steps, summary, train
 from se_resnet_jax.checkpoints import RunCheckpoints
 from se_resnet_jax.console import Console
 from se_resnet_jax.errors import Preempted
@@ -206,7 +206,7 @@ def test_evaluate_returns_each_example_once_and_averages_over_real_examples():
   model, mean, std = _Linear(), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)))
   chunks = sharding.shard_eval_split(split, jax.make_mesh((1,), ('data',)), 16)
-  metrics, (pred, in_top5, losses) = evaluation.evaluate(
+  metrics, (pred, in_top5, losses) = steps.evaluate(
       steps.make_eval_step(config, model, mean, std), variables, chunks)
 
   x = (split.images / 255.0 - np.array(mean)) / np.array(std)

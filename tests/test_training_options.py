@@ -11,7 +11,7 @@ import optax
 from conftest import abstract_state, random_variables
 
 from se_resnet_jax import config as config_lib
-from se_resnet_jax import evaluation, steps, summary, train
+from se_resnet_jax import steps, summary, train
 from se_resnet_jax.checkpoints import RunCheckpoints
 from se_resnet_jax.config import architecture, build_model
 
@@ -39,7 +39,7 @@ def test_every_option_trains_and_evaluates_the_averaged_statistics(make_tiny_con
   assert jax.tree.structure(live) == jax.tree.structure(averaged)
   assert max(float(np.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(live), jax.tree.leaves(averaged))) > 1e-4  # the average lags the live ones
-  variables = evaluation.eval_variables(state)
+  variables = steps.eval_variables(state)
   assert variables['batch_stats'] is averaged and variables['params'] is state.ema_params['params']
 
   # Another decay mask or init asks for another run than the finished one.
@@ -78,7 +78,7 @@ def test_ema_of_statistics_is_checkpointed(make_tiny_config, tmp_path):
   state = state.replace(ema_params=shifted)
   restored = _save_and_restore(config, state, tmp_path / 'now')
   jax.tree.map(np.testing.assert_array_equal, restored.ema_params, shifted)
-  jax.tree.map(np.testing.assert_array_equal, evaluation.eval_variables(restored), shifted)
+  jax.tree.map(np.testing.assert_array_equal, steps.eval_variables(restored), shifted)
 
   # Either decay mask gives the optimizer state one layout: a resume may change it.
   structures = set()
