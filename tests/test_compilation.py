@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import dumped_programs, random_variables
-from trained_run import tiny_run  # noqa: F401
 
 from se_resnet_jax import compilation, export, inference, rundir
 from se_resnet_jax.models import ResidualBlock
@@ -22,7 +21,7 @@ from se_resnet_jax.models import ResidualBlock
 
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the policy sets options on a CPU')
 def test_inference_and_the_export_check_get_the_policy_and_user_programs_do_not(
-    tiny_run, policy_dump):  # noqa: F811
+    tiny_run, policy_dump):
   run = rundir.restore_run(tiny_run)
   infer = inference.inference_function(run.model, run.variables, run.record.mean, run.record.std)
   images = np.zeros((2, 32, 32, 3), np.uint8)

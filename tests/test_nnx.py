@@ -9,7 +9,6 @@ import optax
 import pytest
 from conftest import random_variables, randomise_batch_stats
 from flax import nnx, traverse_util
-from trained_run import tiny_run  # noqa: F401
 
 import se_resnet_jax.nnx as se_nnx
 from se_resnet_jax import inference, models
@@ -109,7 +108,7 @@ def test_variables_of_another_network_are_refused(linen):
     se_nnx.from_linen(models.SEResNet34(num_classes=10, num_filters=4, se_reduction=4), variables)
 
 
-def test_a_run_loads_into_nnx(tiny_run):  # noqa: F811
+def test_a_run_loads_into_nnx(tiny_run):
   module, run = se_nnx.load_run(tiny_run)
   images = np.random.RandomState(0).randint(0, 256, (8, 32, 32, 3)).astype(np.uint8)
   mean, std = np.array(run.record.mean, np.float32), np.array(run.record.std, np.float32)
