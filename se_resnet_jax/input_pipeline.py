@@ -27,6 +27,11 @@ CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog
 NPZ_ARRAYS = ('x_train', 'y_train', 'x_test', 'y_test')
 
 
+def default_class_names(dataset: str, count: int) -> tuple:
+  """The names of classes that data or a file does not name: CIFAR-10's own, else class_{i}."""
+  return CIFAR10_CLASSES if dataset == 'cifar10' else tuple(f'class_{i}' for i in range(count))
+
+
 class DatasetUnavailableError(UserError, RuntimeError):
   """The dataset is not on disk and cannot be fetched; the message says how to provide it.
   `reason`: 'missing_file', 'not_prepared' (download off), 'unreachable' or 'download_failed'."""
@@ -229,8 +234,7 @@ def synthetic_splits(cfg: ml_collections.ConfigDict, image_size: int = 32):
     x = x + rng.normal(0, cfg.noise, x.shape)
     return Split((np.clip(x, 0, 1) * 255).round().astype(np.uint8), labels)
 
-  names = tuple(f'class_{i}' for i in range(cfg.num_classes))
-  return make(cfg.num_train), make(cfg.num_test), names
+  return make(cfg.num_train), make(cfg.num_test), default_class_names('', cfg.num_classes)
 
 
 def _reachable(host: str, port: int = 443, timeout: float = 10.0) -> bool:
@@ -336,10 +340,8 @@ def _npz_splits(config: ml_collections.ConfigDict):
           f'{path}: the classes array names {len(names)} classes, but dataset {dataset} has '
           f'{expected}: give {expected} names, or set --config.dataset to the data\'s.',
           len(names), expected, f'dataset {config.dataset}', path)
-  elif config.dataset == 'cifar10':
-    names = CIFAR10_CLASSES
   else:
-    names = tuple(f'class_{i}' for i in range(expected))
+    names = default_class_names(config.dataset, expected)
   return (validate_split(arrays['x_train'], arrays['y_train'], len(names), path, 'train'),
           validate_split(arrays['x_test'], arrays['y_test'], len(names), path, 'test'), names)
 
