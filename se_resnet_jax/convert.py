@@ -13,7 +13,7 @@ the bias cancels out of the normalised output and shifts the batch mean by exact
 import dataclasses
 import os
 import re
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -65,13 +65,9 @@ PREFIXES = ('module.', '_orig_mod.')  # DataParallel / DistributedDataParallel, 
 WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model', 'net')
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """A public PyTorch layout: regex renames into LAYERS' names, and the model options (pairs)
-  its network's function needs, which the keys' names and shapes cannot tell."""
-  name: str
-  renames: tuple  # (pattern, replacement) pairs, tried in order on each key
-  options: tuple = ()
+# A public PyTorch layout: (pattern, replacement) renames into LAYERS' names, tried in order on
+# each key, and the model options (pairs) its network's function needs, which no shape tells.
+Layout = namedtuple('Layout', 'name renames options', defaults=((),))
 
 
 # nn.Sequential indices of the conv/BN layers in weiaicunzai's residual branches (ReLUs between).
@@ -130,13 +126,9 @@ class ConversionReport:
     return '\n'.join(lines)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Slot:
-  collection: str
-  path: tuple  # Flax path inside the collection
-  axes: Optional[tuple]  # transpose from the Flax array to the PyTorch one
-  flax_shape: tuple
-  torch_shape: tuple
+# Where a PyTorch tensor sits in the Flax variables: collection, path in it, the transpose from
+# the Flax array to the PyTorch one (or None), and both shapes.
+_Slot = namedtuple('_Slot', 'collection path axes flax_shape torch_shape')
 
 
 def torch_slots(model: models.SEResNet) -> dict:
@@ -253,11 +245,9 @@ def _fitting_options(state_dict: Mapping[str, Any], model: models.SEResNet) -> s
 
 
 def torch_to_flax(state_dict: Mapping[str, Any], model: models.SEResNet) -> tuple:
-  """(Flax {'params', 'batch_stats'} for `model`, ConversionReport) from a PyTorch state dict.
-
-  Raises ConversionError, naming every key that cannot be mapped, is missing or has the wrong
-  shape, and the model options that would fit the file, before anything is converted.
-  """
+  """(Flax {'params', 'batch_stats'} for `model`, ConversionReport) from a PyTorch state dict; or,
+  before anything is converted, one ConversionError naming every key that cannot be mapped, is
+  missing or has the wrong shape, and the model options that would fit the file."""
   renamed, origin, layouts, dropped = normalise_names(state_dict)
   slots = torch_slots(model)
   problems, folds = [], {}
@@ -391,16 +381,13 @@ def load_torch_file(path: str, trust_pickle: bool = False) -> 'OrderedDict':
 
 def unwrap_state_dict(obj: Any, where: str = 'the object') -> 'OrderedDict':
   """A state dict from a module, a state dict, or a dict holding either under WRAPPER_KEYS."""
-  for _ in range(4):
-    if hasattr(obj, 'state_dict') and callable(obj.state_dict):  # a whole nn.Module
-      obj = obj.state_dict()
-    if isinstance(obj, Mapping):
-      if obj and all(hasattr(v, 'shape') for v in obj.values()):
-        return OrderedDict(obj)
-      key = next((k for k in WRAPPER_KEYS if k in obj), None)
-      if key is None:
-        break
-      obj = obj[key]
+  if callable(getattr(obj, 'state_dict', None)):  # a whole nn.Module
+    obj = obj.state_dict()
+  if isinstance(obj, Mapping) and obj and all(hasattr(v, 'shape') for v in obj.values()):
+    return OrderedDict(obj)
+  key = next((k for k in WRAPPER_KEYS if k in obj), None) if isinstance(obj, Mapping) else None
+  if key is not None:
+    return unwrap_state_dict(obj[key], where)
   keys = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
   raise ConversionError(f'Found no state dict in {where}: expected a model, a state dict, or a '
                         f'dict holding one under one of {WRAPPER_KEYS}; found {keys}.')

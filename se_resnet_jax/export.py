@@ -239,7 +239,7 @@ def main(argv):
     check = card['check']
     accuracy = card['test_accuracy']
     run_id = card['checkpoint'].get('run_id')
-    print(f'Wrote {FLAGS.out} ({card["format"]}) and {FLAGS.out + '.json'}: '
+    print(f'Wrote {FLAGS.out} ({card["format"]}) and {FLAGS.out}.json: '
           f'{card["model"]["name"]}, {len(card["class_names"])} classes, checkpoint '
           f'{card["checkpoint"]["which"]} (step {card["checkpoint"]["step"]}'
           f'{f", run {run_id}" if run_id else ""}), test accuracy '

@@ -99,10 +99,8 @@ class Dataset:
 
 
 def validate_split(images, labels, num_classes: int, source: str, name: str) -> Split:
-  """The split as uint8 (N, 32, 32, 3) images and int32 (N,) labels, or InvalidDataError.
-
-  Integer images in [0, 255] are cast and (N, 1) labels squeezed; nothing else is guessed at.
-  """
+  """The split as uint8 (N, 32, 32, 3) images and int32 (N,) labels, or InvalidDataError: integer
+  images in [0, 255] are cast and (N, 1) labels squeezed; nothing else is guessed at."""
   x_name, y_name = f'x_{name}', f'y_{name}'
 
   def fail(array, text, reason, **details):
@@ -238,21 +236,17 @@ def synthetic_splits(cfg: ml_collections.ConfigDict, image_size: int = 32):
 
 
 def _reachable(host: str, port: int = 443, timeout: float = 10.0) -> bool:
-  """Whether host:port accepts a TCP connection within `timeout` seconds (tfds retries for minutes).
-
-  In a daemon thread, because a socket timeout does not bound the name lookup.
-  """
-  result = []
+  """Whether host:port accepts a TCP connection within `timeout` seconds (tfds retries for
+  minutes); in a daemon thread, because a socket timeout does not bound the name lookup."""
+  connected = threading.Event()
 
   def connect():
     with contextlib.suppress(OSError):
       socket.create_connection((host, port), timeout=timeout).close()
-      result.append(True)
+      connected.set()
 
-  thread = threading.Thread(target=connect, daemon=True)
-  thread.start()
-  thread.join(timeout)
-  return bool(result)
+  threading.Thread(target=connect, daemon=True).start()
+  return connected.wait(timeout)
 
 
 def _tfds_splits(config: ml_collections.ConfigDict):
