@@ -10,6 +10,7 @@ BatchNorm folds into its running mean (mean - bias), the same function in train 
 the bias cancels out of the normalised output and shifts the batch mean by exactly the bias.
 """
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -91,9 +92,8 @@ PUBLIC_LAYOUTS = (
     Layout('kuangliu/pytorch-cifar senet.py', (
         (r'^(layer\d+\.\d+)\.fc1\.', r'\1.se.reduce.'),
         (r'^(layer\d+\.\d+)\.fc2\.', r'\1.se.expand.'))),
-    # CifarSEResNet (se_resnet20/32/56): projection shortcuts (`downsample`, conv + BN) and SE
-    # Linear layers without biases. Its CifarSEPreActResNet is not read: its forward returns
-    # nothing and its final BatchNorm has the stem's width.
+    # CifarSEResNet (se_resnet20/32/56). Its CifarSEPreActResNet is not read: its forward
+    # returns nothing and its final BatchNorm has the stem's width.
     Layout('moskomule/senet.pytorch se_resnet.py (CIFAR)', (
         (r'^(layer\d+\.\d+)\.se\.fc\.0\.', r'\1.se.reduce.'),
         (r'^(layer\d+\.\d+)\.se\.fc\.2\.', r'\1.se.expand.'),
@@ -147,11 +147,8 @@ def torch_slots(model: models.SEResNet) -> dict:
     shape = tuple(leaf.shape[a] for a in axes) if axes else tuple(leaf.shape)
     slots[f'{torch_module}.{TENSORS[name]}'] = _Slot(collection, tuple(path), axes,
                                                      tuple(leaf.shape), shape)
-  return dict(sorted(slots.items(), key=lambda kv: _natural(kv[0])))
-
-
-def _natural(name: str) -> list:
-  return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', name)]
+  natural = lambda name: [int(p) if p.isdigit() else p for p in re.split(r'(\d+)', name)]
+  return dict(sorted(slots.items(), key=lambda kv: natural(kv[0])))  # layer2 before layer10
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -422,11 +419,8 @@ def import_torch_weights(path: str, config: ml_collections.ConfigDict, workdir: 
   record = rundir.RunRecord(rundir.new_run_id(), rundir.now(), plan.architecture, plan.data,
                             list(names), [float(m) for m in mean], [float(s) for s in std])
   rundir.write_record(workdir, record, config)
-  checkpoints = RunCheckpoints(workdir, run_id=record.run_id)
-  try:
+  with contextlib.closing(RunCheckpoints(workdir, run_id=record.run_id)) as checkpoints:
     checkpoints.save(0, state, meta, best=True)
-  finally:
-    checkpoints.close()
   return report
 
 

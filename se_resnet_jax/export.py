@@ -46,8 +46,7 @@ class ExportError(UserError):
 
 
 def check_destination(out: str, overwrite: bool) -> None:
-  """Refuses an --out, or its model card OUT.json, that exists (unless overwriting) or cannot be
-  written."""
+  """Refuses an --out or its OUT.json that exists (unless overwriting) or cannot be written."""
   for path in (out, out + '.json'):
     files.check_output(path, '--out', overwrite)
 
@@ -195,9 +194,8 @@ def export_run(workdir: str, fmt: str, out: str, checkpoint: str = 'best',
   images = np.random.RandomState(0).randint(0, 256, (CHECK_IMAGES, *IMAGE_SHAPE)).astype(np.uint8)
   card = model_card(run, workdir, fmt, out, {})
   if fmt == 'jax':
-    platforms = lowering_platforms()
-    data, execute = export_jax(infer, platforms)
-    card['platforms'] = list(platforms)
+    card['platforms'] = list(lowering_platforms())
+    data, execute = export_jax(infer, tuple(card['platforms']))
   else:
     card['onnx_opset'] = ONNX_OPSET
     data, execute = export_onnx(infer, {
@@ -236,9 +234,7 @@ def main(argv):
   def command():
     card = export_run(FLAGS.workdir, FLAGS.format, FLAGS.out, FLAGS.checkpoint, FLAGS.overwrite,
                       FLAGS.config)
-    check = card['check']
-    accuracy = card['test_accuracy']
-    run_id = card['checkpoint'].get('run_id')
+    check, accuracy, run_id = card['check'], card['test_accuracy'], card['checkpoint']['run_id']
     print(f'Wrote {FLAGS.out} ({card["format"]}) and {FLAGS.out}.json: '
           f'{card["model"]["name"]}, {len(card["class_names"])} classes, checkpoint '
           f'{card["checkpoint"]["which"]} (step {card["checkpoint"]["step"]}'

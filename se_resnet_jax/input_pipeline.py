@@ -1,8 +1,7 @@
 """Loads CIFAR (or generated data) once, as uint8 arrays on the host, and carves the splits.
 
-tfds (and so TensorFlow) is imported only when a tfds dataset is read. Every source is validated
-once: arrays of another layout, dtype or label range do not fail downstream, they train to chance
-and exit 0.
+tfds (and so TensorFlow) is imported only to read a tfds dataset. Every source is validated once:
+arrays of another layout, dtype or label range would not fail downstream but train to chance.
 """
 
 import contextlib

@@ -232,9 +232,8 @@ def _epochs_line(report: Mapping[str, Any]) -> str:
 
 def write_markdown(report: Mapping[str, Any], path: str,
                    figures: Mapping[str, str] | None = None) -> None:
-  """report.md: the report for people reading a run's workdir; `figures` maps a caption to an
-  image path (relative to `path`) to embed. Parts a report lacks (a test split, timing, early
-  stopping, config, device) are left out."""
+  """report.md, for people reading a run's workdir; `figures`: caption -> image path (relative to
+  `path`) to embed. Parts a report lacks (a test split, timing, config, ...) are left out."""
   weights = report['weights']
   num_classes = len(report.get('class_names', ()))
   lines = ['# Evaluation report', '',
