@@ -4,19 +4,17 @@
       --mean=R,G,B --std=R,G,B --workdir=runs/from_torch  # a run `evaluate` reports on
   python -m se_resnet_jax.convert --to_torch=weights.pth --workdir=runs/cifar100  # its best weights
 
-The mapping is one table, LAYERS, in the names of `se_resnet_jax.torch_models` (kuangliu/
-pytorch-cifar's layout); PUBLIC_LAYOUTS renames the other public CIFAR layouts into those names
-first, and a `module.` (DataParallel) or `_orig_mod.` (torch.compile) prefix is dropped.
-Conv biases before a BatchNorm fold into its running mean (mean - bias), the same function in eval
-and train mode: in train mode the bias cancels out of the normalised output and shifts the batch
-mean, hence the running-mean update, by exactly the bias. Pre-activation units read into a
-post-activation network (kuangliu's PreActBlock) are refused with a message saying so.
+LAYERS maps the names of `se_resnet_jax.torch_models` (kuangliu/pytorch-cifar's layout);
+PUBLIC_LAYOUTS renames the other public CIFAR layouts into those first. A conv bias before a
+BatchNorm folds into its running mean (mean - bias), the same function in train mode too: there
+the bias cancels out of the normalised output and shifts the batch mean by exactly the bias.
 """
 
+import contextlib
 import dataclasses
 import os
 import re
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -38,55 +36,39 @@ from se_resnet_jax.workdir import prepare_workdir
 
 FLAGS = flags.FLAGS
 
-# One row per layer: PyTorch module, Flax module path, kind. '{u}' is a residual unit: in PyTorch
-# 'layer{stage}.{unit}', stages from 1 and units from 0 (layer1.0 is the first unit), in Flax
-# '{BlockClass}_{n}', n counting units across all stages from 0 (ResidualBlock_0 is layer1.0).
-LAYERS = (
-    ('conv1', 'conv_init', 'conv'),
-    ('bn1', 'bn_init', 'bn'),
-    ('{u}.conv1', '{u}/Conv_0', 'conv'),
-    ('{u}.bn1', '{u}/BatchNorm_0', 'bn'),
-    ('{u}.conv2', '{u}/Conv_1', 'conv'),
-    ('{u}.bn2', '{u}/BatchNorm_1', 'bn'),
-    ('{u}.conv3', '{u}/Conv_2', 'conv'),  # bottleneck units only
-    ('{u}.bn3', '{u}/BatchNorm_2', 'bn'),
-    ('{u}.shortcut.0', '{u}/conv_proj', 'conv'),  # units that change shape only
-    ('{u}.shortcut.1', '{u}/norm_proj', 'bn'),
-    ('{u}.se.reduce', '{u}/SEBlock_0/Excitation_0/reduce', 'linear'),  # SE models only
-    ('{u}.se.expand', '{u}/SEBlock_0/Excitation_0/expand', 'linear'),
-    ('bn_final', 'bn_final', 'bn'),  # pre-activation networks only
-    ('linear', 'Dense_0', 'linear'),
-)
+# Flax module path -> PyTorch module. '{u}' is a residual unit: in Flax '{BlockClass}_{n}', n
+# counting units across all stages from 0, in PyTorch 'layer{stage}.{unit}', stages from 1 and units
+# from 0 (ResidualBlock_0 is layer1.0).
+LAYERS = {
+    'conv_init': 'conv1',
+    'bn_init': 'bn1',
+    '{u}/Conv_0': '{u}.conv1',
+    '{u}/BatchNorm_0': '{u}.bn1',
+    '{u}/Conv_1': '{u}.conv2',
+    '{u}/BatchNorm_1': '{u}.bn2',
+    '{u}/Conv_2': '{u}.conv3',  # bottleneck units only
+    '{u}/BatchNorm_2': '{u}.bn3',
+    '{u}/conv_proj': '{u}.shortcut.0',  # units that change shape only
+    '{u}/norm_proj': '{u}.shortcut.1',
+    '{u}/SEBlock_0/Excitation_0/reduce': '{u}.se.reduce',  # SE models only
+    '{u}/SEBlock_0/Excitation_0/expand': '{u}.se.expand',
+    'bn_final': 'bn_final',  # pre-activation networks only
+    'Dense_0': 'linear',
+}
 # In pre-activation units (PreActBlock, PreActBottleneck) the same rows hold: their k-th BatchNorm
 # (BatchNorm_{k-1}, PyTorch bn{k}) comes before their k-th convolution instead of after it.
 
-# Per kind: (PyTorch tensor, Flax collection, Flax name, PyTorch axes of the Flax array).
-TENSORS = {
-    'conv': (('weight', 'params', 'kernel', (3, 2, 0, 1)),),  # OIHW <-> HWIO
-    'linear': (('weight', 'params', 'kernel', (1, 0)),  # (out, in) <-> (in, out)
-               ('bias', 'params', 'bias', None)),
-    'bn': (('weight', 'params', 'scale', None),
-           ('bias', 'params', 'bias', None),
-           ('running_mean', 'batch_stats', 'mean', None),
-           ('running_var', 'batch_stats', 'var', None)),
-}
-# The BatchNorm that follows each convolution, into which a conv bias folds (post-activation units).
-BN_AFTER_CONV = {'conv1': 'bn1', 'conv2': 'bn2', 'conv3': 'bn3', 'shortcut.0': 'shortcut.1'}
+# A Flax variable's PyTorch tensor name, and the PyTorch axes of a kernel of n dimensions.
+TENSORS = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
+           'var': 'running_var'}
+KERNEL_AXES = {4: (3, 2, 0, 1), 2: (1, 0)}  # OIHW <-> HWIO, (out, in) <-> (in, out)
 PREFIXES = ('module.', '_orig_mod.')  # DataParallel / DistributedDataParallel, torch.compile
 WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model', 'net')
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """A public PyTorch layout: regex renames into LAYERS' names, and the model options (pairs)
-  its network's function needs, which the keys' names and shapes cannot tell."""
-  name: str
-  renames: tuple  # (pattern, replacement) pairs, tried in order on each key
-  options: tuple = ()
-
-
-def _sequential(prefix: str, target: str, indices: dict) -> tuple:
-  return tuple((rf'^{prefix}\.{i}\.', f'{target}.{name}.') for i, name in indices.items())
+# A public PyTorch layout: (pattern, replacement) renames into LAYERS' names, tried in order on
+# each key, and the model options (pairs) its network's function needs, which no shape tells.
+Layout = namedtuple('Layout', 'name renames options', defaults=((),))
 
 
 # nn.Sequential indices of the conv/BN layers in weiaicunzai's residual branches (ReLUs between).
@@ -95,7 +77,8 @@ PUBLIC_LAYOUTS = (
     # Conv biases (folded), and a ReLU between each residual branch's last BN and its SE block.
     Layout('weiaicunzai/pytorch-cifar100 senet.py', (
         (r'^pre\.0\.', 'conv1.'), (r'^pre\.1\.', 'bn1.'),
-        *_sequential(r'stage(\d+)\.(\d+)\.residual', r'layer\1.\2', _RESIDUAL),
+        *((rf'^stage(\d+)\.(\d+)\.residual\.{i}\.', rf'layer\1.\2.{name}.')
+          for i, name in _RESIDUAL.items()),
         (r'^stage(\d+)\.(\d+)\.excitation\.0\.', r'layer\1.\2.se.reduce.'),
         (r'^stage(\d+)\.(\d+)\.excitation\.2\.', r'layer\1.\2.se.expand.'),
         (r'^stage(\d+)\.(\d+)\.shortcut\.', r'layer\1.\2.shortcut.')),
@@ -109,9 +92,8 @@ PUBLIC_LAYOUTS = (
     Layout('kuangliu/pytorch-cifar senet.py', (
         (r'^(layer\d+\.\d+)\.fc1\.', r'\1.se.reduce.'),
         (r'^(layer\d+\.\d+)\.fc2\.', r'\1.se.expand.'))),
-    # CifarSEResNet (se_resnet20/32/56): projection shortcuts (`downsample`, conv + BN) and SE
-    # Linear layers without biases. Its CifarSEPreActResNet is not read: its forward returns
-    # nothing and its final BatchNorm has the stem's width.
+    # CifarSEResNet (se_resnet20/32/56). Its CifarSEPreActResNet is not read: its forward
+    # returns nothing and its final BatchNorm has the stem's width.
     Layout('moskomule/senet.pytorch se_resnet.py (CIFAR)', (
         (r'^(layer\d+\.\d+)\.se\.fc\.0\.', r'\1.se.reduce.'),
         (r'^(layer\d+\.\d+)\.se\.fc\.2\.', r'\1.se.expand.'),
@@ -144,18 +126,13 @@ class ConversionReport:
     return '\n'.join(lines)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Slot:
-  collection: str
-  path: tuple  # Flax path inside the collection
-  axes: Optional[tuple]  # transpose from the Flax array to the PyTorch one
-  flax_shape: tuple
-  torch_shape: tuple
+# Where a PyTorch tensor sits in the Flax variables: collection, path in it, the transpose from
+# the Flax array to the PyTorch one (or None), and both shapes.
+_Slot = namedtuple('_Slot', 'collection path axes flax_shape torch_shape')
 
 
 def torch_slots(model: models.SEResNet) -> dict:
   """PyTorch tensor name -> where and how it sits in the Flax variables, from LAYERS."""
-  by_flax = {flax: (torch, kind) for torch, flax, kind in LAYERS}
   torch_units = [f'layer{stage + 1}.{unit}' for stage, size in enumerate(model.stage_sizes)
                  for unit in range(size)]  # 'ResidualBlock_2' -> 'layer2.0' in SEResNet18
   units = {f'{model.block_cls.__name__}_{n}': name for n, name in enumerate(torch_units)}
@@ -165,21 +142,13 @@ def torch_slots(model: models.SEResNet) -> dict:
   for (collection, *path), leaf in traverse_util.flatten_dict(shapes).items():
     *module, name = path
     unit = units.get(module[0])
-    key = '/'.join(['{u}', *module[1:]] if unit else module)
-    if key not in by_flax:
-      raise AssertionError(f'Flax module {"/".join(module)} has no row in convert.LAYERS.')
-    torch_module, kind = by_flax[key]
-    torch_module = torch_module.format(u=unit)
-    for torch_name, coll, flax_name, axes in TENSORS[kind]:
-      if (coll, flax_name) == (collection, name):
-        shape = tuple(leaf.shape[a] for a in axes) if axes else tuple(leaf.shape)
-        slots[f'{torch_module}.{torch_name}'] = _Slot(collection, tuple(path), axes,
-                                                      tuple(leaf.shape), shape)
-  return dict(sorted(slots.items(), key=lambda kv: _natural(kv[0])))
-
-
-def _natural(name: str) -> list:
-  return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', name)]
+    torch_module = LAYERS['/'.join(['{u}', *module[1:]] if unit else module)].format(u=unit)
+    axes = KERNEL_AXES[leaf.ndim] if name == 'kernel' else None
+    shape = tuple(leaf.shape[a] for a in axes) if axes else tuple(leaf.shape)
+    slots[f'{torch_module}.{TENSORS[name]}'] = _Slot(collection, tuple(path), axes,
+                                                     tuple(leaf.shape), shape)
+  natural = lambda name: [int(p) if p.isdigit() else p for p in re.split(r'(\d+)', name)]
+  return dict(sorted(slots.items(), key=lambda kv: natural(kv[0])))  # layer2 before layer10
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -221,47 +190,6 @@ def _rename(name: str, layout: Layout) -> str:
   return name
 
 
-def _bn_of_conv_bias(name: str) -> Optional[str]:
-  """'layer1.0.conv2.bias' -> 'layer1.0.bn2' (the BatchNorm the bias folds into), else None."""
-  for conv, bn in BN_AFTER_CONV.items():
-    if name == f'{conv}.bias' or name.endswith(f'.{conv}.bias'):
-      return name[:-len(f'{conv}.bias')] + bn
-  return None
-
-
-def infer_options(state_dict: Mapping[str, Any]) -> dict:
-  """The create_model name and options a state dict (in LAYERS' names) was built with, as far as
-  its shapes tell; used to say which option would fit when the weights and the model disagree."""
-  shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
-  found = {}
-  if len(shapes.get('conv1.weight', ())) == 4:
-    found['num_filters'] = shapes['conv1.weight'][0]
-  if len(shapes.get('linear.weight', ())) == 2:
-    found['num_classes'] = shapes['linear.weight'][0]
-  units = {}
-  for name in shapes:
-    m = re.match(r'layer(\d+)\.(\d+)\.', name)
-    if m:
-      stage, unit = int(m[1]), int(m[2])
-      units[stage] = max(units.get(stage, 0), unit + 1)
-  stage_sizes = [units.get(s, 0) for s in range(1, max(units, default=0) + 1)]
-  bottleneck = any(re.match(r'layer\d+\.\d+\.conv3\.weight$', n) for n in shapes)
-  preact = 'bn_final.weight' in shapes
-  widen = 1
-  if preact and not bottleneck and found.get('num_filters') and 'layer1.0.conv1.weight' in shapes:
-    widen = shapes['layer1.0.conv1.weight'][0] // found['num_filters']
-  ratios = []
-  for stage in range(1, len(stage_sizes) + 1):
-    reduce = shapes.get(f'layer{stage}.0.se.reduce.weight')  # (C/r, C)
-    ratios.append(reduce[1] // reduce[0] if reduce and reduce[0] else None)
-  name = _named((stage_sizes, preact, bottleneck, widen, any(r is not None for r in ratios)))
-  if name:
-    found['name'] = name
-  if stage_sizes:
-    found['se_reduction'] = ratios[0] if len(set(ratios)) == 1 else ratios
-  return found
-
-
 def _named(signature: tuple) -> Optional[str]:
   """The name in models.MODELS of the network with this (stage sizes, pre-activation,
   bottleneck, widen factor, SE) signature; None if none has it."""
@@ -281,27 +209,42 @@ def _model_name(model: models.SEResNet) -> str:
 
 
 def _fitting_options(state_dict: Mapping[str, Any], model: models.SEResNet) -> str:
-  """'num_classes=100, num_filters=8': the options the weights have and the model has not."""
-  found = infer_options(state_dict)
-  wanted = []
-  if found.get('name') not in (None, _model_name(model)):
-    wanted.append(f'model {found["name"]}')
-  for option in ('num_classes', 'num_filters', 'se_reduction'):
-    mine = getattr(model, option)
-    if option == 'se_reduction':
-      mine = models.stage_reductions(mine, len(model.stage_sizes))
-      mine = mine[0] if len(set(mine)) == 1 else mine
-    if option in found and found[option] != mine:
-      wanted.append(f'{option}={found[option]!r}')
-  return ', '.join(wanted)
+  """'model SEResNet18, num_filters=8': the create_model name and options a state dict (in
+  LAYERS' names) was built with, as far as its shapes tell, where `model` differs."""
+  shapes = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
+  units = {}
+  for name in shapes:
+    if m := re.match(r'layer(\d+)\.(\d+)\.', name):
+      units[int(m[1])] = max(units.get(int(m[1]), 0), int(m[2]) + 1)
+  stage_sizes = [units.get(s, 0) for s in range(1, max(units, default=0) + 1)]
+  bottleneck = any(re.match(r'layer\d+\.\d+\.conv3\.weight$', n) for n in shapes)
+  preact = 'bn_final.weight' in shapes
+  found = {}
+  if len(shapes.get('linear.weight', ())) == 2:
+    found['num_classes'] = shapes['linear.weight'][0]
+  if len(shapes.get('conv1.weight', ())) == 4:
+    found['num_filters'] = shapes['conv1.weight'][0]
+  widen = 1
+  if preact and not bottleneck and found.get('num_filters') and 'layer1.0.conv1.weight' in shapes:
+    widen = shapes['layer1.0.conv1.weight'][0] // found['num_filters']
+  ratios = []
+  for stage in range(1, len(stage_sizes) + 1):
+    reduce = shapes.get(f'layer{stage}.0.se.reduce.weight')  # (C/r, C)
+    ratios.append(reduce[1] // reduce[0] if reduce and reduce[0] else None)
+  if stage_sizes:
+    found['se_reduction'] = ratios[0] if len(set(ratios)) == 1 else ratios
+  reductions = models.stage_reductions(model.se_reduction, len(model.stage_sizes))
+  mine = {'num_classes': model.num_classes, 'num_filters': model.num_filters,
+          'se_reduction': reductions[0] if len(set(reductions)) == 1 else reductions}
+  name = _named((stage_sizes, preact, bottleneck, widen, any(r is not None for r in ratios)))
+  wanted = [f'model {name}'] if name not in (None, _model_name(model)) else []
+  return ', '.join(wanted + [f'{k}={v!r}' for k, v in found.items() if v != mine[k]])
 
 
 def torch_to_flax(state_dict: Mapping[str, Any], model: models.SEResNet) -> tuple:
-  """(Flax {'params', 'batch_stats'} for `model`, ConversionReport) from a PyTorch state dict.
-
-  Raises ConversionError, naming every key that cannot be mapped, is missing or has the wrong
-  shape, and the model options that would fit the file, before anything is converted.
-  """
+  """(Flax {'params', 'batch_stats'} for `model`, ConversionReport) from a PyTorch state dict; or,
+  before anything is converted, one ConversionError naming every key that cannot be mapped, is
+  missing or has the wrong shape, and the model options that would fit the file."""
   renamed, origin, layouts, dropped = normalise_names(state_dict)
   slots = torch_slots(model)
   problems, folds = [], {}
@@ -319,20 +262,15 @@ def torch_to_flax(state_dict: Mapping[str, Any], model: models.SEResNet) -> tupl
   for name, value in renamed.items():
     if name.endswith('num_batches_tracked'):
       continue  # only used by momentum=None BatchNorm; both sides use a fixed momentum
-    bn = None if isinstance(model, models.PreActResNet) else _bn_of_conv_bias(name)
-    if bn is not None and f'{bn}.running_mean' in slots:
+    conv = re.fullmatch(r'(.*)(conv(\d)|shortcut\.0)\.bias', name)  # the BatchNorm after it
+    bn = conv and conv[1] + (f'bn{conv[3]}' if conv[3] else 'shortcut.1')
+    if bn and not isinstance(model, models.PreActResNet) and f'{bn}.running_mean' in slots:
       folds[name] = bn  # checked against the shape of the running mean it folds into
-    slot = slots.get(f'{bn}.running_mean' if name in folds else name)
+    shape, slot = tuple(np.shape(value)), slots.get(f'{bn}.running_mean' if name in folds else name)
     if slot is None:
-      problems.append(f'{key(name)}: no such tensor in {_model_name(model)} (shape '
-                      f'{tuple(np.shape(value))})')
-      continue
-    shape = tuple(np.shape(value))
-    if len(shape) == 4 and shape[2:] == (1, 1) and len(slot.torch_shape) == 2:
-      shape = shape[:2]  # a 1x1 Conv2d used as the SE's Linear (kuangliu's fc1/fc2)
-    if shape != slot.torch_shape:
-      problems.append(f'{key(name)}: expected shape {slot.torch_shape}, found '
-                      f'{tuple(np.shape(value))}')
+      problems.append(f'{key(name)}: no such tensor in {_model_name(model)} (shape {shape})')
+    elif shape not in (slot.torch_shape, slot.torch_shape + (1, 1)):  # or kuangliu's 1x1 SE conv
+      problems.append(f'{key(name)}: expected shape {slot.torch_shape}, found {shape}')
   problems += [f'{name}: missing (expected shape {slot.torch_shape})'
                for name, slot in slots.items() if name not in renamed]
   if problems:
@@ -352,24 +290,21 @@ def torch_to_flax(state_dict: Mapping[str, Any], model: models.SEResNet) -> tupl
 
 def _problem_message(problems: list, renamed: Mapping, model: models.SEResNet,
                      layouts: tuple) -> str:
-  shown = problems[:12]
   lines = [f'These PyTorch weights do not fit {_model_name(model)}(num_classes='
            f'{model.num_classes}, num_filters={model.num_filters}, se_reduction='
            f'{model.se_reduction!r}) (layout read: {", ".join(layouts)}):']
-  lines += [f'  {p}' for p in shown]
-  if len(problems) > len(shown):
-    lines.append(f'  ... and {len(problems) - len(shown)} more.')
-  if not isinstance(model, models.PreActResNet) and any(
-      re.match(r'layer\d+\.\d+\.shortcut\.0\.weight$', n) for n in renamed) and not any(
-      re.match(r'layer\d+\.\d+\.shortcut\.1\.weight$', n) for n in renamed):
+  lines += [f'  {p}' for p in problems[:12]]
+  if len(problems) > 12:
+    lines.append(f'  ... and {len(problems) - 12} more.')
+  shortcuts = {m[1] for m in (re.match(r'layer\d+\.\d+\.shortcut\.(\d)\.weight$', n)
+                               for n in renamed) if m}
+  if shortcuts == {'0'} and not isinstance(model, models.PreActResNet):
     lines.append('The shortcuts have a convolution but no BatchNorm: these are pre-activation '
                  'units (BN-ReLU before each conv, as kuangliu\'s PreActBlock), a different '
                  'network: build a pre-activation one (ResNet164, WRN16_8, WRN28_10 or their SE '
                  'versions) if the stem, units and final BatchNorm match those.')
-  else:
-    fitting = _fitting_options(renamed, model)
-    if fitting:
-      lines.append(f'The file\'s shapes fit: {fitting}.')
+  elif fitting := _fitting_options(renamed, model):
+    lines.append(f'The file\'s shapes fit: {fitting}.')
   return '\n'.join(lines)
 
 
@@ -411,10 +346,8 @@ class NotATorchFileError(ConversionError):
 def load_torch_file(path: str, trust_pickle: bool = False) -> 'OrderedDict':
   """The state dict in a .pth/.pt or .safetensors file, unwrapped from whatever holds it.
 
-  A .pth holding a whole pickled model (or any object beyond tensors and containers) can only be
-  read by running code from the file, so that needs `trust_pickle=True`: use it only on files
-  from a source you trust. The model's class must be importable, as for any pickled model.
-  """
+  A whole pickled model can only be read by running code from the file: `trust_pickle=True`, for
+  files from a source you trust (the model's class must be importable)."""
   if not os.path.isfile(path):
     raise ConversionError(f'No PyTorch weights file at {path}.')
   if path.endswith('.safetensors'):
@@ -445,16 +378,13 @@ def load_torch_file(path: str, trust_pickle: bool = False) -> 'OrderedDict':
 
 def unwrap_state_dict(obj: Any, where: str = 'the object') -> 'OrderedDict':
   """A state dict from a module, a state dict, or a dict holding either under WRAPPER_KEYS."""
-  for _ in range(4):
-    if hasattr(obj, 'state_dict') and callable(obj.state_dict):  # a whole nn.Module
-      obj = obj.state_dict()
-    if isinstance(obj, Mapping):
-      if obj and all(hasattr(v, 'shape') for v in obj.values()):
-        return OrderedDict(obj)
-      key = next((k for k in WRAPPER_KEYS if k in obj), None)
-      if key is None:
-        break
-      obj = obj[key]
+  if callable(getattr(obj, 'state_dict', None)):  # a whole nn.Module
+    obj = obj.state_dict()
+  if isinstance(obj, Mapping) and obj and all(hasattr(v, 'shape') for v in obj.values()):
+    return OrderedDict(obj)
+  key = next((k for k in WRAPPER_KEYS if k in obj), None) if isinstance(obj, Mapping) else None
+  if key is not None:
+    return unwrap_state_dict(obj[key], where)
   keys = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
   raise ConversionError(f'Found no state dict in {where}: expected a model, a state dict, or a '
                         f'dict holding one under one of {WRAPPER_KEYS}; found {keys}.')
@@ -463,14 +393,9 @@ def unwrap_state_dict(obj: Any, where: str = 'the object') -> 'OrderedDict':
 def import_torch_weights(path: str, config: ml_collections.ConfigDict, workdir: str,
                          mean: Sequence[float], std: Sequence[float],
                          trust_pickle: bool = False) -> ConversionReport:
-  """Writes PyTorch weights as step 0 of a new run in `workdir` (its latest and best checkpoint,
-  its record and config.json), so `se_resnet_jax.evaluate` reports on them and training can
-  start from them. `mean` and `std` are the per-channel input normalisation (of images in [0, 1])
-  the PyTorch network was trained with: the run applies them to every image.
-
-  Everything is checked (config, workdir, file, every tensor) before anything is written; a
-  workdir that already holds checkpoints is refused, never touched.
-  """
+  """Writes PyTorch weights as step 0 of a new run in `workdir`, for `evaluate` to report on and
+  training to start from; `mean`, `std`: the per-channel normalisation (of images in [0, 1]) the
+  PyTorch network was trained with. All is checked before anything is written."""
   validate_config(config, jax.device_count())
   for name, values in (('mean', mean), ('std', std)):
     if len(values) != 3 or (name == 'std' and min(values) <= 0):
@@ -490,28 +415,20 @@ def import_torch_weights(path: str, config: ml_collections.ConfigDict, workdir: 
   meta = Progress(plan.architecture).to_meta()
   meta['converted_from'] = {'file': os.path.abspath(path), 'layouts': list(report.layouts),
                             'folded_biases': list(report.folded_biases)}
-  names = (input_pipeline.CIFAR10_CLASSES if config.dataset == 'cifar10' else
-           tuple(f'class_{i}' for i in range(plan.num_classes)))
+  names = input_pipeline.default_class_names(config.dataset, plan.num_classes)
   record = rundir.RunRecord(rundir.new_run_id(), rundir.now(), plan.architecture, plan.data,
                             list(names), [float(m) for m in mean], [float(s) for s in std])
   rundir.write_record(workdir, record, config)
-  checkpoints = RunCheckpoints(workdir, run_id=record.run_id)
-  try:
+  with contextlib.closing(RunCheckpoints(workdir, run_id=record.run_id)) as checkpoints:
     checkpoints.save(0, state, meta, best=True)
-  finally:
-    checkpoints.close()
   return report
 
 
 def export_torch_weights(workdir: str, path: str, checkpoint: str = 'best',
                          overwrite: bool = False) -> str:
-  """Writes the weights of a run's checkpoint as a PyTorch state dict (.pth/.pt: torch.save;
-  .safetensors) for `se_resnet_jax.torch_models`; returns the call that builds that model.
-
-  The file names the weights it holds: the run id and step, in the safetensors metadata or as
-  the `se_resnet_jax` attribute of the saved state dict. An existing `path` is refused unless
-  `overwrite`, before anything is restored.
-  """
+  """Writes a run's checkpoint as a PyTorch state dict (.pth/.pt, .safetensors) for
+  `se_resnet_jax.torch_models`, naming its run id and step (safetensors metadata, or the state
+  dict's `se_resnet_jax` attribute); returns the call that builds that model."""
   import io
 
   import torch

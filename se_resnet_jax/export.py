@@ -45,19 +45,10 @@ class ExportError(UserError):
   """An export that cannot be made or does not compute what the library computes."""
 
 
-def sidecar_path(out: str) -> str:
-  return out + '.json'
-
-
 def check_destination(out: str, overwrite: bool) -> None:
-  """Refuses, before any compute, an --out that exists (unless overwriting) or cannot be written."""
-  files.check_output(out, '--out', overwrite)
-  files.check_output(sidecar_path(out), '--out', overwrite)
-
-
-def check_images(count: int = CHECK_IMAGES) -> np.ndarray:
-  """Fixed random uint8 images: every pixel value and colour occurs, whatever the run's data."""
-  return np.random.RandomState(0).randint(0, 256, (count, *IMAGE_SHAPE)).astype(np.uint8)
+  """Refuses an --out or its OUT.json that exists (unless overwriting) or cannot be written."""
+  for path in (out, out + '.json'):
+    files.check_output(path, '--out', overwrite)
 
 
 def compare(outputs: tuple, reference: tuple) -> dict:
@@ -128,14 +119,6 @@ def load_exported(data: bytes) -> tuple:
           'ONNX Runtime')
 
 
-def require_onnx() -> None:
-  """Refuses the ONNX format, before any compute, where its packages are not installed."""
-  missing = [n for n in ('jax2onnx', 'onnx', 'onnxruntime') if importlib.util.find_spec(n) is None]
-  if missing:
-    raise ExportError(f'--format=onnx needs {", ".join(missing)}: pip install '
-                      '"se_resnet_jax[export]".')
-
-
 def export_onnx(infer: Callable, metadata: dict) -> tuple:
   """(serialized ONNX model, runner of it in ONNX Runtime) of `infer`, via jax2onnx."""
   import onnx
@@ -198,19 +181,21 @@ def export_run(workdir: str, fmt: str, out: str, checkpoint: str = 'best',
   """Writes `out` and `out.json` once the export computes what the library does; the card."""
   if fmt not in FORMATS:
     raise ExportError(f'--format must be one of {", ".join(FORMATS)}, got {fmt!r}.')
-  check_destination(out, overwrite)
-  if fmt == 'onnx':
-    require_onnx()
+  check_destination(out, overwrite)  # before any compute, as the ONNX packages' presence
+  missing = [n for n in ('jax2onnx', 'onnx', 'onnxruntime') if importlib.util.find_spec(n) is None]
+  if fmt == 'onnx' and missing:
+    raise ExportError(f'--format=onnx needs {", ".join(missing)}: pip install '
+                      '"se_resnet_jax[export]".')
   run = rundir.restore_run(workdir, checkpoint, config)
   tta_flip = bool(run.config.tta_flip)
   mean, std = run.record.mean, run.record.std
   infer = inference.inference_function(run.model, run.variables, mean, std, tta_flip=tta_flip)
-  images = check_images()
+  # Fixed random images: every pixel value and colour occurs, whatever the run's data.
+  images = np.random.RandomState(0).randint(0, 256, (CHECK_IMAGES, *IMAGE_SHAPE)).astype(np.uint8)
   card = model_card(run, workdir, fmt, out, {})
   if fmt == 'jax':
-    platforms = lowering_platforms()
-    data, execute = export_jax(infer, platforms)
-    card['platforms'] = list(platforms)
+    card['platforms'] = list(lowering_platforms())
+    data, execute = export_jax(infer, tuple(card['platforms']))
   else:
     card['onnx_opset'] = ONNX_OPSET
     data, execute = export_onnx(infer, {
@@ -228,8 +213,8 @@ def export_run(workdir: str, fmt: str, out: str, checkpoint: str = 'best',
         'was written.')
   check_destination(out, overwrite)  # again: the file may have appeared while this computed
   files.write_output(out, data, '--out', overwrite)
-  files.write_json_atomic(sidecar_path(out), card)
-  logging.info('Wrote %s (%d bytes) and %s', out, len(data), sidecar_path(out))
+  files.write_json_atomic(out + '.json', card)
+  logging.info('Wrote %s (%d bytes) and %s', out, len(data), out + '.json')
   return card
 
 
@@ -249,10 +234,8 @@ def main(argv):
   def command():
     card = export_run(FLAGS.workdir, FLAGS.format, FLAGS.out, FLAGS.checkpoint, FLAGS.overwrite,
                       FLAGS.config)
-    check = card['check']
-    accuracy = card['test_accuracy']
-    run_id = card['checkpoint'].get('run_id')
-    print(f'Wrote {FLAGS.out} ({card["format"]}) and {sidecar_path(FLAGS.out)}: '
+    check, accuracy, run_id = card['check'], card['test_accuracy'], card['checkpoint']['run_id']
+    print(f'Wrote {FLAGS.out} ({card["format"]}) and {FLAGS.out}.json: '
           f'{card["model"]["name"]}, {len(card["class_names"])} classes, checkpoint '
           f'{card["checkpoint"]["which"]} (step {card["checkpoint"]["step"]}'
           f'{f", run {run_id}" if run_id else ""}), test accuracy '

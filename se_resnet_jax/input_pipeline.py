@@ -1,8 +1,7 @@
 """Loads CIFAR (or generated data) once, as uint8 arrays on the host, and carves the splits.
 
-tfds (and so TensorFlow) is imported only when a tfds dataset is read. Every source is validated
-once: arrays of another layout, dtype or label range do not fail downstream, they train to chance
-and exit 0.
+tfds (and so TensorFlow) is imported only to read a tfds dataset. Every source is validated once:
+arrays of another layout, dtype or label range would not fail downstream but train to chance.
 """
 
 import contextlib
@@ -25,6 +24,11 @@ from se_resnet_jax.models import IMAGE_SHAPE
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship',
                    'truck')
 NPZ_ARRAYS = ('x_train', 'y_train', 'x_test', 'y_test')
+
+
+def default_class_names(dataset: str, count: int) -> tuple:
+  """The names of classes that data or a file does not name: CIFAR-10's own, else class_{i}."""
+  return CIFAR10_CLASSES if dataset == 'cifar10' else tuple(f'class_{i}' for i in range(count))
 
 
 class DatasetUnavailableError(UserError, RuntimeError):
@@ -94,10 +98,8 @@ class Dataset:
 
 
 def validate_split(images, labels, num_classes: int, source: str, name: str) -> Split:
-  """The split as uint8 (N, 32, 32, 3) images and int32 (N,) labels, or InvalidDataError.
-
-  Integer images in [0, 255] are cast and (N, 1) labels squeezed; nothing else is guessed at.
-  """
+  """The split as uint8 (N, 32, 32, 3) images and int32 (N,) labels, or InvalidDataError: integer
+  images in [0, 255] are cast and (N, 1) labels squeezed; nothing else is guessed at."""
   x_name, y_name = f'x_{name}', f'y_{name}'
 
   def fail(array, text, reason, **details):
@@ -229,26 +231,21 @@ def synthetic_splits(cfg: ml_collections.ConfigDict, image_size: int = 32):
     x = x + rng.normal(0, cfg.noise, x.shape)
     return Split((np.clip(x, 0, 1) * 255).round().astype(np.uint8), labels)
 
-  names = tuple(f'class_{i}' for i in range(cfg.num_classes))
-  return make(cfg.num_train), make(cfg.num_test), names
+  return make(cfg.num_train), make(cfg.num_test), default_class_names('', cfg.num_classes)
 
 
 def _reachable(host: str, port: int = 443, timeout: float = 10.0) -> bool:
-  """Whether host:port accepts a TCP connection within `timeout` seconds (tfds retries for minutes).
-
-  In a daemon thread, because a socket timeout does not bound the name lookup.
-  """
-  result = []
+  """Whether host:port accepts a TCP connection within `timeout` seconds (tfds retries for
+  minutes); in a daemon thread, because a socket timeout does not bound the name lookup."""
+  connected = threading.Event()
 
   def connect():
     with contextlib.suppress(OSError):
       socket.create_connection((host, port), timeout=timeout).close()
-      result.append(True)
+      connected.set()
 
-  thread = threading.Thread(target=connect, daemon=True)
-  thread.start()
-  thread.join(timeout)
-  return bool(result)
+  threading.Thread(target=connect, daemon=True).start()
+  return connected.wait(timeout)
 
 
 def _tfds_splits(config: ml_collections.ConfigDict):
@@ -336,10 +333,8 @@ def _npz_splits(config: ml_collections.ConfigDict):
           f'{path}: the classes array names {len(names)} classes, but dataset {dataset} has '
           f'{expected}: give {expected} names, or set --config.dataset to the data\'s.',
           len(names), expected, f'dataset {config.dataset}', path)
-  elif config.dataset == 'cifar10':
-    names = CIFAR10_CLASSES
   else:
-    names = tuple(f'class_{i}' for i in range(expected))
+    names = default_class_names(config.dataset, expected)
   return (validate_split(arrays['x_train'], arrays['y_train'], len(names), path, 'train'),
           validate_split(arrays['x_test'], arrays['y_test'], len(names), path, 'test'), names)
 

@@ -103,16 +103,6 @@ def expand_inputs(paths: Sequence[str]) -> tuple:
   return images, from_folder
 
 
-def _model_card(path: str) -> dict:
-  """The export's FILE.json, or {} where it is absent or unreadable."""
-  try:
-    with open(path + '.json') as f:
-      card = json.load(f)
-    return card if isinstance(card, dict) else {}
-  except (OSError, ValueError):
-    return {}
-
-
 def load_exported(path: str) -> tuple:
   """(predict function uint8 images -> probabilities, class names, a description, {'run_id',
   'step'} of its weights from its model card) of an exported file."""
@@ -120,7 +110,7 @@ def load_exported(path: str) -> tuple:
     raise PredictError(f'--model {path} does not exist.')
   with open(path, 'rb') as f:
     data = f.read()
-  from se_resnet_jax import export
+  from se_resnet_jax import export, input_pipeline
 
   try:
     run, inputs, outputs, metadata, source = export.load_exported(data)
@@ -136,9 +126,14 @@ def load_exported(path: str) -> tuple:
     raise PredictError(f'{path} is a model, but not one made by `python -m se_resnet_jax.export` '
                        f'(inputs {inputs}, {len(outputs)} outputs; expected one uint8 '
                        '(batch, 32, 32, 3) input and logits, probabilities).')
-  card = _model_card(path)
+  try:  # the export's model card, FILE.json, where there is one
+    with open(path + '.json') as f:
+      card = json.load(f)
+  except (OSError, ValueError):
+    card = {}
+  card = card if isinstance(card, dict) else {}
   names = (card.get('class_names') or json.loads(metadata.get('class_names', 'null'))
-           or [f'class_{i}' for i in range(outputs[1][-1])])
+           or input_pipeline.default_class_names('', outputs[1][-1]))
   checkpoint = card.get('checkpoint') if isinstance(card.get('checkpoint'), dict) else {}
   return (lambda images: np.asarray(run(images)[1]), list(names), source,
           {'run_id': checkpoint.get('run_id'), 'step': checkpoint.get('step')})

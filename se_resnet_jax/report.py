@@ -1,7 +1,7 @@
 """The report a run leaves in its workdir: report.json for machines, report.md for people, pictures.
 
-The metrics are host-side numpy on the per-example predictions, following scikit-learn's
-conventions (see `split_report`) without needing it. Every file is written atomically (`files`).
+The metrics are host-side numpy on the per-example predictions, with scikit-learn's conventions
+(see `split_report`) but without it.
 """
 
 import json
@@ -167,10 +167,9 @@ def plot_per_class_accuracy(split: Mapping[str, Any], path: str, title: str) -> 
   bars = ax.bar(np.arange(num_classes), accuracies, color='tab:blue')
   if num_classes <= _MAX_ANNOTATED_CLASSES:
     ax.bar_label(bars, fmt='%.2f', fontsize=8)
-  if accuracies:
-    ax.axhline(float(np.mean(accuracies)), color='tab:red', linestyle='--',
-               label=f'mean {np.mean(accuracies):.3f}')
-    ax.legend(loc='lower right')
+  mean = float(np.mean(accuracies))
+  ax.axhline(mean, color='tab:red', linestyle='--', label=f'mean {mean:.3f}')
+  ax.legend(loc='lower right')
   ax.set_xticks(np.arange(num_classes), labels=names, rotation=90,
                 fontsize=_tick_fontsize(num_classes))
   ax.set(xlim=(-0.6, num_classes - 0.4), ylim=(0.0, 1.08), ylabel='accuracy', title=title)
@@ -233,9 +232,8 @@ def _epochs_line(report: Mapping[str, Any]) -> str:
 
 def write_markdown(report: Mapping[str, Any], path: str,
                    figures: Mapping[str, str] | None = None) -> None:
-  """report.md: the report for people reading a run's workdir; `figures` maps a caption to an
-  image path (relative to `path`) to embed. Parts a report lacks (a test split, timing, early
-  stopping, config, device) are left out."""
+  """report.md, for people reading a run's workdir; `figures`: caption -> image path (relative to
+  `path`) to embed. Parts a report lacks (a test split, timing, config, ...) are left out."""
   weights = report['weights']
   num_classes = len(report.get('class_names', ()))
   lines = ['# Evaluation report', '',
@@ -244,8 +242,7 @@ def write_markdown(report: Mapping[str, Any], path: str,
            f"- Weights reported: epoch {weights['epoch']} (step {weights['step']:,}, run "
            f"{weights['run_id']}), {weights['chosen_by']}"]
   if 'device' in report:
-    device = report['device']
-    lines.append(f"- Device: {device['count']} x {device['kind']} ({device['platform']})")
+    lines.append('- Device: {count} x {kind} ({platform})'.format(**report['device']))
   if 'early_stopping' in report:
     stop = report['early_stopping']
     lines.append(f"- Early stopping: stopped at epoch {stop['stopped_epoch']}, best epoch "
