@@ -22,7 +22,6 @@ from ml_collections import config_flags
 from se_resnet_jax import cli, files, input_pipeline, report, summary
 from se_resnet_jax.console import Console
 from se_resnet_jax.errors import ConfigError, WorkdirError
-from se_resnet_jax.evaluation import final_report
 from se_resnet_jax.rundir import load_run_config, restore_run
 from se_resnet_jax.sharding import data_mesh
 from se_resnet_jax.steps import make_eval_step
@@ -95,7 +94,7 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'bo
                   f'{epoch}) on {" and ".join(splits)}...')
     # The weights were trained on inputs scaled by the run's constants, whatever data they see now.
     eval_step = make_eval_step(config, run.model, run.record.mean, run.record.std)
-    result = final_report(config, data, run.model, run.variables, run.step, run.progress,
+    result = report.final_report(config, data, run.model, run.variables, run.step, run.progress,
                           eval_step, data_mesh(), None, splits)
     result['weights'] = {'epoch': epoch, 'step': run.step, 'run_id': run.run_id,
                          'chosen_by': f'checkpoint {checkpoint!r} of {workdir}'}

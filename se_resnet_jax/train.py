@@ -34,7 +34,6 @@ from se_resnet_jax.checkpoints import RunCheckpoints
 from se_resnet_jax.config import ConfigError, validate_config
 from se_resnet_jax.console import Console, TrainingProgress
 from se_resnet_jax.errors import Preempted
-from se_resnet_jax.evaluation import final_report
 from se_resnet_jax.plan import plan_run
 from se_resnet_jax.progress import Progress
 from se_resnet_jax.stopping import Interruption, check_finite
@@ -240,7 +239,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
   console.say(f'Evaluating the weights of epoch {weights["epoch"]} ({weights["chosen_by"]}) on '
               f'{" and ".join(s for s in splits if getattr(data, s) is not None)}'
               f'{", then timing inference" if config.measure_inference else ""}...')
-  result = final_report(config, data, model, steps.eval_variables(final), int(final.step),
+  result = report.final_report(config, data, model, steps.eval_variables(final), int(final.step),
                         progress, eval_step, mesh, compile_s, splits)
   result['weights'] = weights
   result['run_id'] = run_id
