@@ -14,9 +14,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import random_variables, randomise_batch_stats
+from conftest import (
+  command_env,
+  one_line_error,
+  random_variables,
+  randomise_batch_stats,
+  run_command,
+)
 from flax import traverse_util
-from trained_run import command_env, one_line_error, run_command, tiny_run  # noqa: F401
 
 from se_resnet_jax import export, inference, models, rundir, steps
 
@@ -30,7 +35,7 @@ def readme_snippet(heading: str) -> str:
 
 
 @pytest.fixture(scope='module')
-def exports(tiny_run, tmp_path_factory):  # noqa: F811
+def exports(tiny_run, tmp_path_factory):
   """Both formats of the tiny run, named as the README names them, with their model cards."""
   directory = tmp_path_factory.mktemp('exports')
   cards = {fmt: export.export_run(tiny_run, fmt, str(directory / f'cifar10.{fmt}'))
@@ -50,7 +55,7 @@ def assert_same_outputs(outputs: tuple, reference: tuple) -> None:
   assert check['passed'], check
 
 
-def test_model_card_says_what_the_file_holds(exports, tiny_run):  # noqa: F811
+def test_model_card_says_what_the_file_holds(exports, tiny_run):
   directory, cards = exports
   with open(os.path.join(tiny_run, 'report.json')) as f:
     report = json.load(f)
@@ -71,7 +76,7 @@ def test_model_card_says_what_the_file_holds(exports, tiny_run):  # noqa: F811
 @pytest.mark.parametrize('fmt, heading, call', [
     ('jax', '### Load it with jax alone', 'model.call(images)'),
     ('onnx', '### ONNX', "session.run(None, {'images': images})")])
-def test_export_runs_in_a_process_without_the_library(exports, tiny_run, fmt, heading,  # noqa: F811
+def test_export_runs_in_a_process_without_the_library(exports, tiny_run, fmt, heading,
                                                       call):
   """The README's loading code, in a fresh process that never imports se_resnet_jax."""
   directory, _ = exports
@@ -95,7 +100,7 @@ def test_export_runs_in_a_process_without_the_library(exports, tiny_run, fmt, he
   assert_same_outputs(outputs, library_outputs(tiny_run, images))
 
 
-def test_a_mismatch_fails_the_export_and_writes_nothing(tiny_run, tmp_path, monkeypatch):  # noqa: F811
+def test_a_mismatch_fails_the_export_and_writes_nothing(tiny_run, tmp_path, monkeypatch):
   def wrong(*args, **kwargs):
     logits, probabilities = real(*args, **kwargs)
     return logits + 0.01, probabilities
@@ -183,7 +188,7 @@ def test_folding_keeps_the_function_of_the_cifar_networks(name, options):
 
 
 @pytest.mark.slow  # runs the command in a subprocess
-def test_the_command_writes_both_files_and_refuses_to_overwrite(tiny_run, tmp_path):  # noqa: F811
+def test_the_command_writes_both_files_and_refuses_to_overwrite(tiny_run, tmp_path):
   out = str(tmp_path / 'model.jax')
   result = run_command('export', f'--workdir={tiny_run}', '--format=jax', f'--out={out}')
   assert result.returncode == 0, result.stderr
@@ -203,7 +208,7 @@ def test_a_workdir_without_checkpoints_is_one_line(tmp_path):
   assert os.listdir(tmp_path) == []  # nothing created in it either
 
 
-def test_a_card_states_an_accuracy_only_for_the_weights_it_holds(tiny_run, tmp_path):  # noqa: F811
+def test_a_card_states_an_accuracy_only_for_the_weights_it_holds(tiny_run, tmp_path):
   """Issue 20 (2): a card of an early step copied the best step's test accuracy from report.json.
   Here the report names another step of the run than the checkpoint exported."""
   with open(os.path.join(tiny_run, 'report.json')) as f:
@@ -223,7 +228,7 @@ def test_a_card_states_an_accuracy_only_for_the_weights_it_holds(tiny_run, tmp_p
   assert card['checkpoint'] == {'which': 'best', 'step': run.step, 'run_id': run.run_id}
 
 
-def test_convert_to_torch_refuses_an_existing_file_and_names_the_weights(tiny_run,  # noqa: F811
+def test_convert_to_torch_refuses_an_existing_file_and_names_the_weights(tiny_run,
                                                                           tmp_path):
   """Issue 20 (3): --to_torch replaced any file (a notes file became a state dict, exit 0)."""
   import torch

@@ -6,14 +6,14 @@ import os
 
 import numpy as np
 import pytest
+from conftest import one_line_error, run_command
 from PIL import Image
-from trained_run import one_line_error, run_command, tiny_run  # noqa: F401
 
 from se_resnet_jax import export, inference, predict, rundir
 
 
 @pytest.fixture(scope='module')
-def files(tiny_run, tmp_path_factory):  # noqa: F811
+def files(tiny_run, tmp_path_factory):
   """Both exports of the tiny run, and a folder with a wide RGBA PNG and a tall greyscale JPEG."""
   directory = tmp_path_factory.mktemp('predict')
   for fmt in ('jax', 'onnx'):
@@ -53,7 +53,7 @@ def test_load_image_crops_the_centre_square_then_resizes_bicubic(tmp_path):
 
 @pytest.mark.slow  # runs the command in a subprocess
 @pytest.mark.parametrize('source', ['model.jax', 'model.onnx', 'workdir'])
-def test_png_and_jpeg_top_classes_are_the_library_s(files, tiny_run, source):  # noqa: F811
+def test_png_and_jpeg_top_classes_are_the_library_s(files, tiny_run, source):
   paths = [files / 'images' / 'wide.png', files / 'images' / 'tall.jpg']
   model = f'--workdir={tiny_run}' if source == 'workdir' else f'--model={files / source}'
   result = run_command('predict', model, *map(str, paths), '--top_k=3')
@@ -71,7 +71,7 @@ def test_png_and_jpeg_top_classes_are_the_library_s(files, tiny_run, source):  #
 
 
 @pytest.mark.slow  # runs the command in a subprocess
-def test_a_folder_goes_to_a_csv(files, tiny_run, tmp_path):  # noqa: F811
+def test_a_folder_goes_to_a_csv(files, tiny_run, tmp_path):
   result = run_command('predict', f'--model={files / "model.onnx"}', str(files / 'images'),
                        '--top_k=2', cwd=str(tmp_path))
   assert result.returncode == 0, result.stderr
