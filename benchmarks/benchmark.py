@@ -215,9 +215,7 @@ def jax_contenders(config, mean: tuple, std: tuple) -> tuple:
   model = build_model(config, 10)
   tx = steps.create_optimizer(config, steps.create_learning_rate_schedule(config, steps_per_epoch))
   images, labels = sharding.shard_train_split(random_split(steps_per_epoch * batch, 0), mesh)
-  perm = compilation.jit(functools.partial(sharding.epoch_permutation, num_shards=mesh.size,
-                                           shard_size=images.shape[1]),
-                         out_shardings=NamedSharding(mesh, P('data')))(jax.random.key(1), 0)
+  perm = sharding.make_epoch_permutation(mesh, images.shape[1])(jax.random.key(1), 0)
   step_rng = jax.random.key(2)
   init = compilation.jit(functools.partial(steps.create_train_state, config, model, tx,
                                            (32, 32, 3)), out_shardings=replicated,

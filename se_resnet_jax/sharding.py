@@ -2,13 +2,15 @@
 as uint8, split evenly; each device draws its share of every batch from its own shard, so no
 example moves between devices."""
 
+import functools
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from se_resnet_jax import input_pipeline
+from se_resnet_jax import compilation, input_pipeline
 
 
 def data_mesh() -> jax.sharding.Mesh:
@@ -55,6 +57,13 @@ def epoch_permutation(rng: jax.Array, epoch: jax.Array, num_shards: int, shard_s
   """One permutation of its own shard per device, a pure function of (rng, epoch)."""
   keys = jax.random.split(jax.random.fold_in(rng, epoch), num_shards)
   return jax.vmap(lambda k: jax.random.permutation(k, shard_size))(keys)
+
+
+def make_epoch_permutation(mesh: jax.sharding.Mesh, shard_size: int):
+  """`epoch_permutation(rng, epoch)` compiled for `mesh`, laid out like the training set."""
+  return compilation.jit(functools.partial(epoch_permutation, num_shards=mesh.size,
+                                           shard_size=shard_size),
+                         out_shardings=NamedSharding(mesh, P('data')))
 
 
 def sample_batch(images: jax.Array, labels: jax.Array, perm: jax.Array, step_in_epoch: jax.Array,

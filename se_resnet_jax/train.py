@@ -9,7 +9,6 @@ lock: one process per run), the data, then the checkpoints (their checksums, the
 that they are this network and these data settings). Only then is anything compiled.
 """
 
-import functools
 import time
 from typing import Any, Optional, Sequence
 
@@ -21,7 +20,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from se_resnet_jax import (
-  compilation,
   input_pipeline,
   report,
   rundir,
@@ -31,9 +29,9 @@ from se_resnet_jax import (
   writers,
 )
 from se_resnet_jax.checkpoints import RunCheckpoints
-from se_resnet_jax.config import ConfigError, validate_config
+from se_resnet_jax.config import validate_config
 from se_resnet_jax.console import Console, TrainingProgress
-from se_resnet_jax.errors import Preempted
+from se_resnet_jax.errors import ConfigError, Preempted
 from se_resnet_jax.plan import plan_run
 from se_resnet_jax.progress import Progress
 from se_resnet_jax.stopping import Interruption, check_finite
@@ -137,9 +135,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
                 if data.validation is not None else None)
   data_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   step_rng = jax.random.fold_in(jax.random.key(config.seed), 2)
-  permutation = compilation.jit(functools.partial(sharding.epoch_permutation, num_shards=mesh.size,
-                                                  shard_size=train_images.shape[1]),
-                                out_shardings=NamedSharding(mesh, P('data')))
+  permutation = sharding.make_epoch_permutation(mesh, train_images.shape[1])
   eval_step = steps.make_eval_step(config, model, data.mean, data.std)
   writer = writer or writers.create_writer(workdir)
   if start_step == 0:

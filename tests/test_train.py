@@ -23,6 +23,7 @@ from flax import traverse_util
 
 from se_resnet_jax import config as config_lib
 from se_resnet_jax import files, input_pipeline, sharding, steps, summary, train
+from se_resnet_jax import report as report_lib
 from se_resnet_jax.checkpoints import RunCheckpoints
 from se_resnet_jax.console import Console
 from se_resnet_jax.errors import Preempted
@@ -292,22 +293,23 @@ def test_onecycle_schedule():
   assert float(schedule(15)) < float(schedule(30)) and float(schedule(65)) < float(schedule(30))
 
 
-def test_ctrl_c_during_the_final_evaluation_ends_at_once(make_tiny_config, tmp_path, monkeypatch):
+def test_ctrl_c_during_the_final_evaluation_ends_at_once(finished_copy, tiny_config, monkeypatch):
   """Issue 20 (10): the handler said it would save, saved nothing, evaluated on and exited 0.
   Training is over by then (every checkpoint saved): the Ctrl-C raises KeyboardInterrupt, which
-  the commands turn into exit 130."""
-  config = make_tiny_config(**{'model.num_filters': 4, 'num_epochs': 1, 'max_steps': 4})
-  original = train.final_report
+  the commands turn into exit 130. The run here is finished but for its report."""
+  os.remove(os.path.join(finished_copy, 'report.json'))
+  checkpoints = sorted(os.listdir(os.path.join(finished_copy, 'checkpoints')))
+  original = report_lib.final_report
 
   def interrupted(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGINT)
     return original(*args, **kwargs)
 
-  monkeypatch.setattr(train, 'final_report', interrupted)
+  monkeypatch.setattr(report_lib, 'final_report', interrupted)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path))
-  assert not os.path.exists(tmp_path / 'report.json')
-  assert '4' in os.listdir(tmp_path / 'checkpoints')
+    train.train_and_evaluate(tiny_config, finished_copy, console=Console(io.StringIO()))
+  assert not os.path.exists(os.path.join(finished_copy, 'report.json'))
+  assert sorted(os.listdir(os.path.join(finished_copy, 'checkpoints'))) == checkpoints
 
 
 # ---------------------------------------------------------------------------------------------
