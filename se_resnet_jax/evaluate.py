@@ -84,7 +84,7 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'bo
     config = run.config
     if tta_flip is not None:
       config.tta_flip = tta_flip
-    data = input_pipeline.load_dataset(config)
+    data = input_pipeline.load_dataset(config, test_only=split == 'test')  # validation: train's
     if split == 'validation' and data.validation is None:
       raise ConfigError('This run has no validation split (validation_size=0); use --split=test.')
     splits = (('validation',) if data.validation is not None else ()) + ('test',)

@@ -86,11 +86,11 @@ class Split:
 class Dataset:
   name: str
   class_names: Sequence[str]
-  train: Split
+  train: Optional[Split]  # None when only the test split was read
   validation: Optional[Split]
   test: Split
-  mean: tuple  # per-channel statistics of the training images in [0, 1], for normalisation
-  std: tuple
+  mean: Optional[tuple]  # per-channel statistics of the training images in [0, 1]
+  std: Optional[tuple]
 
   @property
   def num_classes(self) -> int:
@@ -248,7 +248,7 @@ def _reachable(host: str, port: int = 443, timeout: float = 10.0) -> bool:
   return connected.wait(timeout)
 
 
-def _tfds_splits(config: ml_collections.ConfigDict):
+def _tfds_splits(config: ml_collections.ConfigDict, read: Sequence[str] = ('train', 'test')):
   import tensorflow_datasets as tfds  # heavy: only when tfds data is read
 
   data_dir = config.data_dir or None
@@ -279,7 +279,7 @@ def _tfds_splits(config: ml_collections.ConfigDict):
           config.dataset, where, 'download_failed') from None
   label_names = builder.info.features[config.label_key].names
   splits = []
-  for split in ('train', 'test'):
+  for split in read:
     # Sized by the cardinality, not batch_size=-1: that reads split metadata tfds' mock data lacks.
     ds = builder.as_dataset(split=split)
     count = int(ds.cardinality())
@@ -287,10 +287,10 @@ def _tfds_splits(config: ml_collections.ConfigDict):
     data = next(iter(tfds.as_numpy(ds.batch(count))))
     splits.append(validate_split(data['image'], data[config.label_key], len(label_names),
                                  f'tfds {config.dataset!r} in {where}', split))
-  return splits[0], splits[1], tuple(label_names)
+  return ((None, *splits) if len(splits) == 1 else tuple(splits)) + (tuple(label_names),)
 
 
-def _npz_splits(config: ml_collections.ConfigDict):
+def _npz_splits(config: ml_collections.ConfigDict, read: Sequence[str] = ('train', 'test')):
   """x_train/y_train/x_test/y_test from an `.npz` file (and `classes`, the names, if present)."""
   path = config.npz_path
   fix = f'np.savez({path!r}, x_train=..., y_train=..., x_test=..., y_test=...)'
@@ -317,7 +317,8 @@ def _npz_splits(config: ml_collections.ConfigDict):
                            path, None, 'missing_arrays', missing=missing, present=sorted(z.files),
                            fix=fix)
   arrays = {}
-  for key in NPZ_ARRAYS + (('classes',) if 'classes' in z.files else ()):
+  wanted = [k for k in NPZ_ARRAYS if k[2:] in read]
+  for key in wanted + (['classes'] if 'classes' in z.files else []):
     try:
       arrays[key] = z[key]
     except unreadable as e:
@@ -326,27 +327,34 @@ def _npz_splits(config: ml_collections.ConfigDict):
                              key, 'damaged_array', fix=fix) from None
   expected = num_classes(config)
   if 'classes' in arrays:
-    names = tuple(str(n) for n in np.atleast_1d(arrays['classes']))
+    classes = tuple(str(n) for n in np.atleast_1d(arrays['classes']))
     dataset = config.dataset + (f' ({config.label_key})' if config.dataset == 'cifar100' else '')
-    if len(names) != expected:  # it would size the classifier and average metrics over it
+    if len(classes) != expected:  # it would size the classifier and average metrics over it
       raise ClassCountError(
-          f'{path}: the classes array names {len(names)} classes, but dataset {dataset} has '
+          f'{path}: the classes array names {len(classes)} classes, but dataset {dataset} has '
           f'{expected}: give {expected} names, or set --config.dataset to the data\'s.',
-          len(names), expected, f'dataset {config.dataset}', path)
+          len(classes), expected, f'dataset {config.dataset}', path)
   else:
-    names = default_class_names(config.dataset, expected)
-  return (validate_split(arrays['x_train'], arrays['y_train'], len(names), path, 'train'),
-          validate_split(arrays['x_test'], arrays['y_test'], len(names), path, 'test'), names)
+    classes = default_class_names(config.dataset, expected)
+  return tuple(validate_split(arrays[f'x_{s}'], arrays[f'y_{s}'], len(classes), path, s)
+               if f'x_{s}' in arrays else None for s in ('train', 'test')) + (classes,)
 
 
-def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
-  """Train / validation / test splits as host uint8 arrays, with normalisation statistics."""
+def load_dataset(config: ml_collections.ConfigDict, test_only: bool = False) -> Dataset:
+  """Train / validation / test splits as host uint8 arrays, with normalisation statistics.
+
+  With `test_only` the training split (and so validation and the statistics) is not read: an
+  evaluation of the test split scales images with the run's recorded constants.
+  """
+  names_read = ('test',) if test_only else ('train', 'test')
   if config.dataset == 'synthetic':
     train, test, names = synthetic_splits(config.synthetic)  # valid by construction
   elif config.npz_path:
-    train, test, names = _npz_splits(config)
+    train, test, names = _npz_splits(config, names_read)
   else:
-    train, test, names = _tfds_splits(config)
+    train, test, names = _tfds_splits(config, names_read)
+  if test_only:
+    return Dataset(config.dataset, names, None, None, test, None, None)
   validation = None
   if config.kfold.num_folds:
     held = stratified_folds(train.labels, config.kfold.num_folds,

@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from se_resnet_jax import export, predict, rundir, summary, train
+from se_resnet_jax import export, input_pipeline, predict, rundir, summary, train
+from se_resnet_jax.evaluate import evaluate_checkpoint
 
 
 @pytest.fixture
@@ -55,3 +56,21 @@ def test_a_workdir_without_a_record_is_refused(tmp_path):
   with pytest.raises(rundir.RunRecordError):
     rundir.restore_run(str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ['run.json']  # nothing written
+
+
+def test_evaluating_the_test_split_reads_only_the_test_split(tiny_run, tmp_path, monkeypatch):
+  read = []
+  validate_split = input_pipeline.validate_split
+
+  def spy(images, labels, num_classes, source, split):
+    read.append(split)
+    return validate_split(images, labels, num_classes, source, split)
+
+  monkeypatch.setattr(input_pipeline, 'validate_split', spy)
+  result = evaluate_checkpoint(tiny_run, split='test', output_dir=str(tmp_path / 'out'))
+  assert read == ['test']
+  with open(os.path.join(tiny_run, 'report.json')) as f:
+    trained = json.load(f)
+  # The same weights on the same images, scaled by the run's recorded constants.
+  assert result['test']['accuracy'] == trained['test']['accuracy']
+  assert result['test']['loss'] == pytest.approx(trained['test']['loss'], rel=1e-6)
