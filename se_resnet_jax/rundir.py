@@ -154,8 +154,10 @@ def restore_run(workdir: str, checkpoint: str = 'best',
     raise RunRecordError(f'{workdir!r} holds no {RUN_FILE}: pass the --workdir of a training run '
                          '(or of `se_resnet_jax.convert --from_torch`).',
                          os.path.join(workdir, RUN_FILE))
-  config = config or load_run_config(workdir)
-  validate_config(config, jax.device_count())
+  if config is None:
+    config = load_run_config(workdir)  # checked as it is read
+  else:
+    validate_config(config, jax.device_count())
   plan = plan_run(config)
   if not allow_changed_data:
     input_pipeline.check_same_data(record.data, plan.data, f'The run in {workdir}')
