@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # seed of initialisation, batch order, augmentation and dropout
 
   c.log_every_steps = 100  # steps between progress lines
+  # write TensorBoard summaries; False saves importing TensorFlow (seconds of start-up)
+  # and leaves the per-epoch numbers to report.json alone.
+  c.tensorboard = True
   c.eval_every_epochs = 1  # epochs between validations (and best-checkpoint choices)
   c.checkpoint_every_epochs = 1  # epochs between checkpoints
   c.keep_checkpoints = 3  # latest checkpoints kept (the best one is kept apart)

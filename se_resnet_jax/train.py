@@ -137,7 +137,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
   step_rng = jax.random.fold_in(jax.random.key(config.seed), 2)
   permutation = sharding.make_epoch_permutation(mesh, train_images.shape[1])
   eval_step = steps.make_eval_step(config, model, data.mean, data.std)
-  writer = writer or writers.create_writer(workdir)
+  writer = writer or writers.create_writer(workdir, config.tensorboard)
   if start_step == 0:
     writer.write_hparams(writers.hparams(config))
 

@@ -15,7 +15,8 @@ Hook = Callable[[int, Any], Any]  # called by the loop after every step with (st
 
 
 class NullWriter:
-  """Writes nothing: without TensorBoard, and on processes other than 0."""
+  """Writes nothing: without TensorBoard or with config.tensorboard off, and on processes other
+  than 0."""
 
   def write_scalars(self, step, scalars):
     pass
@@ -30,10 +31,10 @@ class NullWriter:
     pass
 
 
-def create_writer(workdir: str) -> Any:
+def create_writer(workdir: str, tensorboard: bool = True) -> Any:
   """TensorBoard summaries in `workdir` on process 0: clu's SummaryWriter alone, since its default
   writer also logs every scalar, repeating the console's epoch line."""
-  if jax.process_index() > 0:
+  if jax.process_index() > 0 or not tensorboard:
     return NullWriter()
   try:  # clu's summary writer imports TensorBoard and TensorFlow
     from clu import metric_writers

@@ -9,6 +9,7 @@ that tests start in subprocesses share it through `subprocess_env`.
 
 import ast
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -29,15 +30,21 @@ from se_resnet_jax.config import load_config_file
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS_DIR = os.path.join(REPO, 'configs')
 
-_CACHE_DIR = tempfile.mkdtemp(prefix='se_resnet_jax_test_jit_cache_')
+# pytest-xdist's workers inherit the variable from the process that made the directory, so the
+# whole session, all workers and their subprocesses, shares one cache; its maker removes it.
+_CACHE_VARIABLE = 'SE_RESNET_JAX_TEST_JIT_CACHE'
+_OWN_CACHE = _CACHE_VARIABLE not in os.environ
+if _OWN_CACHE:
+  os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix='se_resnet_jax_test_jit_cache_')
 if not jax.config.jax_compilation_cache_dir:  # respect a cache the caller already configured
-  jax.config.update('jax_compilation_cache_dir', _CACHE_DIR)
+  jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE_VARIABLE])
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
 
 def pytest_unconfigure(config):
-  shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ.pop(_CACHE_VARIABLE), ignore_errors=True)
 
 
 def subprocess_env(**extra: str) -> dict:
@@ -186,11 +193,13 @@ def abstract_state(config, sharding=None):
 
 
 # configs/smoke.py shrunk: SEResNet18 four channels wide, 2 epochs of 8 steps (384 images - 128
-# validation, batches of 32), on generated images stored as an .npz (a dataset a test can move).
+# validation, batches of 32), on generated images stored as an .npz (a dataset a test can move),
+# without TensorBoard (importing TensorFlow would cost each run seconds).
 TINY_RUN = {
     'dataset': 'cifar10', 'synthetic.num_train': 384, 'synthetic.num_test': 64,
     'validation_size': 128, 'model.num_filters': 4, 'model.se_reduction': 2, 'batch_size': 32,
     'eval_batch_size': 64, 'measure_inference': False, 'log_every_steps': 3, 'num_epochs': 2,
+    'tensorboard': False,
 }
 
 
@@ -216,19 +225,31 @@ class TinyRun:
 def tiny_run_result(tmp_path_factory) -> TinyRun:
   """The session's one finished run, trained by the real command (`se_resnet_jax.main`).
 
-  Tests that read a finished run share it, and must not change it: copy it to change it.
+  Tests that read a finished run share it, and must not change it: copy it to change it. Under
+  pytest-xdist the workers share it too: the first to need it trains it in the session's common
+  temporary folder, under a file lock, and the others read what it left.
   """
-  base = tmp_path_factory.mktemp('tiny')
+  from filelock import FileLock
+
+  shared = 'PYTEST_XDIST_WORKER' in os.environ
+  base = (tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.getbasetemp())
+  base = base / 'tiny_run'
   overrides = {**TINY_RUN, 'npz_path': str(base / 'data.npz')}
   config = with_overrides(load_config_file(os.path.join(CONFIGS_DIR, 'smoke.py')), overrides)
-  from se_resnet_jax import input_pipeline
+  workdir, outcome = str(base / 'run'), base / 'command.json'
+  with FileLock(f'{base}.lock'):
+    if not outcome.exists():
+      from se_resnet_jax import input_pipeline
 
-  train, test, names = input_pipeline.synthetic_splits(config.synthetic)
-  np.savez(config.npz_path, x_train=train.images, y_train=train.labels, x_test=test.images,
-           y_test=test.labels, classes=np.array(names))
-  workdir = str(base / 'run')
-  command = run_command('main', '--config=configs/smoke.py', f'--workdir={workdir}',
-                        *[f'--config.{k}={v}' for k, v in overrides.items()])
+      base.mkdir()
+      train, test, names = input_pipeline.synthetic_splits(config.synthetic)
+      np.savez(config.npz_path, x_train=train.images, y_train=train.labels, x_test=test.images,
+               y_test=test.labels, classes=np.array(names))
+      command = run_command('main', '--config=configs/smoke.py', f'--workdir={workdir}',
+                            *[f'--config.{k}={v}' for k, v in overrides.items()])
+      outcome.write_text(json.dumps({'args': command.args, 'returncode': command.returncode,
+                                     'stdout': command.stdout, 'stderr': command.stderr}))
+  command = subprocess.CompletedProcess(**json.loads(outcome.read_text()))
   assert command.returncode == 0, command.stderr[-3000:]
   return TinyRun(workdir, config, command)
 

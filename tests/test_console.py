@@ -6,6 +6,7 @@ exit status) on configs/smoke.py shrunk to a few hundred images, sharing this se
 cache, so the later runs load the programs the first one compiled.
 """
 
+import glob
 import json
 import os
 import re
@@ -96,7 +97,9 @@ def test_smoke_run_console_is_one_display_and_ends_with_the_summary(smoke_run):
   report = _report(workdir)
   out = run.stdout
   assert os.path.join(workdir, 'report.md') in out
-  assert os.path.join(workdir, 'curves.png') in out and f'--logdir {workdir}' in out
+  assert os.path.join(workdir, 'curves.png') in out
+  # config.tensorboard=False: no TensorBoard file, and no line pointing at one
+  assert not glob.glob(os.path.join(workdir, 'events.out.tfevents*')) and '--logdir' not in out
   for split in ('validation', 'test'):
     row = next(line.split() for line in out.splitlines() if line.strip().startswith(split))
     assert row == [split, f'{100 * report[split]["accuracy"]:.2f}%', f'{report[split]["loss"]:.4f}',

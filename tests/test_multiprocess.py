@@ -25,7 +25,7 @@ EPOCHS = 2
 SMALL = {
     'synthetic.num_train': 384, 'synthetic.num_test': 64, 'validation_size': 128,
     'model.num_filters': 4, 'model.se_reduction': 2, 'batch_size': 32, 'eval_batch_size': 64,
-    'measure_inference': False, 'log_every_steps': 1000, 'num_epochs': EPOCHS,
+    'measure_inference': False, 'log_every_steps': 1000, 'num_epochs': EPOCHS, 'tensorboard': False,
     'evaluate_test': False,
 }
 TIMEOUT_S = 600  # a guard against hangs only

@@ -36,7 +36,7 @@ TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 SMALL = {
     'synthetic.num_train': 384, 'synthetic.num_test': 64, 'validation_size': 128,
     'model.num_filters': 4, 'model.se_reduction': 2, 'batch_size': 32, 'eval_batch_size': 64,
-    'measure_inference': False, 'log_every_steps': 1000, 'num_epochs': EPOCHS,
+    'measure_inference': False, 'log_every_steps': 1000, 'num_epochs': EPOCHS, 'tensorboard': False,
     'checkpoint_every_epochs': 1, 'keep_checkpoints': 3, 'evaluate_test': False,
 }
 RUN_TIMEOUT_S = 900  # a guard against hangs only; a run takes seconds once compiled
