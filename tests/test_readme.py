@@ -32,7 +32,7 @@ def test_readme_backbone_example_runs(capsys):
 def test_readme_commands_are_the_ones_ci_runs():
   ci = (README.parent / '.ci' / 'run').read_text()
   text = README.read_text()
-  for command in ('pip install -e ".[test]"', 'python -m pytest -q tests'):
+  for command in ('pip install -e ".[test]"', 'python -m pytest -q -n auto --maxprocesses=4 tests'):
     assert command in text
     assert command.replace('pip install', 'pip install --quiet') in ci or command in ci
 
