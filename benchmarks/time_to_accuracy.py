@@ -58,7 +58,7 @@ class EpochWatcher:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, test_each_epoch: bool,
                out_dir: Optional[str] = None):
-    self.writer = writers.create_writer(workdir)
+    self.writer = writers.create_writer(workdir, config.tensorboard)
     self.epochs_path = os.path.join(out_dir, 'epochs.jsonl') if out_dir else None
     if self.epochs_path:
       open(self.epochs_path, 'w').close()  # this run's epochs only
@@ -83,7 +83,7 @@ class EpochWatcher:
     if self.eval_step is not None:
       side_start = time.perf_counter()
       test, _ = steps.evaluate(self.eval_step, steps.eval_variables(self.state),
-                                    self.test_chunks)
+                               self.test_chunks)
       record.update(test_accuracy=test['accuracy'], test_loss=test['loss'])
       self.side_s += time.perf_counter() - side_start
     self.records.append(record)

@@ -95,7 +95,7 @@ def evaluate_checkpoint(workdir: str, checkpoint: str = 'best', split: str = 'bo
     # The weights were trained on inputs scaled by the run's constants, whatever data they see now.
     eval_step = make_eval_step(config, run.model, run.record.mean, run.record.std)
     result = report.final_report(config, data, run.model, run.variables, run.step, run.progress,
-                          eval_step, data_mesh(), None, splits)
+                                 eval_step, data_mesh(), None, splits)
     result['weights'] = {'epoch': epoch, 'step': run.step, 'run_id': run.run_id,
                          'chosen_by': f'checkpoint {checkpoint!r} of {workdir}'}
     result['run_id'] = run.run_id

@@ -236,7 +236,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
               f'{" and ".join(s for s in splits if getattr(data, s) is not None)}'
               f'{", then timing inference" if config.measure_inference else ""}...')
   result = report.final_report(config, data, model, steps.eval_variables(final), int(final.step),
-                        progress, eval_step, mesh, compile_s, splits)
+                               progress, eval_step, mesh, compile_s, splits)
   result['weights'] = weights
   result['run_id'] = run_id
   result['data'] = plan.data  # what a rerun must ask for to be answered from this report

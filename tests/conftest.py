@@ -272,7 +272,7 @@ def tiny_run_result(tmp_path_factory) -> TinyRun:
     if not outcome.exists():
       from se_resnet_jax import input_pipeline
 
-      base.mkdir()
+      base.mkdir(exist_ok=True)  # a worker that failed before its outcome may have made it
       train, test, names = input_pipeline.synthetic_splits(config.synthetic)
       np.savez(config.npz_path, x_train=train.images, y_train=train.labels, x_test=test.images,
                y_test=test.labels, classes=np.array(names))

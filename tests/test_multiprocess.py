@@ -15,18 +15,16 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, abstract_state, checkpoint_steps, wait_until
+from conftest import REPO, TINY_RUN, abstract_state, checkpoint_steps, wait_until
 
 from se_resnet_jax.checkpoints import RunCheckpoints
 from se_resnet_jax.config import architecture
 
 STEPS_PER_EPOCH = 8  # (384 - 128 validation) / 32
 EPOCHS = 2
-SMALL = {
-    'synthetic.num_train': 384, 'synthetic.num_test': 64, 'validation_size': 128,
-    'model.num_filters': 4, 'model.se_reduction': 2, 'batch_size': 32, 'eval_batch_size': 64,
-    'measure_inference': False, 'log_every_steps': 1000, 'num_epochs': EPOCHS, 'tensorboard': False,
-    'evaluate_test': False,
+SMALL = {  # the session run's sizes, on generated images
+    **{k: v for k, v in TINY_RUN.items() if k != 'dataset'}, 'log_every_steps': 1000,
+    'num_epochs': EPOCHS, 'evaluate_test': False,
 }
 TIMEOUT_S = 600  # a guard against hangs only
 

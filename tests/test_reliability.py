@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, checkpoint_steps, subprocess_env, wait_until
+from conftest import REPO, TINY_RUN, checkpoint_steps, subprocess_env, wait_until
 
 from se_resnet_jax import input_pipeline, stopping
 from se_resnet_jax.checkpoints import RunCheckpoints
@@ -32,12 +32,12 @@ pytestmark = pytest.mark.slow  # every run here is the real command in a subproc
 EPOCHS = 4
 STEPS_PER_EPOCH = 8  # (384 - 128 validation) / 32
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
-# configs/smoke.py shrunk: every run of this file uses these, plus the overrides a test is about.
+# The session run's sizes on generated images: every run of this file uses these, plus the
+# overrides a test is about.
 SMALL = {
-    'synthetic.num_train': 384, 'synthetic.num_test': 64, 'validation_size': 128,
-    'model.num_filters': 4, 'model.se_reduction': 2, 'batch_size': 32, 'eval_batch_size': 64,
-    'measure_inference': False, 'log_every_steps': 1000, 'num_epochs': EPOCHS, 'tensorboard': False,
-    'checkpoint_every_epochs': 1, 'keep_checkpoints': 3, 'evaluate_test': False,
+    **{k: v for k, v in TINY_RUN.items() if k != 'dataset'}, 'log_every_steps': 1000,
+    'num_epochs': EPOCHS, 'checkpoint_every_epochs': 1, 'keep_checkpoints': 3,
+    'evaluate_test': False,
 }
 RUN_TIMEOUT_S = 900  # a guard against hangs only; a run takes seconds once compiled
 

@@ -19,7 +19,7 @@ from flax import traverse_util
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 from ml_collections import config_flags
 
-from se_resnet_jax import cli, files, train
+from se_resnet_jax import cli, files, rundir, train
 from se_resnet_jax.config import build_model, validate_config
 from se_resnet_jax.console import Console
 from se_resnet_jax.errors import ConfigError, UserError
@@ -88,7 +88,7 @@ def run(config: ml_collections.ConfigDict, run_dir: str,
   """The numbers the tables use of the run in `run_dir`, read back if finished, else trained or
   resumed there; runs trained now add how many of their compilations the cache answered."""
   result = read_report(run_dir)  # a damaged report is none: the run is evaluated again
-  saved, config_path = result and result['config'], os.path.join(run_dir, 'config.json')
+  saved, config_path = result and result['config'], os.path.join(run_dir, rundir.CONFIG_FILE)
   if result is None and os.path.exists(config_path):  # an unfinished run, to resume
     with open(config_path) as f:
       saved = json.load(f)
