@@ -1,8 +1,9 @@
 """The plan of a run, made once from its config: the network, the learning-rate schedule, the
 optimizer and the step counts, handed to everything that trains, restores or converts it.
 
-The restore target is `jax.eval_shape` of the very initialisation that starts a run, so a
-checkpoint is read onto exactly the structure a fresh run would have.
+The restore target is the traced shapes of the very initialisation that starts a run, so a
+checkpoint is read onto exactly the structure a fresh run would have; a fresh run compiles that
+same trace instead of tracing the network again.
 """
 
 import dataclasses
@@ -27,6 +28,7 @@ class Plan:
   total_steps: int  # num_epochs of steps, or fewer with max_steps
   schedule: optax.Schedule
   tx: optax.GradientTransformation
+  _inits: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   @property
   def architecture(self) -> dict:
@@ -36,17 +38,22 @@ class Plan:
   def data(self) -> dict:
     return input_pipeline.data_identity(self.config)
 
-  def _create(self, rng: jax.Array) -> steps.TrainState:
-    return steps.create_train_state(self.config, self.model, self.tx, IMAGE_SHAPE, rng)
+  def _traced_init(self, sharding: jax.sharding.Sharding) -> jax.stages.Traced:
+    """The initialisation traced once per placement (the key is an argument: any seed fits)."""
+    if sharding not in self._inits:
+      init = steps.init_program(self.config, self.model, self.tx, IMAGE_SHAPE, sharding)
+      self._inits[sharding] = init.trace(jax.random.key(0))
+    return self._inits[sharding]
 
   def abstract_state(self, sharding: jax.sharding.Sharding) -> steps.TrainState:
     """The train state as shapes placed with `sharding`: a restore target that costs nothing."""
-    shapes = jax.eval_shape(self._create, jax.random.key(0))
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                        shapes)
+                        self._traced_init(sharding).out_info)
 
   def init_state(self, sharding: jax.sharding.Sharding) -> steps.TrainState:
-    return steps.init_train_state(self.config, self.model, self.tx, IMAGE_SHAPE, sharding)
+    """Fresh weights drawn from key(config.seed), placed with `sharding`."""
+    init = self._traced_init(sharding).lower().compile()
+    return init(jax.random.key(self.config.seed))
 
 
 def plan_run(config: ml_collections.ConfigDict, num_train: Optional[int] = None,

@@ -5,7 +5,7 @@ an uninterrupted one exactly; XLA inserts the cross-device reductions of the glo
 """
 
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -15,7 +15,6 @@ import numpy as np
 import optax
 from clu import metrics
 from flax.training import train_state
-from jax.sharding import NamedSharding
 
 from se_resnet_jax import augment, compilation
 from se_resnet_jax.config import compute_dtype
@@ -89,19 +88,22 @@ def create_train_state(config: ml_collections.ConfigDict, model: SEResNet,
   lets runs differing only in seed share one compiled initialisation."""
   rng = jax.random.key(config.seed) if rng is None else rng
   variables = model.init({'params': rng}, jnp.zeros((1,) + image_shape, model.dtype), train=False)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                           batch_stats=variables['batch_stats'],
-                           ema_params=ema_variables(config, variables))
+  state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                            batch_stats=variables['batch_stats'],
+                            ema_params=ema_variables(config, variables))
+  # A strongly typed step, as a checkpoint restores it: a fresh and a resumed run then share one
+  # compiled train step (a weakly typed 0 would make the resumed run compile another).
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
-def init_train_state(config: ml_collections.ConfigDict, model: SEResNet,
-                     tx: optax.GradientTransformation, image_shape: tuple,
-                     sharding: NamedSharding) -> TrainState:
-  """create_train_state compiled, its output placed with `sharding`. On a CPU without backend
-  optimisation: XLA takes longer to optimise the random draws than they take to run once."""
-  init = compilation.jit(functools.partial(create_train_state, config, model, tx, image_shape),
-                         out_shardings=sharding, cpu_options={'xla_backend_optimization_level': 0})
-  return init(jax.random.key(config.seed))
+def init_program(config: ml_collections.ConfigDict, model: SEResNet,
+                 tx: optax.GradientTransformation, image_shape: tuple,
+                 sharding: jax.sharding.Sharding) -> Callable:
+  """create_train_state jitted for its key, its output placed with `sharding`. On a CPU without
+  backend optimisation: XLA takes longer to optimise the random draws than they take to run once."""
+  return compilation.jit(functools.partial(create_train_state, config, model, tx, image_shape),
+                         out_shardings=sharding,
+                         cpu_options={'xla_backend_optimization_level': 0})
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) -> jax.Array:

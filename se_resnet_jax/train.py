@@ -226,9 +226,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
 
   final, weights = state, {'epoch': progress.epoch, 'step': step, 'run_id': run_id,
                            'chosen_by': 'the last epoch'}
-  if val_chunks is not None and ckpts.latest_step('best') is not None:
-    final, best_meta = ckpts.restore(state, which='best', architecture=progress.architecture)
-    weights = {'epoch': best_meta['epoch'], 'step': int(final.step), 'run_id': run_id,
+  best_step = ckpts.latest_step('best') if val_chunks is not None else None
+  if best_step is not None:
+    best_epoch = progress.epoch
+    if best_step != int(state.step):  # else the best checkpoint holds the state in hand
+      final, best_meta = ckpts.restore(state, which='best', architecture=progress.architecture)
+      best_epoch = best_meta['epoch']
+    weights = {'epoch': best_epoch, 'step': int(final.step), 'run_id': run_id,
                'chosen_by': 'the best validation accuracy'}
   ckpts.close()
   splits = ('validation', 'test') if config.evaluate_test else ('validation',)

@@ -8,6 +8,8 @@ on between steps, donation through the state the loop hands to evaluation, and t
 (`se_resnet_jax.compilation`) through an HLO dump that only programs compiled with it write.
 """
 
+import os
+import signal
 import warnings
 
 import jax
@@ -15,6 +17,7 @@ import pytest
 from conftest import dumped_programs, library_function_names
 
 from se_resnet_jax import train, writers
+from se_resnet_jax.errors import Preempted
 
 STEPS_PER_EPOCH = 4
 LOG_EVERY = 2
@@ -100,3 +103,37 @@ def test_no_recompilation_no_copies_donation_and_the_compile_policy(config, tmp_
         library_programs - dumped_programs(policy_dump))
   assert three.donation_checked
 
+
+
+def test_a_resumed_run_loads_the_train_step_of_the_fresh_run(config, tmp_path):
+  """After a preemption the rerun resumes with the very program the fresh run compiled: the
+  persistent compilation cache (this session's) serves it, where a restored state that differed
+  from a fresh one in any type would cost a whole compile per resume."""
+  workdir = str(tmp_path / 'run')
+
+  def preempt(step, state):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.raises(Preempted):
+    train.train_and_evaluate(config(1), workdir, writer=writers.NullWriter(), hooks=[preempt])
+  jax.clear_caches()  # the rerun must find the step in the persistent cache, not in memory
+  hit, programs = [False], {}
+
+  def on_event(event, **kwargs):
+    if event == '/jax/compilation_cache/cache_hits':
+      hit[0] = True
+
+  def on_duration(event, duration_secs, **kwargs):
+    if event == '/jax/core/compile/backend_compile_duration':
+      programs[kwargs.get('fun_name')] = hit[0]
+      hit[0] = False
+
+  jax.monitoring.register_event_listener(on_event)
+  jax.monitoring.register_event_duration_secs_listener(on_duration)
+  try:
+    train.train_and_evaluate(config(1), workdir, writer=writers.NullWriter())
+  finally:
+    jax.monitoring.unregister_event_listener(on_event)
+    jax.monitoring.unregister_event_duration_listener(on_duration)
+  assert programs.get('jit(compiled_step)') is True, programs

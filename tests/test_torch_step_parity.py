@@ -204,7 +204,7 @@ def test_kernel_inits_draw_the_same_distribution_in_both_frameworks(kernel_init,
                 zero_init_residual=zero_init_residual)
   model = SEResNet(stage_sizes=[1, 1, 1, 1], block_cls=ResidualBlock, **kwargs)
   init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 32, 32, 3)), train=False))
-  variables = init.lower(jax.random.key(0)).compile(  # as steps.init_train_state on CPU
+  variables = init.lower(jax.random.key(0)).compile(  # as steps.init_program on CPU
       compiler_options={'xla_backend_optimization_level': 0})(jax.random.key(0))
   flat = traverse_util.flatten_dict(jax.device_get(variables['params']), sep='/')
   torch.manual_seed(0)
