@@ -304,6 +304,51 @@ def run_command(module: str, *args: str, cwd: str = REPO) -> subprocess.Complete
                         env=command_env(), capture_output=True, text=True, timeout=600)
 
 
+# Each command of `run_commands_forked` is a child forked from this process once it has imported
+# what the commands import (not the command modules, whose flags the child's run defines).
+_FORKING_RUNNER = r"""
+import json, os, runpy, sys
+from se_resnet_jax import cli, train  # noqa: F401  (jax, flax, optax, orbax: the long part)
+jobs, codes = json.load(sys.stdin), []
+for job in jobs:
+  pid = os.fork()
+  if pid == 0:  # the child becomes `python -m module args`; its exit ends it, not this loop
+    os.environ.update(job['env'])
+    for fd, path in ((1, job['stdout']), (2, job['stderr'])):
+      os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.argv = [job['module'], *job['args']]
+    runpy.run_module(job['module'], run_name='__main__', alter_sys=True)
+    sys.exit(0)
+  codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(json.dumps(codes))
+"""
+
+
+def run_commands_forked(jobs: Sequence[tuple], tmp_dir: str) -> list:
+  """Commands `(module, args, env)` run one after another, each as `python -m se_resnet_jax.module
+  args` in a process of its own with `env` added, their CompletedProcess in order.
+
+  For commands that stop before compute (bad input): each would spend seconds importing JAX and
+  Flax before its one line, so one process imports them once and forks a child per command. The
+  child runs the command's real module, exit status and output as from its own process.
+  """
+  specs = []
+  for i, (module, args, env) in enumerate(jobs):
+    specs.append({'module': f'se_resnet_jax.{module}', 'args': list(args), 'env': dict(env),
+                  'stdout': os.path.join(tmp_dir, f'{i}.out'),
+                  'stderr': os.path.join(tmp_dir, f'{i}.err')})
+  runner = subprocess.run([sys.executable, '-c', _FORKING_RUNNER], input=json.dumps(specs),
+                          cwd=REPO, env=command_env(), capture_output=True, text=True, timeout=600)
+  assert runner.returncode == 0, runner.stderr[-3000:]
+  codes = json.loads(runner.stdout.strip().splitlines()[-1])
+  results = []
+  for spec, code in zip(specs, codes):
+    with open(spec['stdout']) as out, open(spec['stderr']) as err:
+      results.append(subprocess.CompletedProcess([spec['module'], *spec['args']], code,
+                                                 out.read(), err.read()))
+  return results
+
+
 def one_line_error(result: subprocess.CompletedProcess) -> str:
   """The command's `error:` line; fails unless it exited non-zero with no traceback."""
   assert result.returncode != 0, result.stdout + result.stderr

@@ -6,7 +6,6 @@ one-line message a person sees. Runs are tiny (SEResNet18 at base width 4, 8 ste
 share a compilation cache, so after the first run the others mostly load compiled programs.
 """
 
-import concurrent.futures
 import glob
 import json
 import os
@@ -20,7 +19,14 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, TINY_RUN, checkpoint_steps, subprocess_env, wait_until
+from conftest import (
+  REPO,
+  TINY_RUN,
+  checkpoint_steps,
+  run_commands_forked,
+  subprocess_env,
+  wait_until,
+)
 
 from se_resnet_jax import input_pipeline, stopping
 from se_resnet_jax.checkpoints import RunCheckpoints
@@ -42,12 +48,15 @@ SMALL = {
 RUN_TIMEOUT_S = 900  # a guard against hangs only; a run takes seconds once compiled
 
 
-def _command(workdir: str, overrides: dict = (), config: str = 'configs/smoke.py',
-             flags: tuple = ()) -> list:
+def _args(workdir: str, overrides: dict = (), config: str = 'configs/smoke.py',
+          flags: tuple = ()) -> list:
   settings = {**SMALL, **dict(overrides)}
-  return ([sys.executable, '-m', 'se_resnet_jax.main', f'--config={config}',
-           f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in settings.items()] +
-          list(flags))
+  return ([f'--config={config}', f'--workdir={workdir}'] +
+          [f'--config.{k}={v}' for k, v in settings.items()] + list(flags))
+
+
+def _command(workdir: str, overrides: dict = (), flags: tuple = ()) -> list:
+  return [sys.executable, '-m', 'se_resnet_jax.main', *_args(workdir, overrides, flags=flags)]
 
 
 def _start(workdir: str, log: str, overrides: dict = (), **env) -> subprocess.Popen:
@@ -340,24 +349,24 @@ BAD_INPUT = [
 
 @pytest.fixture(scope='module')
 def bad_input_outcomes(reference, tmp_path_factory) -> dict:
-  """Each case's (result, workdir, checkpoint files before), the runs two at a time.
+  """Each case's (result, workdir, checkpoint files before): the real command, forked per case
+  from one process that imported the library (see conftest.run_commands_forked).
 
   Each case gets a copy of a finished run, whose checkpoints must come out untouched.
   """
-  def launch(case):
-    name, overrides, env, prepare, _ = case
+  jobs, cases = [], []
+  for name, overrides, env, prepare, _ in BAD_INPUT:
     tmp = tmp_path_factory.mktemp('bad_input')
     workdir = str(tmp / 'run')
     shutil.copytree(reference, workdir)
     target = (prepare(workdir) if prepare else None) or workdir
     os.makedirs(tmp / 'empty_tfds')
-    before = _snapshot(workdir)
+    cases.append((name, workdir, _snapshot(workdir)))
     overrides = {k: v.format(tmp=tmp) if isinstance(v, str) else v for k, v in overrides.items()}
-    result = _run(target, overrides, **{k: v.format(tmp=tmp) for k, v in env.items()})
-    return name, (result, workdir, before)
-
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    return dict(pool.map(launch, BAD_INPUT))
+    jobs.append(('main', _args(target, overrides), {k: v.format(tmp=tmp) for k, v in env.items()}))
+  results = run_commands_forked(jobs, str(tmp_path_factory.mktemp('bad_input_output')))
+  return {name: (result, workdir, before)
+          for (name, workdir, before), result in zip(cases, results)}
 
 
 @pytest.mark.parametrize('name,expected', [(case[0], case[-1]) for case in BAD_INPUT],
