@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import one_line_error, run_command
+from conftest import one_line_error, run_command, run_commands_forked
 from PIL import Image
 
 from se_resnet_jax import export, inference, predict, rundir
@@ -96,16 +96,17 @@ def test_a_folder_goes_to_a_csv(files, tiny_run, tmp_path):
 @pytest.mark.slow  # runs the command in a subprocess
 def test_bad_input_is_one_line(files, tmp_path):
   (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8 not really a JPEG')
-  error = one_line_error(run_command('predict', f'--model={files / "model.jax"}',
-                                     str(tmp_path / 'broken.jpg')))
+  wide = str(files / 'images' / 'wide.png')
+  broken, not_a_model, a_card, no_run = run_commands_forked([
+      ('predict', [f'--model={files / "model.jax"}', str(tmp_path / 'broken.jpg')], {}),
+      ('predict', [f'--model={wide}', wide], {}),
+      ('predict', [f'--model={files / "model.jax.json"}', wide], {}),
+      ('predict', [f'--workdir={tmp_path}', wide], {})], str(tmp_path))
+  error = one_line_error(broken)
   assert 'Cannot read image' in error and 'broken.jpg' in error
-  for wrong in (files / 'images' / 'wide.png', files / 'model.jax.json'):
-    error = one_line_error(run_command('predict', f'--model={wrong}',
-                                       str(files / 'images' / 'wide.png')))
-    assert 'neither a jax.export artifact nor an ONNX model' in error
-  error = one_line_error(run_command('predict', f'--workdir={tmp_path}',
-                                     str(files / 'images' / 'wide.png')))
-  assert 'holds no run.json' in error
+  for result in (not_a_model, a_card):
+    assert 'neither a jax.export artifact nor an ONNX model' in one_line_error(result)
+  assert 'holds no run.json' in one_line_error(no_run)
 
 
 def _picture() -> np.ndarray:
