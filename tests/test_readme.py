@@ -9,14 +9,6 @@ import sys
 README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
 
 
-def test_readme_flax_example_runs(capsys):
-  text = README.read_text()
-  section = text.split('## Using the modules in your own Flax code', 1)[1]
-  code = re.search(r'```python\n(.*?)```', section, re.S).group(1)
-  exec(compile(code, str(README), 'exec'), {})
-  assert capsys.readouterr().out.split() == ['(8,', '10)', '(2,', '8,', '8,', '64)']
-
-
 def test_readme_backbone_example_runs(capsys):
   """The backbone lines (features, stage maps, SE gates, headless, new head) print what their
   comments say."""
@@ -48,7 +40,9 @@ def test_readme_pytorch_example_runs():
 
 
 def test_readme_clone_folder_does_not_shadow_the_package_and_the_snippet_runs_anywhere(tmp_path):
-  """A clone folder named like the package, in the folder Python starts in, would hide it."""
+  """The README's first snippet prints what its comments say, run as its reader would: in a new
+  process, beside a clone folder (one named like the package, in the folder Python starts in,
+  would hide it)."""
   clone = re.search(r'git clone \S+ (\S+) && cd (\S+)', README.read_text())
   assert clone and clone.group(1) == clone.group(2) != 'se_resnet_jax'
   section = README.read_text().split('## Using the modules in your own Flax code', 1)[1]
