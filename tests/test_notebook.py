@@ -1,14 +1,15 @@
 """Runs notebooks/se_resnet18_cifar10.ipynb top to bottom, offline, on CPU, in its short setting.
 
 How: nbclient runs every cell in a fresh IPython kernel with `SE_RESNET_NOTEBOOK_QUICK=1` (generated
-data, a tiny SE-ResNet18, 3 epochs) and the notebook's own folder as the working directory, so it
+data, a tiny SE-ResNet18; one epoch, with `SE_RESNET_NOTEBOOK_EPOCHS=1`: every cell runs the same
+for one as for three) and the notebook's own folder as the working directory, so it
 finds the repository's configs/ and installs nothing. JAX sees 8 CPU devices, the shape of an 8-core
 TPU, so the data-parallel path the notebook promises on Colab (batch split over all devices, the
 sharded forward pass) runs here too. The kernel is ipykernel on *this* interpreter:
 the test writes a kernelspec whose argv is `sys.executable` into a temporary folder and puts that
 folder first on JUPYTER_PATH, so a `python3` kernelspec of another Python (user-wide or system-wide)
 can never be picked up. Needs the `test` extra (nbclient, nbformat, ipykernel, matplotlib); about
-1-3 minutes on 2 CPU cores.
+a minute on 2 CPU cores.
 """
 
 import json
@@ -64,6 +65,7 @@ def test_notebook_runs_offline_on_cpu(tmp_path, monkeypatch):
   monkeypatch.setenv('JUPYTER_PATH', str(_write_kernelspec(tmp_path / 'jupyter')))
   monkeypatch.setenv('IPYTHONDIR', str(tmp_path / 'ipython'))  # no user startup files or history
   monkeypatch.setenv('SE_RESNET_NOTEBOOK_QUICK', '1')
+  monkeypatch.setenv('SE_RESNET_NOTEBOOK_EPOCHS', '1')
   monkeypatch.setenv('SE_RESNET_NOTEBOOK_WORKDIR', str(tmp_path / 'run'))
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
   monkeypatch.setenv('XLA_FLAGS', f'{os.environ.get("XLA_FLAGS", "")} '
@@ -91,4 +93,5 @@ def test_notebook_runs_offline_on_cpu(tmp_path, monkeypatch):
                    for out in cell.outputs if out.output_type == 'stream')
   assert 'Short run' in text and 'test accuracy' in text
   assert f'= {DEVICES} device(s)' in text, 'the run did not use every device'
-  assert (tmp_path / 'run' / 'report.json').is_file()  # the run went to the test's workdir
+  with open(tmp_path / 'run' / 'report.json') as f:  # the run went to the test's workdir
+    assert json.load(f)['epochs_completed'] == 1
