@@ -49,18 +49,22 @@ if [[ $QUICK == 1 ]]; then
   DEADLINE_S=${DEADLINE_S:-1100} TWIN_S=${TWIN_S:-400} FAST_S=${FAST_S:-250} BENCH_S=${BENCH_S:-250}
   CAUSES_S=${CAUSES_S:-200}
   TWIN_EPOCHS=${TWIN_EPOCHS:-2}
+  # 64 generated training images (32 of them for validation) and 32 test images at batch 32: one
+  # step per epoch and one evaluation batch per split. Every stage's time goes to start-up,
+  # compilation and reporting, which more images would not exercise any further.
+  SYNTHESIZE_ARGS="--num_train=64 --num_test=32"
   SMALL="--config.model.num_filters=8 --config.model.se_reduction=4 --config.half_precision=False
-         --config.validation_size=200 --config.batch_size=64 --config.eval_batch_size=100
-         --config.measure_inference=False --config.log_every_steps=4"
+         --config.validation_size=32 --config.batch_size=32 --config.eval_batch_size=32
+         --config.measure_inference=False --config.log_every_steps=1"
   TWIN_ARGS="$SMALL ${TWIN_ARGS:-}"
-  # The causes at the twin's size, so that they reuse the twin's compiled programs: one seed, a
-  # few steps, the baseline and a variant of the first weights (every variant's config and the
+  # The causes at the twin's size, so that they reuse the twin's compiled programs: one seed, one
+  # step, the baseline and a variant of the first weights (every variant's config and the
   # longest combination's are still checked; tests/test_device_check.py runs the combination's
   # path with stand-in runs). Each run here costs ~10 s of tracing and reporting.
   CAUSES_EPOCHS=${CAUSES_EPOCHS:-$TWIN_EPOCHS} CAUSES_SEEDS=${CAUSES_SEEDS:-1}
   CAUSES_LONG_EPOCHS=${CAUSES_LONG_EPOCHS:-0}
   CAUSES_VARIANTS=${CAUSES_VARIANTS:-baseline,torch_init}
-  CAUSES_ARGS="$SMALL --config.max_steps=3 ${CAUSES_ARGS:-}"
+  CAUSES_ARGS="$SMALL --config.max_steps=1 ${CAUSES_ARGS:-}"
   FAST_ARGS="$SMALL --config.num_epochs=1 --config.warmup_epochs=0.5 ${FAST_ARGS:-}"
   BENCH_ARGS=${BENCH_ARGS:---quick --num_filters=16 --batch_sizes=16 --notorch_compile --nocompare_xla_defaults}
   export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
@@ -131,8 +135,8 @@ log "no-TensorFlow import check: $(tail -n 1 "$OUT/no_tensorflow.txt")"
 
 DATA=$WORK/cifar10.npz
 if [[ $QUICK == 1 ]]; then
-  python3 benchmarks/cifar_jpeg.py synthesize "$WORK/fake_cifar10_jpeg.npz" --num_train=1000 \
-    --num_test=200 >> "$LOG" 2>&1
+  python3 benchmarks/cifar_jpeg.py synthesize "$WORK/fake_cifar10_jpeg.npz" $SYNTHESIZE_ARGS \
+    >> "$LOG" 2>&1
   NPZ=$WORK/fake_cifar10_jpeg.npz
 fi
 log "decoding $NPZ"

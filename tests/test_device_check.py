@@ -154,7 +154,7 @@ def test_quick_device_check_runs_every_stage_and_keeps_every_table(tmp_path):
 
   fast = json.loads((out_dir / 'fast' / 'time_to_accuracy.json').read_text())
   assert fast['epochs_completed'] == 1 and fast['epochs'][0]['test_accuracy_side'] is not None
-  assert fast['config']['tta_flip'] and fast['config']['batch_size'] == 64
+  assert fast['config']['tta_flip'] and fast['config']['batch_size'] == 32
   assert len((out_dir / 'fast' / 'epochs.jsonl').read_text().splitlines()) == 1
 
   events = [json.loads(line)['event']
