@@ -60,7 +60,8 @@ if [[ $QUICK == 1 ]]; then
   # The causes at the twin's size, so that they reuse the twin's compiled programs: one seed, one
   # step, the baseline and a variant of the first weights (every variant's config and the
   # longest combination's are still checked; tests/test_device_check.py runs the combination's
-  # path with stand-in runs). Each run here costs ~10 s of tracing and reporting.
+  # path with stand-in runs). Each run here costs ~8 s of tracing, evaluation and reporting, and
+  # torch_init ~5 s more to compile its initialisation.
   CAUSES_EPOCHS=${CAUSES_EPOCHS:-$TWIN_EPOCHS} CAUSES_SEEDS=${CAUSES_SEEDS:-1}
   CAUSES_LONG_EPOCHS=${CAUSES_LONG_EPOCHS:-0}
   CAUSES_VARIANTS=${CAUSES_VARIANTS:-baseline,torch_init}
