@@ -25,10 +25,13 @@ LOG_EVERY = 2
 
 @pytest.fixture
 def config(make_tiny_config):
-  """4 steps per epoch of 32 images, a padded 2-chunk validation split, a log mid-epoch."""
+  """4 steps per epoch of 32 images, a padded 2-chunk validation split, a log mid-epoch; a run of 3
+  epochs stopped by max_steps after `epochs` (its schedule, compiled into the step, stays that of
+  3 epochs, so runs of any length here load one another's programs from the cache)."""
   return lambda epochs: make_tiny_config(**{
       'synthetic.num_train': 192, 'synthetic.num_test': 48, 'validation_size': 64,
-      'num_epochs': epochs, 'log_every_steps': LOG_EVERY, 'eval_batch_size': 48})
+      'num_epochs': 3, 'max_steps': epochs * STEPS_PER_EPOCH, 'log_every_steps': LOG_EVERY,
+      'eval_batch_size': 48})
 
 
 class LoopWatcher:
