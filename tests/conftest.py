@@ -42,12 +42,14 @@ if not jax.config.jax_compilation_cache_dir:  # respect a cache the caller alrea
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
 
-# Test files by their measured time (most first; 2026-12-07, two pytest-xdist workers on 2 cores).
+# Test files by their measured time (most first; 2026-12-08, two pytest-xdist workers on 2 cores).
 # Each worker takes whole files (their module fixtures then run once), longest first, so that
 # both finish together; files not named here follow in their usual order.
-LONGEST_FILES = ('test_reliability', 'test_device_check', 'test_multiprocess', 'test_train',
-                 'test_experiments', 'test_nnx', 'test_notebook', 'test_export', 'test_console',
-                 'test_convert', 'test_readme', 'test_multidevice', 'test_compile_count')
+LONGEST_FILES = ('test_reliability', 'test_device_check', 'test_train', 'test_multiprocess',
+                 'test_experiments', 'test_export', 'test_multidevice', 'test_console',
+                 'test_convert', 'test_notebook', 'test_nnx', 'test_compile_count', 'test_readme',
+                 'test_predict', 'test_torch_step_parity', 'test_training_options',
+                 'test_convert_command')
 
 
 def pytest_collection_modifyitems(config, items):
