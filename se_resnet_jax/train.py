@@ -229,7 +229,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
   best_step = ckpts.latest_step('best') if val_chunks is not None else None
   if best_step is not None:
     best_epoch = progress.epoch
-    if best_step != int(state.step):  # else the best checkpoint holds the state in hand
+    if best_step != step:  # else the best checkpoint holds the state in hand
       final, best_meta = ckpts.restore(state, which='best', architecture=progress.architecture)
       best_epoch = best_meta['epoch']
     weights = {'epoch': best_epoch, 'step': int(final.step), 'run_id': run_id,
