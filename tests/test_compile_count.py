@@ -107,7 +107,6 @@ def test_no_recompilation_no_copies_donation_and_the_compile_policy(config, tmp_
   assert three.donation_checked
 
 
-
 def test_a_resumed_run_loads_the_train_step_of_the_fresh_run(config, tmp_path):
   """After a preemption the rerun resumes with the very program the fresh run compiled: the
   persistent compilation cache (this session's) serves it, where a restored state that differed

@@ -48,10 +48,9 @@ SMALL = {
 RUN_TIMEOUT_S = 900  # a guard against hangs only; a run takes seconds once compiled
 
 
-def _args(workdir: str, overrides: dict = (), config: str = 'configs/smoke.py',
-          flags: tuple = ()) -> list:
+def _args(workdir: str, overrides: dict = (), flags: tuple = ()) -> list:
   settings = {**SMALL, **dict(overrides)}
-  return ([f'--config={config}', f'--workdir={workdir}'] +
+  return (['--config=configs/smoke.py', f'--workdir={workdir}'] +
           [f'--config.{k}={v}' for k, v in settings.items()] + list(flags))
 
 
