@@ -224,7 +224,8 @@ def jax_contenders(config, mean: tuple, std: tuple) -> tuple:
   figures = {}
 
   # The training loop's own compiled step: sample and augment on the device, then update.
-  sampled_step = steps.make_train_step(config, steps_per_epoch, per_device, mean, std)
+  sampled_step = steps.make_train_step(config, steps_per_epoch, per_device)
+  mean_std = jax.device_put(steps.normalization(mean, std), replicated)
 
   premade_config = ml_collections.ConfigDict(config.to_dict())
   premade_config.augment.enabled = False
@@ -266,7 +267,7 @@ def jax_contenders(config, mean: tuple, std: tuple) -> tuple:
 
     return run, timed(run)
 
-  train_runner = compiled_runner(sampled_step, (images, labels, perm, step_rng),
+  train_runner = compiled_runner(sampled_step, (images, labels, perm, step_rng, mean_std),
                                  measure_memory=True, count_flops=False)
   premade_runner = compiled_runner(premade_step, (x_premade, y_premade, step_rng),
                                    measure_memory=False, count_flops=True)
@@ -292,11 +293,11 @@ def jax_contenders(config, mean: tuple, std: tuple) -> tuple:
                 Contender('jax_eval', batch, *eval_runner(eval_step))]
   if FLAGS.compare_xla_defaults and compilation.compiler_options():
     with compilation.xla_defaults():
-      default_step = steps.make_train_step(config, steps_per_epoch, per_device, mean, std)
+      default_step = steps.make_train_step(config, steps_per_epoch, per_device)
       default_eval = steps.make_eval_step(config, model, mean, std)
     contenders += [
         Contender('jax_train_xla_defaults', batch,
-                  *compiled_runner(default_step, (images, labels, perm, step_rng),
+                  *compiled_runner(default_step, (images, labels, perm, step_rng, mean_std),
                                    measure_memory=False, count_flops=False)),
         Contender('jax_eval_xla_defaults', batch, *eval_runner(default_eval))]
   return contenders, figures

@@ -144,12 +144,13 @@ def augment_images(rng: jax.Array, images: jax.Array,
   return jax.vmap(lambda k, x: _augment_one(k, x, config))(keys, images)
 
 
-def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
-  """Per-channel standardisation (x - mean) / std of float images in [0, 1]."""
-  mean, std = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+def normalize(images: jax.Array, mean: Any, std: Any) -> jax.Array:
+  """Per-channel standardisation (x - mean) / std of float images in [0, 1]; `mean` and `std`
+  may be traced (the train step takes them as an argument)."""
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
   if mean.shape != (images.shape[-1],) or std.shape != (images.shape[-1],):
-    raise ValueError(f'mean and std need one value per channel ({images.shape[-1]}), got '
-                     f'{mean.tolist()} and {std.tolist()}.')
+    raise ValueError(f'mean and std need one value per channel ({images.shape[-1]}), got shapes '
+                     f'{mean.shape} and {std.shape}.')
   return (jnp.asarray(images) - mean) / std
 
 

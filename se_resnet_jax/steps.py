@@ -5,7 +5,7 @@ an uninterrupted one exactly; XLA inserts the cross-device reductions of the glo
 """
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax
 import jax
@@ -116,7 +116,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
 
 def train_step(state: TrainState, train_metrics: Metrics, images: jax.Array,
                labels: jax.Array, rng: jax.Array, *, config: ml_collections.ConfigDict,
-               mean: tuple, std: tuple):
+               mean: Any, std: Any):
   """One SGD step on a uint8 batch: augment, forward, backward, update (and EMA)."""
   aug_rng, dropout_rng = jax.random.split(rng)
   x = augment.preprocess_for_train(aug_rng, images, config.augment, mean, std,
@@ -139,16 +139,23 @@ def train_step(state: TrainState, train_metrics: Metrics, images: jax.Array,
   return new_state, train_metrics.merge(step_metrics)
 
 
-def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: int, per_device: int,
-                    mean: tuple, std: tuple):
+def normalization(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """The per-channel (mean, std) of the training split as one (2, C) float32 array: the train
+  step's argument, so that runs on other data of the same shapes (folds, validation seeds, another
+  .npz) share one compiled step."""
+  return np.stack([np.asarray(mean, np.float32), np.asarray(std, np.float32)])
+
+
+def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: int, per_device: int):
   """The compiled step of the loop: draw the batch on the device(s), augment, update; the state
-  is donated. The step number comes from `state.step`, so nothing is copied per step."""
+  is donated. The step number comes from `state.step`, so nothing is copied per step; the
+  normalisation comes last, as `normalization(mean, std)`."""
 
   @functools.partial(compilation.jit, donate_argnums=(0,))
-  def compiled_step(state, train_metrics, images, labels, perm, step_rng):
+  def compiled_step(state, train_metrics, images, labels, perm, step_rng, mean_std):
     x, y = sample_batch(images, labels, perm, state.step % steps_per_epoch, per_device)
     return train_step(state, train_metrics, x, y, jax.random.fold_in(step_rng, state.step),
-                      config=config, mean=mean, std=std)
+                      config=config, mean=mean_std[0], std=mean_std[1])
 
   return compiled_step
 

@@ -143,11 +143,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
 
   compile_start = time.perf_counter()
   empty_metrics = jax.device_put(steps.Metrics.empty(), replicated)
-  train_step = steps.make_train_step(config, steps_per_epoch, config.batch_size // mesh.size,
-                                     data.mean, data.std)
+  mean_std = jax.device_put(steps.normalization(data.mean, data.std), replicated)
+  train_step = steps.make_train_step(config, steps_per_epoch, config.batch_size // mesh.size)
   trains = start_step < total_steps and progress.stopped_epoch is None  # else: evaluate only
-  step_fn = train_step.lower(state, empty_metrics, train_images, train_labels,
-                             permutation(data_rng, 0), step_rng).compile() if trains else None
+  step_fn = (train_step.lower(state, empty_metrics, train_images, train_labels,
+                              permutation(data_rng, 0), step_rng, mean_std).compile()
+             if trains else None)
   compile_s = time.perf_counter() - compile_start if trains else None
   if trains:
     console.say(f'Compiled the train step in {compile_s:.1f}s; {steps_per_epoch} steps/epoch, '
@@ -170,7 +171,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, writer:
     if perm_epoch != epoch:
       perm, perm_epoch = permutation(data_rng, epoch), epoch
     state, epoch_metrics = step_fn(state, epoch_metrics, train_images, train_labels, perm,
-                                   step_rng)
+                                   step_rng, mean_std)
     step += 1
     for hook in hooks:
       hook(step, state)

@@ -75,11 +75,13 @@ def run_library(config, model, variables, images, labels):
   state = steps.TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                                   batch_stats=variables['batch_stats'],
                                   ema_params=steps.ema_variables(config, variables))
-  step = steps.make_train_step(config, 1, BATCH, MEAN, STD)  # one batch per "epoch": the same one
+  step = steps.make_train_step(config, 1, BATCH)  # one batch per "epoch": the same one
+  mean_std = steps.normalization(MEAN, STD)
   metrics = steps.Metrics.empty()
   perm = jnp.arange(BATCH)[None]
   for _ in range(STEPS):
-    state, metrics = step(state, metrics, images[None], labels[None], perm, jax.random.key(1))
+    state, metrics = step(state, metrics, images[None], labels[None], perm, jax.random.key(1),
+                          mean_std)
   return state
 
 

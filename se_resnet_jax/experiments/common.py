@@ -63,7 +63,8 @@ class SettingError(ConfigError):
 def compilation_cache(cache_dir: str) -> Iterator[None]:
   """JAX's persistent compilation cache in `cache_dir`, for every program however small or quick:
   the seeds of one ablation variant, grid cells sharing r, reruns and resumes then load their
-  programs from disk (keys are arguments of the compiled step, not constants)."""
+  programs from disk (keys and the normalisation are arguments of the compiled step, not
+  constants)."""
   previous = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
   os.makedirs(cache_dir, exist_ok=True)
   _set_cache_options(dict(zip(_CACHE_OPTIONS, (cache_dir, 0.0, 0))))
