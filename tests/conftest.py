@@ -225,13 +225,15 @@ def abstract_state(config, sharding=None):
   return plan_run(config).abstract_state(sharding or SingleDeviceSharding(jax.devices()[0]))
 
 
-# configs/smoke.py shrunk: SEResNet18 four channels wide, 2 epochs of 8 steps (384 images - 128
+# configs/smoke.py shrunk: SEResNet18 four channels wide, 4 epochs of 8 steps (384 images - 128
 # validation, batches of 32), on generated images stored as an .npz (a dataset a test can move),
-# without TensorBoard (importing TensorFlow would cost each run seconds).
+# without TensorBoard (importing TensorFlow would cost each run seconds). The reliability runs,
+# the experiments' real runs and the compile-count runs train on the same sizes (a 4- or 5-epoch
+# schedule), so that they load this run's compiled programs instead of compiling their own.
 TINY_RUN = {
     'dataset': 'cifar10', 'synthetic.num_train': 384, 'synthetic.num_test': 64,
     'validation_size': 128, 'model.num_filters': 4, 'model.se_reduction': 2, 'batch_size': 32,
-    'eval_batch_size': 64, 'measure_inference': False, 'log_every_steps': 3, 'num_epochs': 2,
+    'eval_batch_size': 64, 'measure_inference': False, 'log_every_steps': 3, 'num_epochs': 4,
     'tensorboard': False,
 }
 

@@ -23,7 +23,7 @@ from se_resnet_jax.config import base_config
 from se_resnet_jax.console import Console, TrainingProgress, format_duration
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EPOCHS = 2
+EPOCHS = TINY_RUN['num_epochs']
 STEPS_PER_EPOCH = 8  # (384 - 128 validation) / 32
 SMALL = {k: v for k, v in TINY_RUN.items() if k != 'dataset'}  # on generated images
 TIMEOUT_S = 900  # a guard against hangs only

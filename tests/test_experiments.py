@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from absl import flags
@@ -25,11 +26,11 @@ from se_resnet_jax.errors import Preempted
 from se_resnet_jax.experiments import ablation, common, kfold, search
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
-TINY = {
-    'dataset': 'synthetic', 'synthetic.num_train': 320, 'synthetic.num_test': 64,
-    'validation_size': 64, 'model.num_filters': 4, 'model.se_reduction': 2,
-    'model.dropout_rate': 0.1, 'num_epochs': 3, 'batch_size': 32, 'eval_batch_size': 32,
-    'learning_rate': 0.05, 'warmup_epochs': 0.0, 'measure_inference': False,
+TINY = {  # the session run's sizes and schedule (conftest.TINY_RUN): its programs, from the cache
+    'dataset': 'synthetic', 'synthetic.num_train': 384, 'synthetic.num_test': 64,
+    'validation_size': 128, 'model.num_filters': 4, 'model.se_reduction': 2,
+    'model.dropout_rate': 0.1, 'num_epochs': 4, 'batch_size': 32, 'eval_batch_size': 64,
+    'learning_rate': 0.05, 'warmup_epochs': 0.5, 'measure_inference': False,
     'log_every_steps': 1000,
 }
 
@@ -40,9 +41,9 @@ def tiny_config(**values):
 
 
 @pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  """One compilation cache for every real run in this module."""
-  return str(tmp_path_factory.mktemp('jax_cache'))
+def cache_dir():
+  """The session's compilation cache (conftest.py), where the session run left its programs."""
+  return jax.config.jax_compilation_cache_dir
 
 
 def assert_png(path):
@@ -164,7 +165,7 @@ def test_paired_interval_numbers():
 def test_kfold_runs_validate_on_complementary_folds():
   data = [input_pipeline.load_dataset(kfold.fold_config(tiny_config(), 2, 0.1, 2, fold))
           for fold in (0, 1)]
-  assert [len(d.validation) for d in data] == [160, 160]
+  assert [len(d.validation) for d in data] == [192, 192]
   images = lambda split: {image.tobytes() for image in split.images}
   assert images(data[0].validation) == images(data[1].train)  # k=2: each fold trains the other
   assert not kfold.fold_config(tiny_config(), 2, 0.1, 2, 0).evaluate_test
@@ -191,7 +192,7 @@ def test_search_command_writes_tables_heat_map_and_a_config_that_reruns(tmp_path
                     trainer=FakeTrainer(lambda c: (0.6 + c.model.dropout_rate, 0.5)))
   config_file = write_config_file(tmp_path / 'tiny.py', {**TINY, 'num_epochs': 7})
   command = [sys.executable, '-m', 'se_resnet_jax.experiments.search', f'--config={config_file}',
-             '--config.num_epochs=3', f'--workdir={workdir}', '--reductions=2',
+             f'--config.num_epochs={TINY["num_epochs"]}', f'--workdir={workdir}', '--reductions=2',
              '--dropouts=0.0,0.1']
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -208,7 +209,7 @@ def test_search_command_writes_tables_heat_map_and_a_config_that_reruns(tmp_path
   assert_png(workdir / 'search.png')
 
   # chosen_config.py loads through the flag the commands use: the search's config file, its
-  # --config.num_epochs=3 override and the chosen values.
+  # --config.num_epochs override and the chosen values.
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, '', flag_values=flag_values)
   flag_values(['prog', f'--config={result["chosen_config"]}'])
@@ -278,9 +279,9 @@ def test_two_stage_search_fixes_dropout_then_tunes_it(tmp_path):
   assert [row.count('|') for row in heat_map_rows] == [5, 5, 5]  # r x dropout {0, 0.3, 0.5}
   assert_png(workdir / 'search.png')
 
-  # The chosen config starts from the given file (num_epochs 7 there, 3 in the searched config).
+  # The chosen config starts from the given file (num_epochs 7 there, 4 in the searched config).
   chosen = load_config_file(result['chosen_config'])
-  assert (chosen.num_epochs, chosen.model.se_reduction, chosen.model.dropout_rate) == (3, 2, 0.3)
+  assert (chosen.num_epochs, chosen.model.se_reduction, chosen.model.dropout_rate) == (4, 2, 0.3)
   assert "BASE_CONFIG = '../base.py'" in (workdir / 'chosen_config.py').read_text()
 
 
@@ -318,7 +319,7 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     search.run_search(tiny_config(num_epochs=5), str(tmp_path), reductions=[2], dropouts=[0.1],
                       trainer=trainer)
   assert conflict.value.run_dir == str(tmp_path / 'r2_p0.1')
-  assert conflict.value.differences == {'num_epochs': (3, 5)}
+  assert conflict.value.differences == {'num_epochs': (4, 5)}
   assert len(trainer.calls) == 1
 
 

@@ -35,7 +35,7 @@ from se_resnet_jax.input_pipeline import DatasetUnavailableError
 
 pytestmark = pytest.mark.slow  # every run here is the real command in a subprocess
 
-EPOCHS = 4
+EPOCHS = TINY_RUN['num_epochs']  # the session run's schedule: its programs come from the cache
 STEPS_PER_EPOCH = 8  # (384 - 128 validation) / 32
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 # The session run's sizes on generated images: every run of this file uses these, plus the
