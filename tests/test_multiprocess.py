@@ -34,14 +34,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 
 
 def _env(devices: int) -> dict:
-  """CPU devices per process, and no persistent compilation cache.
+  """CPU devices per process, LLVM's backend optimisation off, no persistent compilation cache.
 
-  JAX writes that cache from process 0 only, so a relaunch would find process 0 loading its
-  programs in a second while process 1 compiles: gloo gives a peer 30 s to join the first
-  collective, and on a busy machine the gap is longer.
+  The runs compare with each other only, and a dozen steps do not repay optimised code: without
+  it each train step compiles in half the time (the test took 89 CPU-s instead of 110).
+  JAX writes that cache from process 0 only, so process 0 would load a program in a second while
+  process 1 compiles it: gloo gives a peer 30 s to join the first collective, and on a busy
+  machine the gap is longer.
   """
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             XLA_FLAGS=(f'--xla_force_host_platform_device_count={devices} '
+                        '--xla_backend_optimization_level=0'),
              JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo', JAX_ENABLE_COMPILATION_CACHE='false')
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
   return env
