@@ -228,7 +228,7 @@ def abstract_state(config, sharding=None):
 # configs/smoke.py shrunk: SEResNet18 four channels wide, 4 epochs of 8 steps (384 images - 128
 # validation, batches of 32), on generated images stored as an .npz (a dataset a test can move),
 # without TensorBoard (importing TensorFlow would cost each run seconds). The reliability runs,
-# the experiments' real runs and the compile-count runs train on the same sizes (a 4- or 5-epoch
+# the experiments' real runs and the mock-tfds run train on the same sizes (a 4- or 5-epoch
 # schedule), so that they load this run's compiled programs instead of compiling their own.
 TINY_RUN = {
     'dataset': 'cifar10', 'synthetic.num_train': 384, 'synthetic.num_test': 64,
