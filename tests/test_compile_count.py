@@ -11,12 +11,13 @@ on between steps, donation through the state the loop hands to evaluation, and t
 import os
 import signal
 import warnings
+from typing import Callable
 
 import jax
 import pytest
 from conftest import dumped_programs, library_function_names
 
-from se_resnet_jax import train, writers
+from se_resnet_jax import rundir, train, writers
 from se_resnet_jax.errors import Preempted
 
 STEPS_PER_EPOCH = 4
@@ -107,19 +108,10 @@ def test_no_recompilation_no_copies_donation_and_the_compile_policy(config, tmp_
   assert three.donation_checked
 
 
-def test_a_resumed_run_loads_the_train_step_of_the_fresh_run(config, tmp_path):
-  """After a preemption the rerun resumes with the very program the fresh run compiled: the
-  persistent compilation cache (this session's) serves it, where a restored state that differed
-  from a fresh one in any type would cost a whole compile per resume."""
-  workdir = str(tmp_path / 'run')
-
-  def preempt(step, state):
-    if step == 2:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  with pytest.raises(Preempted):
-    train.train_and_evaluate(config(1), workdir, writer=writers.NullWriter(), hooks=[preempt])
-  jax.clear_caches()  # the rerun must find the step in the persistent cache, not in memory
+def programs_loaded(run: Callable[[], object]) -> dict:
+  """{program name: whether the persistent compilation cache served it} of what `run` compiles,
+  with JAX's in-memory caches cleared first (a program must come from disk, not from memory)."""
+  jax.clear_caches()
   hit, programs = [False], {}
 
   def on_event(event, **kwargs):
@@ -134,8 +126,39 @@ def test_a_resumed_run_loads_the_train_step_of_the_fresh_run(config, tmp_path):
   jax.monitoring.register_event_listener(on_event)
   jax.monitoring.register_event_duration_secs_listener(on_duration)
   try:
-    train.train_and_evaluate(config(1), workdir, writer=writers.NullWriter())
+    run()
   finally:
     jax.monitoring.unregister_event_listener(on_event)
     jax.monitoring.unregister_event_duration_listener(on_duration)
+  return programs
+
+
+def test_a_resumed_run_loads_the_train_step_of_the_fresh_run(config, tmp_path):
+  """After a preemption the rerun resumes with the very program the fresh run compiled: the
+  persistent compilation cache (this session's) serves it, where a restored state that differed
+  from a fresh one in any type would cost a whole compile per resume."""
+  workdir = str(tmp_path / 'run')
+
+  def preempt(step, state):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.raises(Preempted):
+    train.train_and_evaluate(config(1), workdir, writer=writers.NullWriter(), hooks=[preempt])
+  programs = programs_loaded(
+      lambda: train.train_and_evaluate(config(1), workdir, writer=writers.NullWriter()))
   assert programs.get('jit(compiled_step)') is True, programs
+
+
+def test_other_data_of_the_same_shapes_loads_the_same_train_step(config, tmp_path):
+  """A fold or another validation seed trains on other images, with other normalisation
+  statistics: those are an argument of the train step, so the run loads the step another run
+  compiled (the k folds of a setting compile one train step, not k)."""
+  train.train_and_evaluate(config(1), str(tmp_path / 'seed0'), writer=writers.NullWriter())
+  other = config(1)
+  other.validation_seed = 1
+  programs = programs_loaded(
+      lambda: train.train_and_evaluate(other, str(tmp_path / 'seed1'), writer=writers.NullWriter()))
+  assert programs.get('jit(compiled_step)') is True, programs
+  means = [rundir.read_record(str(tmp_path / name)).mean for name in ('seed0', 'seed1')]
+  assert means[0] != means[1]  # the two runs' statistics differ indeed
