@@ -256,6 +256,14 @@ class TinyRun:
   command: subprocess.CompletedProcess  # its exit status, stdout and stderr
 
 
+def session_folder(tmp_path_factory, name: str):
+  """Where a session-wide fixture keeps what it makes once: under pytest-xdist, in the session's
+  common temporary folder, so that every worker finds it (each takes `<folder>.lock` first)."""
+  shared = 'PYTEST_XDIST_WORKER' in os.environ
+  base = (tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.getbasetemp())
+  return base / name
+
+
 @pytest.fixture(scope='session')
 def tiny_run_result(tmp_path_factory) -> TinyRun:
   """The session's one finished run, trained by the real command (`se_resnet_jax.main`).
@@ -266,9 +274,7 @@ def tiny_run_result(tmp_path_factory) -> TinyRun:
   """
   from filelock import FileLock
 
-  shared = 'PYTEST_XDIST_WORKER' in os.environ
-  base = (tmp_path_factory.getbasetemp().parent if shared else tmp_path_factory.getbasetemp())
-  base = base / 'tiny_run'
+  base = session_folder(tmp_path_factory, 'tiny_run')
   overrides = {**TINY_RUN, 'npz_path': str(base / 'data.npz')}
   config = with_overrides(load_config_file(os.path.join(CONFIGS_DIR, 'smoke.py')), overrides)
   workdir, outcome = str(base / 'run'), base / 'command.json'
@@ -293,6 +299,37 @@ def tiny_run_result(tmp_path_factory) -> TinyRun:
 def tiny_run(tiny_run_result) -> str:
   """The workdir of the session's finished run (see `tiny_run_result`)."""
   return tiny_run_result.workdir
+
+
+EXPORT_FORMATS = ('jax', 'onnx')
+
+
+@pytest.fixture(scope='session')
+def tiny_run_exports(tiny_run, tmp_path_factory):
+  """Both exports of the session run, made once for all workers: the folder holding
+  `cifar10.<format>` with its model card `cifar10.<format>.json`, and `cards.json`, the cards
+  `export.export_run` returned. Tests copy what they use: the folder is shared."""
+  from filelock import FileLock
+
+  base = session_folder(tmp_path_factory, 'tiny_run_exports')
+  with FileLock(f'{base}.lock'):
+    cards_file = base / 'cards.json'
+    if not cards_file.exists():
+      from se_resnet_jax import export
+
+      shutil.rmtree(base, ignore_errors=True)  # what a worker that failed part-way left
+      base.mkdir()
+      cards = {fmt: export.export_run(tiny_run, fmt, str(base / f'cifar10.{fmt}'))
+               for fmt in EXPORT_FORMATS}
+      cards_file.write_text(json.dumps(cards))
+  return base
+
+
+def copy_exports(exports, directory) -> None:
+  """The session run's exports and their model cards, copied into `directory`."""
+  for fmt in EXPORT_FORMATS:
+    for name in (f'cifar10.{fmt}', f'cifar10.{fmt}.json'):
+      shutil.copy(exports / name, directory / name)
 
 
 def command_env() -> dict:

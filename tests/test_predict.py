@@ -6,18 +6,17 @@ import os
 
 import numpy as np
 import pytest
-from conftest import one_line_error, run_command, run_commands_forked
+from conftest import copy_exports, one_line_error, run_command, run_commands_forked
 from PIL import Image
 
-from se_resnet_jax import export, inference, predict, rundir
+from se_resnet_jax import inference, predict, rundir
 
 
 @pytest.fixture(scope='module')
-def files(tiny_run, tmp_path_factory):
+def files(tiny_run_exports, tmp_path_factory):
   """Both exports of the tiny run, and a folder with a wide RGBA PNG and a tall greyscale JPEG."""
   directory = tmp_path_factory.mktemp('predict')
-  for fmt in ('jax', 'onnx'):
-    export.export_run(tiny_run, fmt, str(directory / f'model.{fmt}'))
+  copy_exports(tiny_run_exports, directory)
   images = directory / 'images'
   images.mkdir()
   rs = np.random.RandomState(0)
@@ -52,7 +51,7 @@ def test_load_image_crops_the_centre_square_then_resizes_bicubic(tmp_path):
 
 
 @pytest.mark.slow  # runs the command in a subprocess
-@pytest.mark.parametrize('source', ['model.jax', 'model.onnx', 'workdir'])
+@pytest.mark.parametrize('source', ['cifar10.jax', 'cifar10.onnx', 'workdir'])
 def test_png_and_jpeg_top_classes_are_the_library_s(files, tiny_run, source):
   paths = [files / 'images' / 'wide.png', files / 'images' / 'tall.jpg']
   model = f'--workdir={tiny_run}' if source == 'workdir' else f'--model={files / source}'
@@ -72,7 +71,7 @@ def test_png_and_jpeg_top_classes_are_the_library_s(files, tiny_run, source):
 
 @pytest.mark.slow  # runs the command in a subprocess
 def test_a_folder_goes_to_a_csv(files, tiny_run, tmp_path):
-  result = run_command('predict', f'--model={files / "model.onnx"}', str(files / 'images'),
+  result = run_command('predict', f'--model={files / "cifar10.onnx"}', str(files / 'images'),
                        '--top_k=2', cwd=str(tmp_path))
   assert result.returncode == 0, result.stderr
   assert 'Wrote the top 2 classes of 2 images to predictions.csv' in result.stdout
@@ -84,11 +83,11 @@ def test_a_folder_goes_to_a_csv(files, tiny_run, tmp_path):
     assert row['class_1'] == f'class_{np.argmax(probabilities)}'
     assert float(row['probability_1']) >= float(row['probability_2'])
     np.testing.assert_allclose(float(row['probability_1']), probabilities.max(), atol=2e-5)
-  with open(files / 'model.onnx.json') as f:  # each row names the weights (issue 20)
+  with open(files / 'cifar10.onnx.json') as f:  # each row names the weights (issue 20)
     checkpoint = json.load(f)['checkpoint']
   assert checkpoint['run_id'] and {(r['run_id'], r['step']) for r in rows} == {
       (checkpoint['run_id'], str(checkpoint['step']))}
-  error = one_line_error(run_command('predict', f'--model={files / "model.onnx"}',
+  error = one_line_error(run_command('predict', f'--model={files / "cifar10.onnx"}',
                                      str(files / 'images'), cwd=str(tmp_path)))
   assert 'predictions.csv already exists; pass --overwrite' in error
 
@@ -98,9 +97,9 @@ def test_bad_input_is_one_line(files, tmp_path):
   (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8 not really a JPEG')
   wide = str(files / 'images' / 'wide.png')
   broken, not_a_model, a_card, no_run = run_commands_forked([
-      ('predict', [f'--model={files / "model.jax"}', str(tmp_path / 'broken.jpg')], {}),
+      ('predict', [f'--model={files / "cifar10.jax"}', str(tmp_path / 'broken.jpg')], {}),
       ('predict', [f'--model={wide}', wide], {}),
-      ('predict', [f'--model={files / "model.jax.json"}', wide], {}),
+      ('predict', [f'--model={files / "cifar10.jax.json"}', wide], {}),
       ('predict', [f'--workdir={tmp_path}', wide], {})], str(tmp_path))
   error = one_line_error(broken)
   assert 'Cannot read image' in error and 'broken.jpg' in error
